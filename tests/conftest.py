@@ -14,7 +14,15 @@ import pytest  # noqa: E402
 jax.config.update('jax_numpy_dtype_promotion', 'strict')
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      'markers', 'standard_promotion: run with standard dtype promotion, for'
+      ' tests that drive optax code which is not strict-clean (adam, optax.ema)')
+
+
 @pytest.fixture(autouse=True)
-def _strict_promotion():
-  with jax.numpy_dtype_promotion('strict'):
+def _strict_promotion(request):
+  mode = ('standard' if request.node.get_closest_marker('standard_promotion')
+          else 'strict')
+  with jax.numpy_dtype_promotion(mode):
     yield
