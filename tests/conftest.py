@@ -13,6 +13,13 @@ import pytest  # noqa: E402
 
 jax.config.update('jax_numpy_dtype_promotion', 'strict')
 
+import hypothesis  # noqa: E402
+
+# CI runs a fixed set of examples (no flaky landings); locally they vary.
+hypothesis.settings.register_profile('ci', derandomize=True, database=None)
+if os.environ.get('CI'):
+  hypothesis.settings.load_profile('ci')
+
 
 def pytest_configure(config):
   config.addinivalue_line(
