@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from emax import _offload
 from emax import _tree
 
 PyTree = Any
@@ -58,7 +59,9 @@ RESTORE_HINT = (
     ' A checkpoint restored without a target gives plain dicts like this one.'
     ' Restore with a target instead, for example'
     ' ocp.args.StandardRestore(jax.eval_shape(tx.init, params)) for an optax'
-    ' state, or jax.eval_shape(emax.init, params) for a bare EmaState.'
+    ' state, or jax.eval_shape(emax.init, params) for a bare EmaState; for a'
+    ' whole train state, emax.checkpoint.restore(manager, fresh_state) or'
+    ' ocp.args.StandardRestore(emax.checkpoint.abstract_state(fresh_state)).'
 )
 
 
@@ -90,7 +93,7 @@ def check_decay(decay: Any, name: str = 'decay') -> None:
 
 
 def init(params: PyTree, *, debias: bool = False,
-         accumulator_dtype: Any = None) -> EmaState:
+         accumulator_dtype: Any = None, offload: bool = False) -> EmaState:
   """Starts an exponential moving average of ``params``.
 
   Args:
@@ -101,6 +104,10 @@ def init(params: PyTree, *, debias: bool = False,
     accumulator_dtype: dtype of the float accumulators. By default float32
       for floats narrower than 32 bits (bf16, f16), the param's own dtype
       otherwise.
+    offload: keep the averages in host memory (``memory_kind='pinned_host'``,
+      same sharding otherwise), so they cost no accelerator memory between
+      steps. :func:`update` and :func:`ema_params` bring them to the device
+      and back, whichever memory the state's arrays are in.
 
   Returns:
     An :class:`EmaState`. Its arrays are fresh buffers: they never alias
@@ -108,8 +115,9 @@ def init(params: PyTree, *, debias: bool = False,
     sharding of its param, eagerly and under ``jit``.
 
   Raises:
-    ValueError: if ``params`` is ``None`` or ``accumulator_dtype`` is not a
-      floating dtype.
+    ValueError: if ``params`` is ``None``, ``accumulator_dtype`` is not a
+      floating dtype, or ``offload=True`` on devices without pinned host
+      memory.
 
   Examples:
     >>> import jax.numpy as jnp, emax
@@ -119,13 +127,17 @@ def init(params: PyTree, *, debias: bool = False,
   """
   _require_params(params, 'emax.init')
   acc = _tree.check_accumulator_dtype(accumulator_dtype)
+  if offload:
+    _offload.check_supported(params)
 
   def leaf(p):
     p = jnp.asarray(p) if not isinstance(p, jax.Array) else p
     dtype = _tree.accumulator_dtype_for(p.dtype, acc)
     if debias and _tree.is_float(p):
-      return _tree.zeros_like_sharded(p, dtype)
-    return _tree.copy_leaf(p, dtype)
+      out = _tree.zeros_like_sharded(p, dtype)
+    else:
+      out = _tree.copy_leaf(p, dtype)
+    return _offload.to_host(out) if offload else out
 
   leaves = jax.tree.leaves(params)
   dtypes = _tree.ParamDtypes(tuple(jnp.asarray(p).dtype for p in leaves))
@@ -230,9 +242,11 @@ def update(state: EmaState, params: PyTree, decay: ArrayLike) -> EmaState:
   _require_params(params, 'emax.update')
   check_decay(decay)
   _tree.check_matches(state.ema, params, state.param_dtypes)
+  placed = state.ema  # host-offloaded leaves go to the device and back
+  state = state._replace(ema=_offload.to_device(state.ema))
   ema, weight = average_step(state, params, decay)
-  return state._replace(
-      count=optax.safe_increment(state.count), ema=ema, weight=weight)
+  return state._replace(count=optax.safe_increment(state.count),
+                        ema=_offload.place_like(ema, placed), weight=weight)
 
 
 def bias_correction(average: PyTree, weight: ArrayLike) -> PyTree:
@@ -270,7 +284,7 @@ def bias_correction(average: PyTree, weight: ArrayLike) -> PyTree:
 def read(state: EmaState) -> PyTree:
   """The (debiased) averages of ``state`` in the dtypes of the params."""
   state = check_state(state, 'emax.ema_params')
-  debiased = bias_correction(state.ema, state.weight)
+  debiased = bias_correction(_offload.to_device(state.ema), state.weight)
   leaves, treedef = jax.tree.flatten(debiased)
   out = [_tree.copy_leaf(x, dtype)
          for x, dtype in zip(leaves, state.param_dtypes.dtypes)]

@@ -11,6 +11,7 @@ import optax
 from jax import lax
 
 from emax import _core
+from emax import _offload
 from emax import _tree
 
 PyTree = Any
@@ -55,7 +56,8 @@ def _all_finite(tree: PyTree) -> jax.Array:
 
 def ema(decay: Decay, *, debias: bool = False, accumulator_dtype: Any = None,
         update_every: int = 1, start_step: int = 0,
-        skip_nonfinite: bool = True) -> optax.GradientTransformation:
+        skip_nonfinite: bool = True,
+        offload: bool = False) -> optax.GradientTransformation:
   r"""Track an exponential moving average of the parameters.
 
   Place it last in an ``optax.chain``: it sees the final updates and the
@@ -83,6 +85,16 @@ def ema(decay: Decay, *, debias: bool = False, accumulator_dtype: Any = None,
     skip_nonfinite: when any new float param is NaN or Inf, leave the average
       as it was for the whole step and count the step in
       ``EmaState.skipped``. Training goes on; the average is never poisoned.
+    offload: keep the average in host memory (``memory_kind='pinned_host'``,
+      the params' sharding otherwise) so it costs no accelerator memory
+      between steps. Each step moves it to the device, averages, and moves it
+      back: two transfers of the average per step, also with
+      ``update_every > 1`` (the move is outside the step's control flow).
+      :func:`emax.ema_params` returns the average on the device. When
+      donating to ``jit``, donate the params and the optax state together
+      in a step that returns them in the same order, or give ``jit`` both
+      ``in_shardings`` and ``out_shardings``: otherwise jax 0.10.2 may pair a
+      donated host buffer with a device output of the same shape.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an
@@ -126,7 +138,8 @@ def ema(decay: Decay, *, debias: bool = False, accumulator_dtype: Any = None,
     return d ** update_every if update_every > 1 else d
 
   def init_fn(params):
-    return _core.init(params, debias=debias, accumulator_dtype=acc)
+    return _core.init(params, debias=debias, accumulator_dtype=acc,
+                      offload=offload)
 
   def update_fn(updates, state, params=None):
     state = _core.check_state(state, 'emax.ema')
@@ -137,6 +150,8 @@ def ema(decay: Decay, *, debias: bool = False, accumulator_dtype: Any = None,
           ' updates, so it cannot work from the updates alone.')
     new_params = apply_updates(params, updates)
     _tree.check_matches(state.ema, new_params, state.param_dtypes)
+    placed = state.ema  # host-offloaded leaves go to the device and back
+    state = state._replace(ema=_offload.to_device(state.ema))
     step = state.count + 1  # 1-based number of this step (int32).
     d = decay_at(state.count)
     ok = _all_finite(new_params) if skip_nonfinite else jnp.asarray(True)
@@ -161,7 +176,7 @@ def ema(decay: Decay, *, debias: bool = False, accumulator_dtype: Any = None,
 
     new_state = state._replace(
         count=optax.safe_increment(state.count),
-        ema=ema,
+        ema=_offload.place_like(ema, placed),
         weight=weight,
         skipped=jnp.where(ok, state.skipped,
                           optax.safe_increment(state.skipped)),
