@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from emax import _offload
+from emax import _packed
 from emax import _tree
 
 PyTree = Any
@@ -28,7 +29,9 @@ class EmaState(NamedTuple):
       maximum instead of wrapping).
     ema: the averages, a tree like the params. Float leaves are held in their
       accumulator dtype and are never debiased in place; non-float leaves hold
-      the latest value of the param.
+      the latest value of the param. With ``pack`` (see :func:`init`) it is a
+      ``PackedTree`` that holds the small float leaves in a few contiguous
+      buffers; :func:`emax.ema_params` reads either form.
     weight: float32 scalar, the total weight the average has accumulated:
       ``1 - prod(decay)`` over the averaging steps when it started at zero
       (``debias=True``), exactly ``1`` when it started as a copy of the params.
@@ -93,7 +96,8 @@ def check_decay(decay: Any, name: str = 'decay') -> None:
 
 
 def init(params: PyTree, *, debias: bool = False,
-         accumulator_dtype: Any = None, offload: bool = False) -> EmaState:
+         accumulator_dtype: Any = None, offload: bool = False,
+         pack: bool | int = False) -> EmaState:
   """Starts an exponential moving average of ``params``.
 
   Args:
@@ -108,6 +112,12 @@ def init(params: PyTree, *, debias: bool = False,
       same sharding otherwise), so they cost no accelerator memory between
       steps. :func:`update` and :func:`ema_params` bring them to the device
       and back, whichever memory the state's arrays are in.
+    pack: hold the averages of small float leaves (at most ``2**15``
+      elements, or at most ``pack`` elements for an int) that sit on a single
+      device in a few contiguous buffers, so that a step over many small
+      leaves is a few kernels instead of one per leaf. ``state.ema`` is then
+      a ``PackedTree`` (read it with :func:`ema_params`); sharded and
+      replicated leaves are never packed. Not with ``offload``.
 
   Returns:
     An :class:`EmaState`. Its arrays are fresh buffers: they never alias
@@ -129,6 +139,11 @@ def init(params: PyTree, *, debias: bool = False,
   acc = _tree.check_accumulator_dtype(accumulator_dtype)
   if offload:
     _offload.check_supported(params)
+  max_size = _packed.check_pack(pack)
+  if max_size and offload:
+    raise ValueError('pack and offload cannot be combined: pack speeds up'
+                     ' steps on the device, offload keeps the average off'
+                     ' it. Choose one.')
 
   def leaf(p):
     p = jnp.asarray(p) if not isinstance(p, jax.Array) else p
@@ -143,7 +158,8 @@ def init(params: PyTree, *, debias: bool = False,
   dtypes = _tree.ParamDtypes(tuple(jnp.asarray(p).dtype for p in leaves))
   return EmaState(
       count=jnp.zeros([], jnp.int32),
-      ema=jax.tree.map(leaf, params),
+      ema=_packed.pack_averages(jax.tree.map(leaf, params), params,
+                                max_size),
       weight=jnp.asarray(0.0 if debias else 1.0, jnp.float32),
       skipped=jnp.zeros([], jnp.int32),
       param_dtypes=dtypes,
@@ -180,6 +196,7 @@ def lerp(average: jax.Array, param: jax.Array, one_minus_decay: jax.Array):
 def average_step(state: EmaState, params: PyTree, decay: ArrayLike):
   """The averaged ``ema`` tree and ``weight`` for one step (no counters)."""
   one_minus = 1 - as_decay(decay)
+  params = _packed.like(state.ema, params)
 
   def leaf(a, p):
     return lerp(a, p, one_minus) if _tree.is_float(a) else _tree.copy_leaf(p)
@@ -191,6 +208,7 @@ def average_step(state: EmaState, params: PyTree, decay: ArrayLike):
 
 def copy_step(state: EmaState, params: PyTree):
   """The ``ema`` tree and ``weight`` for a step that copies the params."""
+  params = _packed.like(state.ema, params)
   ema = jax.tree.map(lambda a, p: _tree.copy_leaf(p, a.dtype), state.ema,
                      params)
   return ema, jnp.ones([], jnp.float32)
@@ -198,6 +216,7 @@ def copy_step(state: EmaState, params: PyTree):
 
 def keep_step(state: EmaState, params: PyTree):
   """A step that leaves the average as it was (non-float leaves follow)."""
+  params = _packed.like(state.ema, params)
   ema = jax.tree.map(
       lambda a, p: a if _tree.is_float(a) else _tree.copy_leaf(p),
       state.ema, params)
@@ -241,7 +260,8 @@ def update(state: EmaState, params: PyTree, decay: ArrayLike) -> EmaState:
   state = check_state(state, 'emax.update')
   _require_params(params, 'emax.update')
   check_decay(decay)
-  _tree.check_matches(state.ema, params, state.param_dtypes)
+  _tree.check_matches(_packed.shapes_of(state.ema), params,
+                      state.param_dtypes)
   placed = state.ema  # host-offloaded leaves go to the device and back
   state = state._replace(ema=_offload.to_device(state.ema))
   ema, weight = average_step(state, params, decay)
@@ -285,6 +305,7 @@ def read(state: EmaState) -> PyTree:
   """The (debiased) averages of ``state`` in the dtypes of the params."""
   state = check_state(state, 'emax.ema_params')
   debiased = bias_correction(_offload.to_device(state.ema), state.weight)
+  debiased = _packed.unpack(debiased)
   leaves, treedef = jax.tree.flatten(debiased)
   out = [_tree.copy_leaf(x, dtype)
          for x, dtype in zip(leaves, state.param_dtypes.dtypes)]

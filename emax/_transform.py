@@ -12,6 +12,7 @@ from jax import lax
 
 from emax import _core
 from emax import _offload
+from emax import _packed
 from emax import _tree
 
 PyTree = Any
@@ -27,23 +28,26 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
   return int(value)
 
 
-def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
+def _apply_leaf(p: Any, u: Any) -> Any:
+  if p is None:
+    return None
+  p = jnp.asarray(p)
+  if u is None or jnp.result_type(u) == jax.dtypes.float0 or (
+      not _tree.is_float(p) and not jnp.issubdtype(
+          jnp.result_type(u), jnp.number)):
+    return p
+  return jnp.asarray(p + u).astype(p.dtype)
+
+
+def apply_updates(params: PyTree, updates: PyTree,
+                  average: PyTree = None) -> PyTree:
   """``params + updates`` as ``optax.apply_updates`` computes it.
 
   Non-float params whose update is ``None`` or float0 (what ``jax.grad``
-  gives for int inputs) keep their value.
+  gives for int inputs) keep their value. Given a packed ``average``, the
+  result comes in its layout (the same values, gathered).
   """
-  def leaf(p, u):
-    if p is None:
-      return None
-    p = jnp.asarray(p)
-    if u is None or jnp.result_type(u) == jax.dtypes.float0 or (
-        not _tree.is_float(p) and not jnp.issubdtype(
-            jnp.result_type(u), jnp.number)):
-      return p
-    return jnp.asarray(p + u).astype(p.dtype)
-
-  return jax.tree.map(leaf, params, updates, is_leaf=lambda x: x is None)
+  return _packed.apply_updates(average, params, updates, _apply_leaf)
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
@@ -56,8 +60,8 @@ def _all_finite(tree: PyTree) -> jax.Array:
 
 def ema(decay: Decay, *, debias: bool = False, accumulator_dtype: Any = None,
         update_every: int = 1, start_step: int = 0,
-        skip_nonfinite: bool = True,
-        offload: bool = False) -> optax.GradientTransformation:
+        skip_nonfinite: bool = True, offload: bool = False,
+        pack: bool | int = False) -> optax.GradientTransformation:
   r"""Track an exponential moving average of the parameters.
 
   Place it last in an ``optax.chain``: it sees the final updates and the
@@ -95,6 +99,11 @@ def ema(decay: Decay, *, debias: bool = False, accumulator_dtype: Any = None,
       in a step that returns them in the same order, or give ``jit`` both
       ``in_shardings`` and ``out_shardings``: otherwise jax 0.10.2 may pair a
       donated host buffer with a device output of the same shape.
+    pack: hold the averages of small single-device float leaves (at most
+      ``2**15`` elements, or ``pack`` elements for an int) in a few
+      contiguous buffers: a step over many small leaves becomes a few kernels
+      instead of one per leaf (see :func:`emax.init`). The state's ``ema`` is
+      then a packed tree; read it with :func:`emax.ema_params`.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an
@@ -128,6 +137,10 @@ def ema(decay: Decay, *, debias: bool = False, accumulator_dtype: Any = None,
   update_every = _check_int(update_every, 'update_every', 1)
   start_step = _check_int(start_step, 'start_step', 0)
   acc = _tree.check_accumulator_dtype(accumulator_dtype)
+  if _packed.check_pack(pack) and offload:
+    raise ValueError('pack and offload cannot be combined: pack speeds up'
+                     ' steps on the device, offload keeps the average off'
+                     ' it. Choose one.')
   debias = bool(debias)
 
   def decay_at(count):
@@ -139,7 +152,7 @@ def ema(decay: Decay, *, debias: bool = False, accumulator_dtype: Any = None,
 
   def init_fn(params):
     return _core.init(params, debias=debias, accumulator_dtype=acc,
-                      offload=offload)
+                      offload=offload, pack=pack)
 
   def update_fn(updates, state, params=None):
     state = _core.check_state(state, 'emax.ema')
@@ -148,8 +161,13 @@ def ema(decay: Decay, *, debias: bool = False, accumulator_dtype: Any = None,
           'emax.ema needs the params: call tx.update(updates, opt_state,'
           ' params). It averages the params after this step, params +'
           ' updates, so it cannot work from the updates alone.')
-    new_params = apply_updates(params, updates)
-    _tree.check_matches(state.ema, new_params, state.param_dtypes)
+    if isinstance(state.ema, _packed.PackedTree):
+      _tree.check_matches(_packed.shapes_of(state.ema), params,
+                          state.param_dtypes)
+      new_params = apply_updates(params, updates, state.ema)
+    else:
+      new_params = apply_updates(params, updates)
+      _tree.check_matches(state.ema, new_params, state.param_dtypes)
     placed = state.ema  # host-offloaded leaves go to the device and back
     state = state._replace(ema=_offload.to_device(state.ema))
     step = state.count + 1  # 1-based number of this step (int32).

@@ -1,0 +1,1 @@
+"""emax benchmarks: ``python -m benchmarks.run --quick`` (see README)."""
