@@ -206,21 +206,36 @@ def average_step(state: EmaState, params: PyTree, decay: ArrayLike):
   return ema, weight
 
 
-def copy_step(state: EmaState, params: PyTree):
-  """The ``ema`` tree and ``weight`` for a step that copies the params."""
-  params = _packed.like(state.ema, params)
-  ema = jax.tree.map(lambda a, p: _tree.copy_leaf(p, a.dtype), state.ema,
-                     params)
-  return ema, jnp.ones([], jnp.float32)
+KEEP, COPY, AVERAGE = 0, 1, 2
+"""The three kinds of step :func:`select_step` chooses between."""
 
 
-def keep_step(state: EmaState, params: PyTree):
-  """A step that leaves the average as it was (non-float leaves follow)."""
+def select_step(state: EmaState, params: PyTree, decay: ArrayLike, mode):
+  """The ``ema`` tree and ``weight`` for a step of kind ``mode``.
+
+  ``mode`` is a scalar (traced or not): :data:`KEEP` leaves the average as it
+  was, :data:`COPY` sets it to the params (and the weight to one),
+  :data:`AVERAGE` takes one averaging step. The choice is a select inside the
+  one fused elementwise pass, not a ``lax.cond`` around it: a conditional
+  over the whole average makes XLA copy every buffer on every step, while a
+  select with a scalar predicate costs nothing on the steps that keep.
+  Non-float leaves always take the new param.
+  """
+  one_minus = 1 - as_decay(decay)
   params = _packed.like(state.ema, params)
-  ema = jax.tree.map(
-      lambda a, p: a if _tree.is_float(a) else _tree.copy_leaf(p),
-      state.ema, params)
-  return ema, state.weight
+  average, copy = mode == AVERAGE, mode == COPY
+
+  def leaf(a, p):
+    if not _tree.is_float(a):
+      return _tree.copy_leaf(p)
+    return jnp.where(average, lerp(a, p, one_minus),
+                     jnp.where(copy, p.astype(a.dtype), a))
+
+  ema = jax.tree.map(leaf, state.ema, params)
+  one = jnp.ones([], jnp.float32)
+  weight = jnp.where(average, lerp(state.weight, one, one_minus),
+                     jnp.where(copy, one, state.weight))
+  return ema, weight
 
 
 def update(state: EmaState, params: PyTree, decay: ArrayLike) -> EmaState:

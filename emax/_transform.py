@@ -18,8 +18,6 @@ from emax import _tree
 PyTree = Any
 Decay = Union[float, Callable[[jax.Array], jax.typing.ArrayLike]]
 
-_KEEP, _COPY, _AVERAGE = 0, 1, 2
-
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
@@ -51,7 +49,13 @@ def apply_updates(params: PyTree, updates: PyTree,
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+  """Whether every float leaf is free of NaN and Inf (a bool scalar).
+
+  ``x - x`` is exactly zero for a finite ``x`` and NaN otherwise, so the sum
+  of ``x - x`` is finite exactly when all of ``x`` is; it cannot overflow.
+  XLA on CPU reduces a float sum about twice as fast as ``all(isfinite)``.
+  """
+  flags = [jnp.isfinite(jnp.sum(x - x)) for x in jax.tree.leaves(tree)
            if _tree.is_float(x)]
   if not flags:
     return jnp.asarray(True)
@@ -83,12 +87,15 @@ def ema(decay: Decay, *, debias: bool = False, accumulator_dtype: Any = None,
       float32 for bf16 and f16 params, the param's own dtype otherwise.
     update_every: average only on steps ``k, 2k, 3k, ...`` (counting from 1),
       with decay ``d ** k``, so that the time constant in steps stays that of
-      averaging every step. Steps in between cost next to nothing.
+      averaging every step. Steps in between neither read the params nor
+      write the average (a select with a scalar predicate, no copy).
     start_step: the first ``start_step`` steps copy the params into the
       average; averaging begins with step ``start_step + 1``.
     skip_nonfinite: when any new float param is NaN or Inf, leave the average
       as it was for the whole step and count the step in
       ``EmaState.skipped``. Training goes on; the average is never poisoned.
+      Only steps that would change the average are checked (not the steps
+      in between ``update_every`` steps).
     offload: keep the average in host memory (``memory_kind='pinned_host'``,
       the params' sharding otherwise) so it costs no accelerator memory
       between steps. Each step moves it to the device, averages, and moves it
@@ -172,25 +179,22 @@ def ema(decay: Decay, *, debias: bool = False, accumulator_dtype: Any = None,
     state = state._replace(ema=_offload.to_device(state.ema))
     step = state.count + 1  # 1-based number of this step (int32).
     d = decay_at(state.count)
-    ok = _all_finite(new_params) if skip_nonfinite else jnp.asarray(True)
-
     if update_every == 1 and start_step == 0:
-      # The hot path: one fused pass, a select for the NaN guard.
-      ema, weight = _core.average_step(state, new_params, d)
-      if skip_nonfinite:
-        ema = jax.tree.map(
-            lambda new, old: jnp.where(ok, new, old) if _tree.is_float(old)
-            else new, ema, state.ema)
-        weight = jnp.where(ok, weight, state.weight)
+      scheduled = _core.AVERAGE  # static: every step averages
     else:
-      mode = jnp.where(step <= start_step, _COPY,
-                       jnp.where(step % update_every == 0, _AVERAGE, _KEEP))
-      mode = jnp.where(ok, mode, _KEEP)
-      ema, weight = lax.switch(
-          mode,
-          [lambda: _core.keep_step(state, new_params),
-           lambda: _core.copy_step(state, new_params),
-           lambda: _core.average_step(state, new_params, d)])
+      scheduled = jnp.where(
+          step <= start_step, _core.COPY,
+          jnp.where(step % update_every == 0, _core.AVERAGE, _core.KEEP))
+    if not skip_nonfinite:
+      ok = jnp.asarray(True)
+    elif isinstance(scheduled, int):
+      ok = _all_finite(new_params)
+    else:  # steps that keep the average need not read the params at all
+      ok = lax.cond(scheduled != _core.KEEP,
+                    lambda: _all_finite(new_params), lambda: jnp.asarray(True))
+    mode = jnp.where(ok, scheduled, _core.KEEP) if skip_nonfinite else (
+        scheduled)
+    ema, weight = _core.select_step(state, new_params, d, mode)
 
     new_state = state._replace(
         count=optax.safe_increment(state.count),

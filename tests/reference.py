@@ -49,14 +49,15 @@ class NumpyEma:
     leaves = [np.asarray(x) for x in leaves]
     finite = all(np.all(np.isfinite(x.astype(np.float32)))
                  for x in leaves if is_float(x.dtype))
-    if self.skip and not finite:
-      self.skipped += 1
-      mode = 'keep'
-    elif step <= self.s:
+    if step <= self.s:
       mode = 'copy'
     elif step % self.k == 0:
       mode = 'average'
     else:
+      mode = 'keep'
+    if self.skip and not finite and mode != 'keep':
+      # Only a step that would change the average is checked and skipped.
+      self.skipped += 1
       mode = 'keep'
     d = np.float32(decay) ** np.int32(self.k) if self.k > 1 else np.float32(
         decay)

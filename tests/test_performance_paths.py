@@ -127,7 +127,7 @@ def test_packed_transform_matches_plain_with_every_option():
       u, s = tx.update(g, s, p)
       return emax._transform.apply_updates(p, u), s
 
-    for g in (grads, grads, nan, grads, grads):
+    for g in (grads, grads, grads, nan, grads):  # step 4 averages
       new_p, state = step(p, state, g)
       if g is grads:
         p = new_p

@@ -154,8 +154,8 @@ def test_compiled_update_has_no_collective(mesh, kw):
 
 def test_nan_guard_costs_only_scalar_all_reduces():
   # The default skip_nonfinite=True asks "is every new param finite?", a
-  # reduction over all shards: XLA reduces each shard locally, then
-  # all-reduces booleans. Never a gather of params.
+  # reduction over all shards: XLA reduces each shard locally (a sum of
+  # x - x, zero or NaN), then all-reduces scalars. Never a gather of params.
   mesh = _mesh(2, AxisType.Explicit)
   tx = emax.ema(0.9)
   with jax.set_mesh(mesh):
@@ -165,9 +165,9 @@ def test_nan_guard_costs_only_scalar_all_reduces():
   assert found, 'a sharded all-finite check needs an all-reduce'
   for result_type, op in found:
     assert op == 'all-reduce', (result_type, op)
-    # pred[] or a tuple of pred[]: one bool per reduction, nothing bigger.
-    assert re.fullmatch(r'\(?pred\[\](, pred\[\])*\)?', result_type), (
-        result_type)
+    # Scalars (or a tuple of scalars): one value per reduction, no array.
+    assert re.fullmatch(r'\(?(pred|[bf]\w*)\[\](, (pred|[bf]\w*)\[\])*\)?',
+                        result_type), result_type
 
 
 def _bytes_per_device(tree):
