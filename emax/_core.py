@@ -95,6 +95,16 @@ def check_decay(decay: Any, name: str = 'decay') -> None:
     )
 
 
+def check_layout(pack: Any, offload: bool) -> int:
+  """Validates ``pack`` and ``offload``; returns the largest leaf to pack."""
+  max_size = _packed.check_pack(pack)
+  if max_size and offload:
+    raise ValueError('pack and offload cannot be combined: pack speeds up'
+                     ' steps on the device, offload keeps the average off'
+                     ' it. Choose one.')
+  return max_size
+
+
 def init(params: PyTree, *, debias: bool = False,
          accumulator_dtype: Any = None, offload: bool = False,
          pack: bool | int = False) -> EmaState:
@@ -139,11 +149,7 @@ def init(params: PyTree, *, debias: bool = False,
   acc = _tree.check_accumulator_dtype(accumulator_dtype)
   if offload:
     _offload.check_supported(params)
-  max_size = _packed.check_pack(pack)
-  if max_size and offload:
-    raise ValueError('pack and offload cannot be combined: pack speeds up'
-                     ' steps on the device, offload keeps the average off'
-                     ' it. Choose one.')
+  max_size = check_layout(pack, offload)
 
   def leaf(p):
     p = jnp.asarray(p) if not isinstance(p, jax.Array) else p
@@ -193,19 +199,6 @@ def lerp(average: jax.Array, param: jax.Array, one_minus_decay: jax.Array):
   return average - step
 
 
-def average_step(state: EmaState, params: PyTree, decay: ArrayLike):
-  """The averaged ``ema`` tree and ``weight`` for one step (no counters)."""
-  one_minus = 1 - as_decay(decay)
-  params = _packed.like(state.ema, params)
-
-  def leaf(a, p):
-    return lerp(a, p, one_minus) if _tree.is_float(a) else _tree.copy_leaf(p)
-
-  ema = jax.tree.map(leaf, state.ema, params)
-  weight = lerp(state.weight, jnp.ones([], jnp.float32), one_minus)
-  return ema, weight
-
-
 KEEP, COPY, AVERAGE = 0, 1, 2
 """The three kinds of step :func:`select_step` chooses between."""
 
@@ -223,18 +216,23 @@ def select_step(state: EmaState, params: PyTree, decay: ArrayLike, mode):
   """
   one_minus = 1 - as_decay(decay)
   params = _packed.like(state.ema, params)
-  average, copy = mode == AVERAGE, mode == COPY
+
+  def pick(averaged, copied, kept):
+    if isinstance(mode, int):  # known when tracing: no select at all
+      return {AVERAGE: averaged, COPY: copied, KEEP: kept}[mode]()
+    return jnp.where(mode == AVERAGE, averaged(),
+                     jnp.where(mode == COPY, copied(), kept()))
 
   def leaf(a, p):
     if not _tree.is_float(a):
       return _tree.copy_leaf(p)
-    return jnp.where(average, lerp(a, p, one_minus),
-                     jnp.where(copy, p.astype(a.dtype), a))
+    return pick(lambda: lerp(a, p, one_minus), lambda: p.astype(a.dtype),
+                lambda: a)
 
   ema = jax.tree.map(leaf, state.ema, params)
   one = jnp.ones([], jnp.float32)
-  weight = jnp.where(average, lerp(state.weight, one, one_minus),
-                     jnp.where(copy, one, state.weight))
+  weight = pick(lambda: lerp(state.weight, one, one_minus), lambda: one,
+                lambda: state.weight)
   return ema, weight
 
 
@@ -279,7 +277,7 @@ def update(state: EmaState, params: PyTree, decay: ArrayLike) -> EmaState:
                       state.param_dtypes)
   placed = state.ema  # host-offloaded leaves go to the device and back
   state = state._replace(ema=_offload.to_device(state.ema))
-  ema, weight = average_step(state, params, decay)
+  ema, weight = select_step(state, params, decay, AVERAGE)
   return state._replace(count=optax.safe_increment(state.count),
                         ema=_offload.place_like(ema, placed), weight=weight)
 
