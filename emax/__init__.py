@@ -1,36 +1,57 @@
 """emax: exponential moving averages of parameters (any pytree) for JAX.
 
-Pure functions (:func:`init`, :func:`update`, :func:`bias_correction`,
-:func:`ema_params`) and an optax transformation (:func:`ema`) that chains after
-any optimizer. Flax helpers live in :mod:`emax.flax` (imported on demand).
+Pure functions (:func:`init`, :func:`update`, :func:`ema_params`,
+:func:`bias_correction`, :func:`reset`, :func:`metrics`) and optax
+transformations (:func:`with_ema`, :func:`ema`) that follow any optimizer.
+Flax helpers live in :mod:`emax.flax` and :mod:`emax.nnx`, Orbax helpers in
+:mod:`emax.checkpoint` (each imported on demand).
 """
 
-from emax._core import EmaState
-from emax._core import bias_correction
-from emax._core import init
-from emax._core import update
+from emax._read import bias_correction
+from emax._read import ema_params
+from emax._read import get_ema_state
+from emax._read import metrics
+from emax._schedules import Schedule
+from emax._schedules import gamma_to_sigma_rel
 from emax._schedules import half_life_decay
 from emax._schedules import inverse_power_decay
 from emax._schedules import power_function_decay
+from emax._schedules import scale_decay
 from emax._schedules import sigma_rel_to_gamma
 from emax._schedules import tf_decay
+from emax._state import EmaState
+from emax._state import StateInfo
+from emax._state import init
+from emax._state import register_flax_serialization as _register
+from emax._step import reset
+from emax._step import update
+from emax._transform import WithEmaState
 from emax._transform import ema
-from emax._transform import ema_params
-from emax._transform import get_ema_state
+from emax._transform import with_ema
 
-__version__ = '0.1.0'
+__version__ = '0.2.0.dev0'
 
 __all__ = (
     'EmaState',
+    'Schedule',
+    'StateInfo',
+    'WithEmaState',
     'bias_correction',
     'ema',
     'ema_params',
+    'gamma_to_sigma_rel',
     'get_ema_state',
     'half_life_decay',
     'init',
     'inverse_power_decay',
+    'metrics',
     'power_function_decay',
+    'reset',
+    'scale_decay',
     'sigma_rel_to_gamma',
     'tf_decay',
     'update',
+    'with_ema',
 )
+
+_register()  # only does something when flax is already imported

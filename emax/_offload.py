@@ -16,8 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-
-PyTree = Any
+from optax import Params
 HOST = jax.memory.Space.Host
 DEVICE = jax.memory.Space.Device
 HOST_KIND = 'pinned_host'
@@ -35,7 +34,7 @@ def memory_kinds(device: Any) -> list[str]:
   return [m.kind for m in device.addressable_memories()]
 
 
-def check_supported(params: PyTree) -> None:
+def check_supported(params: Params) -> None:
   """Raises a clear error when a device of ``params`` has no pinned host memory.
 
   Only concrete arrays are checked (under ``jit`` the compiler reports it).
@@ -53,24 +52,20 @@ def check_supported(params: PyTree) -> None:
     return  # all leaves share a platform; one check is enough
 
 
-def to_host(tree: PyTree) -> PyTree:
+def to_host(tree: Params) -> Params:
   """Moves every array leaf of ``tree`` to pinned host memory (a new buffer)."""
   return jax.tree.map(
       lambda x: x if on_host(x) else jax.device_put(x, HOST), tree)
 
 
-def to_device(tree: PyTree) -> PyTree:
+def to_device(tree: Params) -> Params:
   """Brings the host-resident leaves of ``tree`` to device memory."""
   return jax.tree.map(
       lambda x: jax.device_put(x, DEVICE) if on_host(x) else x, tree)
 
 
-def place_like(tree: PyTree, placed: PyTree) -> PyTree:
+def place_like(tree: Params, placed: Params) -> Params:
   """Moves each leaf of ``tree`` to host memory where ``placed``'s leaf is."""
   return jax.tree.map(
       lambda x, old: jax.device_put(x, HOST)
       if on_host(old) and not on_host(x) else x, tree, placed)
-
-
-def any_on_host(tree: PyTree) -> bool:
-  return any(on_host(x) for x in jax.tree.leaves(tree))

@@ -1,65 +1,107 @@
-"""Decay schedules: pure, jit-safe functions of the 0-based step ``n``.
+"""Decay schedules: pure, jit-safe functions of the 0-based step count ``n``.
 
 Each factory validates its Python hyper-parameters once and returns a
-``schedule(n) -> decay`` that gives a float32 scalar for an int or array ``n``.
-Any of them (or any optax schedule) can be passed as ``decay`` to
-:func:`emax.ema`, which calls it with the number of steps taken before the
-current one.
+:class:`Schedule`: called with an int or array ``n`` (the number of steps
+taken before the current one, as :func:`emax.ema` calls it) it gives the
+decay as a float32 scalar, and its :meth:`Schedule.step_size` gives ``1 -
+decay`` computed directly, to a fraction of an ulp, where ``1 - decay`` in
+float32 would cancel (a decay of 0.99999 has only 8 correct bits left in
+``1 - float32(0.99999)``). emax uses the step size whenever a schedule has one;
+any other callable (an optax schedule) is used as a decay.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Callable
+from collections.abc import Callable
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emax import _core
+from emax import _options
 
-Schedule = Callable[[jax.typing.ArrayLike], jax.Array]
-
-
-def _step(n) -> jax.Array:
-  return jnp.asarray(n).astype(jnp.float32)
+F32 = jnp.float32
 
 
-def _positive(value, name: str) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-      math.isfinite(value) and value > 0):
-    raise ValueError(f'{name} must be a finite number > 0, got {value!r}.')
-  return float(value)
+class Schedule:
+  """A decay schedule ``n -> decay`` that also knows its step size.
+
+  Attributes:
+    description: a short text, what ``repr`` shows.
+  """
+
+  def __init__(self, decay: Callable[[jax.Array], jax.Array],
+               step_size: Callable[[jax.Array], jax.Array],
+               description: str, **attributes: Any):
+    self._decay = decay
+    self._step_size = step_size
+    self.description = description
+    for key, value in attributes.items():
+      setattr(self, key, value)
+
+  def __call__(self, n: jax.typing.ArrayLike) -> jax.Array:
+    """The decay at step count ``n``, float32 (shaped like ``n``)."""
+    n = _count(n)
+    return jnp.broadcast_to(jnp.asarray(self._decay(n), F32), n.shape)
+
+  def step_size(self, n: jax.typing.ArrayLike) -> jax.Array:
+    """``1 - decay`` at step count ``n``, float32, without cancellation."""
+    n = _count(n)
+    return jnp.broadcast_to(jnp.asarray(self._step_size(n), F32), n.shape)
+
+  def __repr__(self) -> str:
+    return f'emax.{self.description}'
 
 
-def tf_decay(decay: float) -> Schedule:
-  """TensorFlow's ``num_updates`` warm-up: ``min(decay, (1 + n) / (10 + n))``.
+def _count(n: jax.typing.ArrayLike) -> jax.Array:
+  return jnp.asarray(n).astype(F32)
 
-  What ``tf.train.ExponentialMovingAverage(decay, num_updates=n)`` uses, in
+
+def tf_decay(decay: float, *, after_minimize: bool = False) -> Schedule:
+  """TensorFlow's ``num_updates`` warm-up: ``min(decay, (1 + k) / (10 + k))``.
+
+  What ``tf.train.ExponentialMovingAverage(decay, num_updates=k)`` uses, in
   float32 as TensorFlow computes it, so averages match TensorFlow's to the
-  bit. Early steps average quickly (0.1 at ``n = 0``), later ones at ``decay``.
+  bit. Early steps average quickly (decay 0.1 at ``k = 0``), later ones at
+  ``decay``. Which ``k`` TensorFlow sees depends on how it is called:
+
+  * ``after_minimize=False`` (default): ``k`` is the number of steps taken
+    before this one, as TF2's eager pattern (``ema.apply(...)`` with
+    ``num_updates`` read before the optimizer step) and a counter of
+    previous updates give it;
+  * ``after_minimize=True``: TF1's standard pattern,
+    ``ExponentialMovingAverage(d, num_updates=global_step)`` applied after
+    ``optimizer.minimize(loss, global_step=global_step)``, which reads the
+    global step already incremented by this step: ``k`` is one more.
 
   Args:
     decay: the ceiling, in ``[0, 1]``.
+    after_minimize: count this step too (TF1's ``minimize`` pattern).
 
   Returns:
-    A schedule ``n -> decay``.
+    A :class:`Schedule`.
 
   Examples:
     >>> import emax
     >>> schedule = emax.tf_decay(0.99)
     >>> schedule(0), schedule(10000)
     (Array(0.1, dtype=float32), Array(0.99, dtype=float32))
+    >>> float(emax.tf_decay(0.99, after_minimize=True)(0))
+    0.18181818723678589
   """
-  _core.check_decay(decay)
-  ceiling = np.float32(decay)
+  ceiling = np.float32(_options.check_constant(decay, 'decay'))
+  shift = 1.0 if _options.check_bool(after_minimize, 'after_minimize') else 0.0
 
-  def schedule(n):
-    n = _step(n)
-    return jnp.minimum(ceiling, (1.0 + n) / (10.0 + n))
+  def decay_at(n: jax.Array) -> jax.Array:
+    k = n + shift
+    return jnp.minimum(ceiling, (1.0 + k) / (10.0 + k))
 
-  return schedule
+  return Schedule(
+      decay_at, lambda n: 1.0 - decay_at(n),  # TensorFlow's own order
+      f'tf_decay({float(ceiling)!r}'
+      f'{", after_minimize=True" if shift else ""})')
 
 
 def inverse_power_decay(max_decay: float, *, inv_gamma: float = 1.0,
@@ -68,7 +110,8 @@ def inverse_power_decay(max_decay: float, *, inv_gamma: float = 1.0,
   """The warm-up of timm and diffusers: ``1 - (1 + n / inv_gamma) ** -power``.
 
   Clipped to ``[min_decay, max_decay]``. ``power=2/3`` suits runs of up to a
-  few hundred thousand steps, ``power=3/4`` shorter ones.
+  few hundred thousand steps, ``power=3/4`` shorter ones. The step size is
+  ``(1 + n / inv_gamma) ** -power`` itself, with no cancellation.
 
   Args:
     max_decay: the ceiling, in ``[0, 1]``.
@@ -77,7 +120,7 @@ def inverse_power_decay(max_decay: float, *, inv_gamma: float = 1.0,
     min_decay: the floor, in ``[0, max_decay]``.
 
   Returns:
-    A schedule ``n -> decay``.
+    A :class:`Schedule`.
 
   Examples:
     >>> import emax
@@ -85,19 +128,22 @@ def inverse_power_decay(max_decay: float, *, inv_gamma: float = 1.0,
     >>> float(schedule(0)), round(float(schedule(15)), 4)
     (0.0, 0.875)
   """
-  _core.check_decay(max_decay, 'max_decay')
-  _core.check_decay(min_decay, 'min_decay')
+  max_decay = _options.check_constant(max_decay, 'max_decay')
+  min_decay = _options.check_constant(min_decay, 'min_decay')
   if min_decay > max_decay:
     raise ValueError(
         f'min_decay ({min_decay}) must not exceed max_decay ({max_decay}).')
-  inv_gamma = _positive(inv_gamma, 'inv_gamma')
-  power = _positive(power, 'power')
+  inv_gamma = _options.finite_positive(inv_gamma, 'inv_gamma')
+  power = _options.finite_positive(power, 'power')
+  lo, hi = np.float32(1.0 - max_decay), np.float32(1.0 - min_decay)
 
-  def schedule(n):
-    value = 1.0 - (1.0 + _step(n) / inv_gamma) ** -power
-    return jnp.clip(value, np.float32(min_decay), np.float32(max_decay))
+  def step_size(n: jax.Array) -> jax.Array:
+    return jnp.clip((1.0 + n / inv_gamma) ** -power, lo, hi)
 
-  return schedule
+  return Schedule(
+      lambda n: 1.0 - step_size(n), step_size,
+      f'inverse_power_decay({max_decay!r}, inv_gamma={inv_gamma!r},'
+      f' power={power!r}, min_decay={min_decay!r})')
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
@@ -111,7 +157,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     >>> round(emax.sigma_rel_to_gamma(0.05), 2), round(emax.sigma_rel_to_gamma(0.10), 2)
     (16.97, 6.94)
   """
-  sigma_rel = _positive(sigma_rel, 'sigma_rel')
+  sigma_rel = _options.finite_positive(sigma_rel, 'sigma_rel')
   if sigma_rel >= 1 / math.sqrt(12):  # gamma -> 0 gives sigma_rel**2 -> 1/12
     raise ValueError(
         f'sigma_rel must be in (0, {1 / math.sqrt(12):.4f}), got {sigma_rel}.'
@@ -121,21 +167,43 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
   return float(roots.real.max())
 
 
-def power_function_decay(gamma: float | None = None, *,
-                         sigma_rel: float | None = None) -> Schedule:
+def gamma_to_sigma_rel(gamma: float) -> float:
+  """The relative width ``sigma_rel`` of a power-function EMA of ``gamma``.
+
+  ``sqrt((gamma + 1) / ((gamma + 2)**2 (gamma + 3)))``, the inverse of
+  :func:`sigma_rel_to_gamma`.
+
+  Examples:
+    >>> import emax
+    >>> round(emax.gamma_to_sigma_rel(6.94), 3)
+    0.1
+  """
+  gamma = _options.finite_positive(gamma, 'gamma')
+  return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def power_function_decay(gamma: Optional[float] = None, *,
+                         sigma_rel: Optional[float] = None) -> Schedule:
   """Karras et al.'s power-function EMA: ``(1 - 1 / (n + 1)) ** (gamma + 1)``.
 
-  Its averaging window grows with training in proportion to the step, so the
-  average covers a fixed fraction of the run (EDM2). Give ``gamma`` or the
+  Its averaging window grows in proportion to the step, so the average covers
+  a fixed fraction of the run (EDM2); after ``t`` steps it weights the params
+  of step ``i`` in proportion to ``i ** gamma``. Give ``gamma`` or the
   relative width ``sigma_rel`` (0.05 gives ``gamma`` about 16.97, 0.10 about
-  6.94). The decay is 0 at ``n = 0``: the first step copies the params.
+  6.94). The decay is 0 at ``n = 0``: the first step copies the params. The
+  step size is computed as ``-expm1((gamma + 1) log1p(-1 / (n + 1)))``, to
+  about an ulp at every step count a run can reach (float32 ``(1 - 1/(n +
+  1)) ** (gamma + 1)`` loses 1.5% of the step size at a million steps and
+  reaches a decay of exactly 1 at ``2**25``). The schedule is invariant to
+  the batch size: counting samples instead of steps at a constant batch
+  gives the same decays (EDM2 counts images).
 
   Args:
     gamma: the exponent, ``> 0``.
     sigma_rel: the relative standard deviation of the averaging profile.
 
   Returns:
-    A schedule ``n -> decay``.
+    A :class:`Schedule` (with attributes ``gamma`` and ``sigma_rel``).
 
   Raises:
     ValueError: unless exactly one of ``gamma`` and ``sigma_rel`` is given, or
@@ -152,33 +220,103 @@ def power_function_decay(gamma: float | None = None, *,
         'power_function_decay takes exactly one of gamma and sigma_rel, got'
         f' gamma={gamma!r}, sigma_rel={sigma_rel!r}.')
   if gamma is None:
+    assert sigma_rel is not None
     gamma = sigma_rel_to_gamma(sigma_rel)
-  gamma = _positive(gamma, 'gamma')
+  gamma = _options.finite_positive(gamma, 'gamma')
   exponent = np.float32(gamma + 1.0)
 
-  def schedule(n):
-    n = _step(n)
-    return (1.0 - 1.0 / (n + 1.0)) ** exponent
+  def log_decay(n: jax.Array) -> jax.Array:
+    return exponent * jnp.log1p(-1.0 / (n + 1.0))
 
-  return schedule
+  return Schedule(
+      lambda n: jnp.exp(log_decay(n)), lambda n: -jnp.expm1(log_decay(n)),
+      f'power_function_decay(gamma={gamma!r})', gamma=gamma,
+      sigma_rel=gamma_to_sigma_rel(gamma))
 
 
-def half_life_decay(half_life_steps: float) -> Schedule:
-  """A constant decay whose weights halve every ``half_life_steps`` steps.
+def half_life_decay(half_life: float, *, batch_size: Optional[int] = None,
+                    rampup_ratio: Optional[float] = None) -> Schedule:
+  """A decay whose weights halve every ``half_life`` steps (or samples).
 
-  ``0.5 ** (1 / half_life_steps)``: a param's weight in the average falls to
-  half after that many steps.
+  ``0.5 ** (1 / half_life)``: a param's weight in the average falls to half
+  after that many steps. With ``batch_size``, ``half_life`` counts samples
+  (images, tokens) instead of steps, ``0.5 ** (batch_size / half_life)``, as
+  EDM does (``ema_halflife_kimg``): the average then keeps its length in
+  samples when the batch size changes, which is the EMA scaling rule of
+  Busbridge et al. (2023). With ``rampup_ratio`` the half-life is at most
+  that fraction of the samples seen so far (EDM's ``ema_rampup_ratio``), so
+  early averages forget their random start quickly.
+
+  Args:
+    half_life: steps (or samples, with ``batch_size``), ``> 0``.
+    batch_size: samples per step; ``None`` counts steps.
+    rampup_ratio: optional, ``> 0``: the half-life is at most this fraction
+      of the samples (or steps) seen after this step.
+
+  Returns:
+    A :class:`Schedule`.
 
   Examples:
     >>> import emax
-    >>> schedule = emax.half_life_decay(1.0)
-    >>> schedule(123)
+    >>> emax.half_life_decay(1.0)(123)
     Array(0.5, dtype=float32)
+    >>> float(emax.half_life_decay(500_000, batch_size=512)(10_000))
+    0.9992904663085938
   """
-  half_life_steps = _positive(half_life_steps, 'half_life_steps')
-  decay = np.float32(0.5 ** (1.0 / half_life_steps))
+  half_life = _options.finite_positive(half_life, 'half_life')
+  size = 1.0 if batch_size is None else float(_options.check_int(
+      batch_size, 'batch_size', 1))
+  ratio = (None if rampup_ratio is None else
+           _options.finite_positive(rampup_ratio, 'rampup_ratio'))
+  log_half = math.log(0.5)
 
-  def schedule(n):
-    return jnp.full(jnp.shape(n), decay, jnp.float32)
+  def log_decay(n: jax.Array) -> jax.Array:
+    life = jnp.asarray(half_life, F32)
+    if ratio is not None:
+      life = jnp.minimum(life, (n + 1.0) * size * ratio)
+    return log_half * size / jnp.maximum(life, 1e-8)
 
-  return schedule
+  return Schedule(
+      lambda n: jnp.exp(log_decay(n)), lambda n: -jnp.expm1(log_decay(n)),
+      f'half_life_decay({half_life!r}'
+      f'{f", batch_size={int(size)}" if batch_size is not None else ""}'
+      f'{f", rampup_ratio={ratio!r}" if ratio is not None else ""})')
+
+
+def scale_decay(decay: Any, factor: float) -> Any:
+  """The EMA scaling rule: a decay for a batch ``factor`` times larger.
+
+  Busbridge et al. (2023, "How to Scale Your EMA"): when the batch size (and
+  with it the learning rate, by the optimizer's own scaling rule) grows by a
+  factor ``k``, an average over the same number of samples needs the decay
+  ``d ** k``. For a float the result is computed in float64; for a schedule
+  (decays ``d(n)``) a new schedule of ``d(n) ** k``, with the step size ``1
+  - d ** k`` computed without cancellation.
+
+  Args:
+    decay: a float in ``[0, 1]`` or a schedule.
+    factor: the batch-size ratio ``k > 0`` (may be fractional).
+
+  Returns:
+    A float, or a :class:`Schedule`.
+
+  Examples:
+    >>> import emax
+    >>> round(emax.scale_decay(0.999, 4), 6)
+    0.996006
+    >>> float(emax.scale_decay(emax.half_life_decay(10.0), 2)(0))
+    0.8705505132675171
+  """
+  factor = _options.finite_positive(factor, 'factor')
+  if not callable(decay):
+    return _options.check_constant(decay, 'decay') ** factor
+  step_of = getattr(decay, 'step_size', None)
+
+  def log_decay(n: jax.Array) -> jax.Array:
+    if step_of is not None:
+      return factor * jnp.log1p(-step_of(n))
+    return factor * jnp.log(jnp.asarray(decay(n), F32))
+
+  return Schedule(
+      lambda n: jnp.exp(log_decay(n)), lambda n: -jnp.expm1(log_decay(n)),
+      f'scale_decay({decay!r}, {factor!r})')

@@ -1,125 +1,132 @@
-"""``ema()``: the optax GradientTransformation, and reading its average."""
+"""The optax doors onto the step: :func:`ema` and :func:`with_ema`."""
 
 from __future__ import annotations
 
-import numbers
-from typing import Any, Callable, Union
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
+from optax import Params
 
-from emax import _core
-from emax import _offload
-from emax import _packed
+from emax import _options
+from emax import _read
+from emax import _state
+from emax import _step
 from emax import _tree
-
-PyTree = Any
-Decay = Union[float, Callable[[jax.Array], jax.typing.ArrayLike]]
+from emax._state import EmaState
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
-      value < minimum):
-    raise ValueError(f'{name} must be an int >= {minimum}, got {value!r}.')
-  return int(value)
+def _write_back(updates: Params, state: EmaState, params: Params,
+                every: int, name: Optional[str]) -> Params:
+  """``updates`` that move ``params`` onto the average on write-back steps.
 
-
-def _apply_leaf(p: Any, u: Any) -> Any:
-  if p is None:
-    return None
-  p = jnp.asarray(p)
-  if u is None or jnp.result_type(u) == jax.dtypes.float0 or (
-      not _tree.is_float(p) and not jnp.issubdtype(
-          jnp.result_type(u), jnp.number)):
-    return p
-  return jnp.asarray(p + u).astype(p.dtype)
-
-
-def apply_updates(params: PyTree, updates: PyTree,
-                  average: PyTree = None) -> PyTree:
-  """``params + updates`` as ``optax.apply_updates`` computes it.
-
-  Non-float params whose update is ``None`` or float0 (what ``jax.grad``
-  gives for int inputs) keep their value. Given a packed ``average``, the
-  result comes in its layout (the same values, gathered).
+  On steps ``every, 2 every, ...`` each float update becomes ``average -
+  params`` in the update's dtype (at least the param's), so that
+  ``optax.apply_updates(params, updates)`` lands on the average in the
+  params' dtype: exactly when the two are within a factor of two of each
+  other (Sterbenz), else within one ulp.
   """
-  return _packed.apply_updates(average, params, updates, _apply_leaf)
+  on = (state.count % every == 0) & (state.count > 0)
+  target = _read.ema_params(state, name)
+  is_none = lambda x: x is None  # noqa: E731
+
+  def leaf(u: Any, p: Any, t: Any) -> Any:
+    if u is None or not _tree.is_float(p) or (
+        jnp.result_type(u) == jax.dtypes.float0):
+      return u
+    p = jnp.asarray(p)
+    dtype = jnp.promote_types(jnp.result_type(u), p.dtype)
+    moved = t.astype(dtype) - p.astype(dtype)
+    return jnp.where(on, moved.astype(jnp.result_type(u)), u)
+
+  return jax.tree.map(leaf, updates, params, target, is_leaf=is_none)
 
 
-def _all_finite(tree: PyTree) -> jax.Array:
-  """Whether every float leaf is free of NaN and Inf (a bool scalar).
-
-  ``x - x`` is exactly zero for a finite ``x`` and NaN otherwise, so the sum
-  of ``x - x`` is finite exactly when all of ``x`` is; it cannot overflow.
-  XLA on CPU reduces a float sum about twice as fast as ``all(isfinite)``.
-  """
-  flags = [jnp.isfinite(jnp.sum(x - x)) for x in jax.tree.leaves(tree)
-           if _tree.is_float(x)]
-  if not flags:
-    return jnp.asarray(True)
-  return jnp.stack(flags).all()
-
-
-def ema(decay: Decay, *, debias: bool = False, accumulator_dtype: Any = None,
-        update_every: int = 1, start_step: int = 0,
+def ema(decay: _options.RateArg = None, *, step_size: _options.RateArg = None,
+        debias: bool = False, accumulator_dtype: Any = None,
+        update_every: int = 1, first_update: Optional[int] = None,
+        start_step: int = 0, per_update: bool = False,
         skip_nonfinite: bool = True, offload: bool = False,
-        pack: bool | int = False) -> optax.GradientTransformation:
-  r"""Track an exponential moving average of the parameters.
+        pack: bool | int = False, rounding: str = 'tensorflow',
+        write_back_every: Optional[int] = None,
+        write_back: Optional[str] = None) -> optax.GradientTransformation:
+  r"""Track exponential moving averages of the parameters.
 
-  Place it last in an ``optax.chain``: it sees the final updates and the
-  params before them, and averages the params as they will be after this
-  step, ``params + updates``. Updates pass through unchanged. Read the
-  average with :func:`emax.ema_params`.
+  Place it last in an ``optax.chain`` (or use :func:`emax.with_ema`, which
+  cannot be misplaced): it sees the final updates and the params before
+  them, and averages the params as they will be after this step,
+  ``params + updates``. Updates pass through unchanged (except on write-back
+  steps). Read the average with :func:`emax.ema_params`.
 
-  .. math:: \text{ema}_t = \text{ema}_{t-1} - (1 - d_t)(\text{ema}_{t-1} - \theta_t)
+  .. math:: \text{average}_t = \text{average}_{t-1} - (1 - d_t)(\text{average}_{t-1} - \theta_t)
 
   Args:
-    decay: ``d`` in ``[0, 1]``, or a schedule ``step -> d`` (any optax
-      schedule, or :func:`emax.tf_decay` and friends), called with the number
-      of steps taken before this one (0 on the first). Values a schedule
-      returns are clipped into ``[0, 1]``.
-    debias: start the average at zero and divide it by the accumulated weight
-      when read (Adam-style bias correction), instead of starting it as a copy
-      of the params (TensorFlow's default).
+    decay: ``d`` in ``[0, 1]``: a float, a 0-d array, or a schedule
+      ``count -> d`` (any optax schedule, or :func:`emax.tf_decay` and
+      friends), called with the number of steps taken before this one (0 on
+      the first); values a schedule returns are clipped into ``[0, 1]``. A
+      mapping ``{name: decay}`` keeps one named average per entry in the same
+      state, updated in one pass; read one with ``emax.ema_params(state,
+      name)``. A decay of exactly 0 copies the params, bit for bit.
+    step_size: instead of ``decay``, the weight of the new params, ``1 - d``
+      (``tau``, as ``optax.incremental_update`` and RL code take it), in the
+      same forms. A Python float is turned into a float32 step size once, in
+      float64 on the host.
+    debias: start each average with zero weight and divide by the weight it
+      has gathered when read (Adam-style bias correction), instead of
+      starting it as a copy of the params (TensorFlow's default).
     accumulator_dtype: dtype of the averages of float params; by default
       float32 for bf16 and f16 params, the param's own dtype otherwise.
-    update_every: average only on steps ``k, 2k, 3k, ...`` (counting from 1),
-      with decay ``d ** k``, so that the time constant in steps stays that of
-      averaging every step. Steps in between neither read the params nor
-      write the average (a select with a scalar predicate, no copy).
+    update_every: average only on every ``update_every``-th step (see
+      ``first_update``). By default the decay stays per step: an averaging
+      step uses ``d ** update_every`` (step size ``1 - (1 - c) **
+      update_every``, computed without cancellation), so the time constant in
+      steps stays that of averaging every step. Steps in between neither read
+      the params nor write the average.
+    first_update: the first averaging step (steps count from 1); averaging
+      steps are then ``first_update + j * update_every``. Default:
+      ``update_every``.
     start_step: the first ``start_step`` steps copy the params into the
-      average; averaging begins with step ``start_step + 1``.
-    skip_nonfinite: when any new float param is NaN or Inf, leave the average
-      as it was for the whole step and count the step in
-      ``EmaState.skipped``. Training goes on; the average is never poisoned.
-      Only steps that would change the average are checked (not the steps
-      in between ``update_every`` steps).
+      average; averaging begins after them.
+    per_update: apply the decay (or step size) as given on each averaging
+      step, with no ``** update_every`` compensation: a target network's
+      ``tau`` every ``update_every`` steps.
+    skip_nonfinite: when any new float param (or the rate of this step) is
+      NaN or Inf, leave every average as it was for the whole step and count
+      the step in ``EmaState.skipped``. Training goes on; the average is never
+      poisoned. Only steps that would change the average are checked.
     offload: keep the average in host memory (``memory_kind='pinned_host'``,
       the params' sharding otherwise) so it costs no accelerator memory
-      between steps. Each step moves it to the device, averages, and moves it
-      back: two transfers of the average per step, also with
-      ``update_every > 1`` (the move is outside the step's control flow).
-      :func:`emax.ema_params` returns the average on the device. When
-      donating to ``jit``, donate the params and the optax state together
-      in a step that returns them in the same order, or give ``jit`` both
-      ``in_shardings`` and ``out_shardings``: otherwise jax 0.10.2 may pair a
-      donated host buffer with a device output of the same shape.
-    pack: hold the averages of small single-device float leaves (at most
+      between steps; each step moves it to the device and back.
+      :func:`emax.ema_params` returns the average on the device.
+    pack: store the averages of small single-device float leaves (at most
       ``2**15`` elements, or ``pack`` elements for an int) in a few
       contiguous buffers: a step over many small leaves becomes a few kernels
-      instead of one per leaf (see :func:`emax.init`). The state's ``ema`` is
-      then a packed tree; read it with :func:`emax.ema_params`.
+      instead of one per leaf.
+    rounding: how a step is rounded, to match a peer to the bit:
+      ``'tensorflow'`` (default; ``tf.train.ExponentialMovingAverage``),
+      ``'lerp'`` (``average + (1 - d) * (params - average)`` as XLA compiles
+      it: hand-written jitted code, timm, ema-pytorch), ``'optax'``
+      (``step_size * params + (1 - step_size) * average``, as
+      ``optax.incremental_update``).
+    write_back_every: every this many steps, the updates returned move the
+      params onto the average (Switch-EMA): ``params + updates`` then equals
+      the average in the params' dtype (exactly when the two are within a
+      factor of two, else within one ulp). The optimizer's own state (e.g.
+      Adam's moments) is left as it is.
+    write_back: with named averages, the name of the one to write back.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an
     :class:`emax.EmaState`. Its ``update`` requires ``params``.
 
   Raises:
-    ValueError: if ``decay`` is a number outside ``[0, 1]``, or
-      ``update_every`` / ``start_step`` / ``accumulator_dtype`` are invalid.
-    TypeError: if ``decay`` is neither a number nor a callable.
+    ValueError: if a rate is outside ``[0, 1]``, an int option is out of
+      range, ``accumulator_dtype`` is not floating, ``rounding`` is unknown.
+    TypeError: if both or neither of ``decay`` and ``step_size`` are given, a
+      rate is neither a number, a 0-d array nor a callable, or a bool or int
+      option has another type (a string ``'false'`` is refused).
 
   Examples:
     >>> import jax.numpy as jnp, optax, emax
@@ -132,158 +139,111 @@ def ema(decay: Decay, *, debias: bool = False, accumulator_dtype: Any = None,
     >>> params['w'], emax.ema_params(opt_state)['w']
     (Array([0.9, 1.9], dtype=float32), Array([0.99, 1.99], dtype=float32))
   """
-  if callable(decay):
-    schedule = decay
-  elif isinstance(decay, numbers.Real) and not isinstance(decay, bool):
-    _core.check_decay(decay)
-    schedule = None
-  else:
-    raise TypeError(
-        'decay must be a float in [0, 1] or a schedule step -> decay, got'
-        f' {type(decay).__name__} instead.')
-  update_every = _check_int(update_every, 'update_every', 1)
-  start_step = _check_int(start_step, 'start_step', 0)
-  acc = _tree.check_accumulator_dtype(accumulator_dtype)
-  _core.check_layout(pack, offload)
-  debias = bool(debias)
+  options = _options.step_options(
+      decay, step_size, update_every=update_every, first_update=first_update,
+      start_step=start_step, per_update=per_update,
+      skip_nonfinite=skip_nonfinite, rounding=rounding)
+  debias = _options.check_bool(debias, 'debias')
+  acc = _options.check_accumulator_dtype(accumulator_dtype)
+  _options.check_layout(pack, offload)
+  if write_back_every is not None:
+    write_back_every = _options.check_int(write_back_every,
+                                          'write_back_every', 1)
+  if write_back is not None and options.names is None:
+    raise ValueError(
+        f'write_back names an average ({write_back!r}), but there is a single'
+        ' unnamed one; leave write_back out.')
 
-  def decay_at(count):
-    if schedule is None:
-      d = jnp.asarray(decay, jnp.float32)
-    else:
-      d = jnp.clip(_core.as_decay(schedule(count)), 0.0, 1.0)
-    return d ** update_every if update_every > 1 else d
+  def init_fn(params: Params) -> EmaState:
+    return _state.init(params, names=options.names, debias=debias,
+                       accumulator_dtype=acc, offload=offload, pack=pack)
 
-  def init_fn(params):
-    return _core.init(params, debias=debias, accumulator_dtype=acc,
-                      offload=offload, pack=pack)
-
-  def update_fn(updates, state, params=None):
-    state = _core.check_state(state, 'emax.ema')
+  def update_fn(updates: optax.Updates, state: EmaState,
+                params: Optional[Params] = None
+                ) -> tuple[optax.Updates, EmaState]:
     if params is None:
       raise ValueError(
           'emax.ema needs the params: call tx.update(updates, opt_state,'
           ' params). It averages the params after this step, params +'
           ' updates, so it cannot work from the updates alone.')
-    if isinstance(state.ema, _packed.PackedTree):
-      _tree.check_matches(_packed.shapes_of(state.ema), params,
-                          state.param_dtypes)
-      new_params = apply_updates(params, updates, state.ema)
-    else:
-      new_params = apply_updates(params, updates)
-      _tree.check_matches(state.ema, new_params, state.param_dtypes)
-    placed = state.ema  # host-offloaded leaves go to the device and back
-    state = state._replace(ema=_offload.to_device(state.ema))
-    step = state.count + 1  # 1-based number of this step (int32).
-    d = decay_at(state.count)
-    if update_every == 1 and start_step == 0:
-      scheduled = _core.AVERAGE  # static: every step averages
-    else:
-      scheduled = jnp.where(
-          step <= start_step, _core.COPY,
-          jnp.where(step % update_every == 0, _core.AVERAGE, _core.KEEP))
-    if not skip_nonfinite:
-      ok = jnp.asarray(True)
-    elif isinstance(scheduled, int):
-      # Inside a train step XLA computes params + updates once, for the
-      # user's new params, this check and the average alike. (Keeping the
-      # check's sum apart behind an optimization barrier halved its cost in
-      # a standalone tx.update but tripled it inside a train step.)
-      ok = _all_finite(apply_updates(params, updates))
-    else:  # steps that keep the average need not read the params at all
-      ok = lax.cond(scheduled != _core.KEEP,
-                    lambda: _all_finite(apply_updates(params, updates)),
-                    lambda: jnp.asarray(True))
-    mode = jnp.where(ok, scheduled, _core.KEEP) if skip_nonfinite else (
-        scheduled)
-    ema, weight = _core.select_step(state, new_params, d, mode)
-
-    new_state = state._replace(
-        count=optax.safe_increment(state.count),
-        ema=_offload.place_like(ema, placed),
-        weight=weight,
-        skipped=jnp.where(ok, state.skipped,
-                          optax.safe_increment(state.skipped)),
-    )
-    return updates, new_state
+    state = _step.step(options, state, params, updates, where='emax.ema')
+    if write_back_every is not None:
+      updates = _write_back(updates, state, params, write_back_every,
+                            write_back)
+    return updates, state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def get_ema_state(opt_state: Any) -> _core.EmaState:
-  """The one :class:`emax.EmaState` inside an optax state.
+class WithEmaState(NamedTuple):
+  """The state of :func:`emax.with_ema`.
 
-  Looks through any nesting of optax states (``chain``, ``named_chain``,
-  ``masked``, ``MultiSteps``, ``inject_hyperparams``, dicts, lists).
+  Attributes:
+    inner_state: the wrapped optimizer's state.
+    ema_state: the :class:`emax.EmaState` of the averages.
+  """
+
+  inner_state: optax.OptState
+  ema_state: EmaState
+
+
+def with_ema(optimizer: optax.GradientTransformation,
+             decay: _options.RateArg = None,
+             **options: Any) -> optax.GradientTransformationExtraArgs:
+  """``optimizer`` followed by averages of the params it produces.
+
+  The safe way to add an average to an optimizer: it runs
+  ``optimizer.update`` and then averages ``params + updates``, the params
+  after the step, so it cannot be placed before a transformation that
+  changes the updates. Same as ``optax.chain(optimizer, emax.ema(decay,
+  **options))`` placed right, with a state that says what it holds.
+
+  Args:
+    optimizer: any optax ``GradientTransformation`` (extra arguments of its
+      ``update``, e.g. ``value`` for line searches, are passed through).
+    decay: as :func:`emax.ema` (a float, 0-d array, schedule, or a mapping
+      for named averages).
+    **options: any keyword option of :func:`emax.ema` (``step_size``,
+      ``debias``, ``update_every``, ...).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`emax.WithEmaState`; :func:`emax.ema_params` reads it directly.
 
   Raises:
-    ValueError: if ``opt_state`` holds no :class:`EmaState` (for example a
-      checkpoint restored without a target, which gives plain dicts) or more
-      than one.
+    TypeError: if ``optimizer`` is not an optax transformation; otherwise as
+      :func:`emax.ema`.
 
   Examples:
     >>> import jax.numpy as jnp, optax, emax
-    >>> tx = optax.chain(optax.adam(1e-3), emax.ema(0.999))
-    >>> emax.get_ema_state(tx.init({'w': jnp.zeros(3)})).count
-    Array(0, dtype=int32)
+    >>> params = {'w': jnp.array([1.0, 2.0])}
+    >>> tx = emax.with_ema(optax.sgd(0.1), 0.9)
+    >>> opt_state = tx.init(params)
+    >>> updates, opt_state = tx.update({'w': jnp.array([1.0, 1.0])},
+    ...                                opt_state, params)
+    >>> emax.ema_params(opt_state)['w']
+    Array([0.99, 1.99], dtype=float32)
   """
-  if isinstance(opt_state, _core.EmaState):
-    return opt_state
-  found = [x for x in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, _core.EmaState))
-           if isinstance(x, _core.EmaState)]
-  if len(found) == 1:
-    return found[0]
-  if found:
-    raise ValueError(
-        f'Found {len(found)} emax.EmaState in the optax state, expected'
-        ' exactly one. Pass the one you mean, e.g. emax.ema_params(state[1])'
-        ' or emax.ema_params(optax.tree.get(state, ...)).')
-  restored = any(_core.looks_restored(x) for x in _dicts(opt_state))
-  hint = _core.RESTORE_HINT if restored else (
-      ' Chain emax.ema(...) into the optimizer, e.g.'
-      ' optax.chain(optax.adam(1e-3), emax.ema(0.999)).')
-  raise ValueError(
-      f'Expected an emax.EmaState or an optax state holding one, got'
-      f' {type(opt_state).__name__} with none inside.{hint}')
+  if not (hasattr(optimizer, 'init') and hasattr(optimizer, 'update')):
+    raise TypeError(
+        'emax.with_ema expected an optax optimizer (a GradientTransformation'
+        f' such as optax.adam(1e-3)), got {type(optimizer).__name__} instead.')
+  inner = optax.with_extra_args_support(optimizer)
+  average = ema(decay, **options)
 
+  def init_fn(params: Params) -> WithEmaState:
+    return WithEmaState(inner.init(params), average.init(params))
 
-def _dicts(tree: Any):
-  """Every dict in a nested container (for error messages only)."""
-  stack = [tree]
-  while stack:
-    x = stack.pop()
-    if isinstance(x, dict):
-      yield x
-      stack.extend(x.values())
-    elif isinstance(x, (list, tuple)):
-      stack.extend(x)
+  def update_fn(updates: optax.Updates, state: WithEmaState,
+                params: Optional[Params] = None,
+                **extra_args: Any) -> tuple[optax.Updates, WithEmaState]:
+    if params is None:
+      raise ValueError(
+          'emax.with_ema needs the params: call tx.update(grads, opt_state,'
+          ' params). The average follows params + updates.')
+    updates, inner_state = inner.update(updates, state.inner_state, params,
+                                        **extra_args)
+    updates, ema_state = average.update(updates, state.ema_state, params)
+    return updates, WithEmaState(inner_state, ema_state)
 
-
-def ema_params(state: Any) -> PyTree:
-  """The averaged params to evaluate with.
-
-  Debiased when the average was started with ``debias=True``, and in the
-  dtypes of the params that were averaged (a bf16 param accumulated in
-  float32 comes back as bf16). The arrays are fresh: donating the state
-  afterwards does not invalidate them.
-
-  Args:
-    state: an :class:`emax.EmaState`, or any optax state that holds exactly
-      one (inside ``chain``, ``masked``, ``MultiSteps``,
-      ``inject_hyperparams``, named chains...).
-
-  Returns:
-    A tree like the params.
-
-  Raises:
-    ValueError: if ``state`` holds no :class:`EmaState`, or several.
-
-  Examples:
-    >>> import jax.numpy as jnp, emax
-    >>> state = emax.init({'w': jnp.ones(2, jnp.bfloat16)}, debias=True)
-    >>> state = emax.update(state, {'w': jnp.ones(2, jnp.bfloat16)}, 0.9)
-    >>> emax.ema_params(state)
-    {'w': Array([1, 1], dtype=bfloat16)}
-  """
-  return _core.read(get_ema_state(state))
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -11,15 +11,14 @@ A leaf of a parameter tree is one of three kinds:
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-PyTree = Any
+from optax import Params
 
 
 def is_float(x_or_dtype: Any) -> bool:
@@ -28,27 +27,8 @@ def is_float(x_or_dtype: Any) -> bool:
   return bool(jnp.issubdtype(dtype, jnp.inexact))
 
 
-def check_accumulator_dtype(accumulator_dtype: Any) -> np.dtype | None:
-  """Validates the ``accumulator_dtype`` option; returns it as a dtype."""
-  if accumulator_dtype is None:
-    return None
-  try:
-    dtype = jnp.dtype(accumulator_dtype)
-  except TypeError as e:
-    raise TypeError(
-        'accumulator_dtype must be a floating dtype such as jnp.float32, got'
-        f' {accumulator_dtype!r} instead.'
-    ) from e
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(
-        'accumulator_dtype must be a floating dtype such as jnp.float32, got'
-        f' {dtype} instead. Non-float leaves are never averaged, so they need'
-        ' no accumulator.'
-    )
-  return dtype
-
-
-def accumulator_dtype_for(param_dtype: Any, accumulator_dtype: Any = None):
+def accumulator_dtype_for(param_dtype: Any,
+                          accumulator_dtype: Optional[np.dtype] = None) -> Any:
   """The dtype a leaf is accumulated in.
 
   Real floats narrower than 32 bits (bf16, f16) accumulate in float32, any
@@ -66,24 +46,15 @@ def accumulator_dtype_for(param_dtype: Any, accumulator_dtype: Any = None):
   return dtype
 
 
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class ParamDtypes:
-  """The dtypes of the averaged params, one per leaf of the average.
-
-  A static pytree node (no leaves): it travels in the tree structure, so it
-  survives ``jit``, ``eval_shape``, ``lax.scan`` and checkpoint restores with a
-  target, and costs nothing at run time. :func:`emax.ema_params` uses it to
-  hand the average back in the dtypes the params had.
-  """
-
-  dtypes: tuple[np.dtype, ...]
-
-  def __repr__(self) -> str:
-    return f'ParamDtypes({", ".join(str(d) for d in self.dtypes)})'
+def as_arrays(tree: Params) -> Params:
+  """``tree`` with Python and NumPy scalar leaves turned into arrays."""
+  return jax.tree.map(
+      lambda x: x if isinstance(x, (jax.Array, jax.core.Tracer,
+                                    jax.ShapeDtypeStruct)) else jnp.asarray(x),
+      tree)
 
 
-def _paths(tree: PyTree) -> list[str]:
+def _paths(tree: Params) -> list[str]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return [jax.tree_util.keystr(path) for path, _ in leaves]
 
@@ -94,68 +65,104 @@ def _fmt(paths: list[str], limit: int = 5) -> str:
   return shown + (f' and {more} more' if more > 0 else '')
 
 
-def check_matches(average: PyTree, params: PyTree, dtypes: ParamDtypes,
-                  what: str = 'params') -> None:
-  """Checks at trace time that ``params`` fit the stored ``average``.
+def _check_structure(expected: Params, got: Params, what: str,
+                     against: str, fix: str, none_leaves: bool = False,
+                     label: str = '') -> None:
+  is_leaf = (lambda x: x is None) if none_leaves else None
+  exp_def = jax.tree.structure(expected, is_leaf=is_leaf)
+  got_def = jax.tree.structure(got, is_leaf=is_leaf)
+  if exp_def == got_def:
+    return
+  exp_paths, got_paths = _paths(expected), _paths(got)
+  missing = [p for p in exp_paths if p not in set(got_paths)]
+  extra = [p for p in got_paths if p not in set(exp_paths)]
+  detail = []
+  if missing:
+    detail.append(f'missing from {what}: {_fmt(missing)}')
+  if extra:
+    detail.append(f'not in {label or against}: {_fmt(extra)}')
+  if not detail:
+    detail.append(f'expected the structure {exp_def}, got {got_def}')
+  raise ValueError(
+      f'The {what} do not match {against} ({"; ".join(detail)}). {fix}')
+
+
+def check_matches(shapes: Params, params: Params,
+                  param_dtypes: Sequence[Any], what: str = 'params') -> None:
+  """Checks at trace time that ``params`` fit the state's params.
+
+  Args:
+    shapes: a tree like the params the state was built from, with a
+      ``shape`` on each leaf (arrays or ``ShapeDtypeStruct``).
+    params: the incoming tree.
+    param_dtypes: the dtypes of the params the state was built from.
+    what: how to call ``params`` in the message.
 
   Raises:
     ValueError: naming the leaf path, when the tree structure, a leaf shape or
-      a leaf's dtype kind (float or not) differs from the state's.
+      a leaf's dtype kind (float or not) differs.
   """
-  avg_def = jax.tree.structure(average)
-  par_def = jax.tree.structure(params)
-  if avg_def != par_def:
-    avg_paths, par_paths = _paths(average), _paths(params)
-    missing = [p for p in avg_paths if p not in set(par_paths)]
-    extra = [p for p in par_paths if p not in set(avg_paths)]
-    detail = []
-    if missing:
-      detail.append(f'missing from {what}: {_fmt(missing)}')
-    if extra:
-      detail.append(f'not in the EMA state: {_fmt(extra)}')
-    if not detail:
-      detail.append(f'expected the structure {avg_def}, got {par_def}')
-    raise ValueError(
-        f'The {what} do not match the tree the EMA state was initialised'
-        f' with ({"; ".join(detail)}). Pass the same tree that was given to'
-        ' init, or re-initialise the EMA state for the new params.'
-    )
-  flat_avg = jax.tree_util.tree_flatten_with_path(average)[0]
-  flat_par = jax.tree.leaves(params)
-  for (path, a), p, dtype in zip(flat_avg, flat_par, dtypes.dtypes):
+  _check_structure(
+      shapes, params, what, 'the tree the EMA state was initialised with',
+      'Pass the same tree that was given to init, or re-initialise the EMA'
+      ' state for the new params.', label='the EMA state')
+  flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  for (path, a), p, dtype in zip(flat, jax.tree.leaves(params),
+                                 param_dtypes):
     name = jax.tree_util.keystr(path)
     chex.assert_equal_shape(
         [a, p],
         custom_message=(
             f'{what} leaf {name} has shape {jnp.shape(p)} but the EMA state'
-            f' holds shape {jnp.shape(a)}.'
-        ),
-        exception_type=ValueError,
-    )
+            f' holds shape {jnp.shape(a)}.'),
+        exception_type=ValueError)
     if is_float(dtype) != is_float(p):
       kind = 'a float' if is_float(dtype) else 'a non-float'
       raise ValueError(
           f'{what} leaf {name} has dtype {jnp.result_type(p)}, but the EMA'
           f' state was initialised with {kind} leaf ({dtype}) there. Float'
           ' leaves are averaged and other leaves are copied, so a leaf cannot'
-          ' change kind; re-initialise the EMA state if it must.'
-      )
+          ' change kind; re-initialise the EMA state if it must.')
 
 
-def copy_leaf(x: jax.Array, dtype: Any = None) -> jax.Array:
+def check_updates(params: Params, updates: Params) -> None:
+  """Checks that ``updates`` fit ``params`` (``None`` leaves allowed)."""
+  is_none = lambda x: x is None  # noqa: E731
+  _check_structure(
+      params, updates, 'updates', 'the params',
+      'The updates must be shaped like the params, as the optimizer returns'
+      ' them (None where a param gets no update).', none_leaves=True)
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)[0]
+  for (path, p), u in zip(flat, jax.tree.leaves(updates, is_leaf=is_none)):
+    if p is None or u is None:
+      continue
+    if jnp.shape(p) != jnp.shape(u):
+      raise ValueError(
+          f'updates leaf {jax.tree_util.keystr(path)} has shape'
+          f' {jnp.shape(u)} but the param has shape {jnp.shape(p)}. The'
+          ' updates must be shaped like the params (what the optimizer'
+          ' returns).')
+
+
+def apply_update(p: Any, u: Any) -> Any:
+  """``p + u`` for one leaf, exactly as ``optax.apply_updates`` computes it.
+
+  Non-float params whose update is ``None`` or float0 (what ``jax.grad``
+  gives for int inputs) keep their value.
+  """
+  if p is None:
+    return None
+  p = jnp.asarray(p)
+  if u is None or jnp.result_type(u) == jax.dtypes.float0 or (
+      not is_float(p) and not jnp.issubdtype(jnp.result_type(u),
+                                             jnp.number)):
+    return p
+  return jnp.asarray(p + u).astype(p.dtype)
+
+
+def copy_leaf(x: Any, dtype: Any = None) -> jax.Array:
   """A real copy of ``x`` (never an alias), optionally cast to ``dtype``."""
   x = jnp.asarray(x)
   if dtype is not None and dtype != x.dtype:
     return x.astype(dtype)
   return jnp.copy(x)
-
-
-def zeros_like_sharded(x: jax.Array, dtype: Any) -> jax.Array:
-  """Zeros shaped and sharded like ``x``, also under ``jit``.
-
-  ``jnp.zeros_like`` has no data dependency on ``x``, so under ``jit`` the
-  compiler is free to place it on one device; a select against ``x`` lets
-  sharding propagate from ``x`` at no run-time cost worth mentioning.
-  """
-  x = jnp.asarray(x).astype(dtype)
-  return jnp.where(jnp.zeros(x.shape, dtype=bool), x, jnp.zeros((), dtype))

@@ -18,16 +18,27 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
-from flax.training import train_state
 from jax import lax
 
-from emax import _core
-from emax import _transform
+try:
+  import flax.linen as nn
+  from flax import struct
+  from flax.training import train_state
+except ImportError as e:  # pragma: no cover - depends on the install
+  raise ImportError(
+      f'emax.flax needs flax ({e}): pip install "emax[flax]" or'
+      ' pip install flax.') from e
+
+from emax import _read
+from emax import _state
+
+__all__ = (
+    'EmaTrainState',
+    'recompute_batch_stats',
+)
 
 PyTree = Any
 
@@ -35,7 +46,7 @@ POLICIES = ('average', 'copy')
 
 
 def _is_ema_state(x: Any) -> bool:
-  return isinstance(x, _core.EmaState)
+  return isinstance(x, _state.EmaState)
 
 
 def _count_in(tree: Any, kind: type) -> int:
@@ -65,7 +76,7 @@ def _full_tx(tx: Any, ema: optax.GradientTransformation,
         'EmaTrainState.create expected tx to be an optax optimizer, got'
         f' {type(tx).__name__} instead.')
   abstract = jax.eval_shape(tx.init, params)
-  found = _count_in(abstract, _core.EmaState)
+  found = _count_in(abstract, _state.EmaState)
   if found == 1:
     return tx  # e.g. optax.MultiSteps(optax.chain(opt, ema), k)
   if found > 1:
@@ -115,7 +126,7 @@ class EmaTrainState(train_state.TrainState):
   """
 
   batch_stats: Optional[PyTree] = None
-  batch_stats_ema: Optional[_core.EmaState] = None
+  batch_stats_ema: Optional[_state.EmaState] = None
   ema_tx: Optional[optax.GradientTransformation] = struct.field(
       pytree_node=False, default=None)
   batch_stats_policy: str = struct.field(pytree_node=False, default='average')
@@ -192,7 +203,7 @@ class EmaTrainState(train_state.TrainState):
         checkpoint restored without a target), or ``batch_stats`` is given to
         a state created without them.
     """
-    old = _transform.get_ema_state(self.opt_state)
+    old = _read.get_ema_state(self.opt_state)
     if batch_stats is not None and self.batch_stats is None:
       raise ValueError(
           'apply_gradients got batch_stats, but this EmaTrainState was'
@@ -200,12 +211,12 @@ class EmaTrainState(train_state.TrainState):
           ' to EmaTrainState.create.')
     bs_ema = self.batch_stats_ema
     if bs_ema is not None:
-      bs_ema = _core.check_state(bs_ema, 'EmaTrainState.batch_stats_ema')
+      bs_ema = _state.check_state(bs_ema, 'EmaTrainState.batch_stats_ema')
     new = super().apply_gradients(grads=grads, **kwargs)
     if batch_stats is None:
       return new
     if bs_ema is not None:
-      moved = _transform.get_ema_state(new.opt_state).count != old.count
+      moved = _read.get_ema_state(new.opt_state).count != old.count
       zeros = jax.tree.map(jnp.zeros_like, batch_stats)
       _, updated = self.ema_tx.update(zeros, bs_ema, batch_stats)
       bs_ema = jax.tree.map(lambda n, o: jnp.where(moved, n, o), updated,
@@ -215,7 +226,7 @@ class EmaTrainState(train_state.TrainState):
   @property
   def ema_params(self) -> PyTree:
     """The averaged params, as :func:`emax.ema_params` gives them."""
-    return _transform.ema_params(self.opt_state)
+    return _read.ema_params(self.opt_state)
 
   def eval_variables(self) -> dict:
     """The variables to evaluate with: ``{'params': ema_params, ...}``.
@@ -227,8 +238,8 @@ class EmaTrainState(train_state.TrainState):
     variables = {'params': self.ema_params}
     if self.batch_stats is not None:
       if self.batch_stats_policy == 'average':
-        variables['batch_stats'] = _transform.ema_params(
-            _core.check_state(self.batch_stats_ema,
+        variables['batch_stats'] = _read.ema_params(
+            _state.check_state(self.batch_stats_ema,
                               'EmaTrainState.batch_stats_ema'))
       else:
         variables['batch_stats'] = jax.tree.map(jnp.copy, self.batch_stats)

@@ -11,9 +11,20 @@ from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from emax import _transform
+try:
+  from flax import nnx
+except ImportError as e:  # pragma: no cover - depends on the install
+  raise ImportError(
+      f'emax.nnx needs flax ({e}): pip install "emax[flax]" or'
+      ' pip install flax.') from e
+
+from emax import _read
+
+__all__ = (
+    'ema_model',
+    'ema_params',
+)
 
 M = TypeVar('M')
 
@@ -35,7 +46,7 @@ def ema_params(optimizer: nnx.Optimizer) -> nnx.State:
     raise TypeError(
         'Expected an nnx.Optimizer built with optax.chain(tx, emax.ema(...)),'
         f' got {type(optimizer).__name__} instead.')
-  return _transform.ema_params(nnx.as_pure(optimizer.opt_state))
+  return _read.ema_params(nnx.as_pure(optimizer.opt_state))
 
 
 def ema_model(model: M, optimizer: nnx.Optimizer) -> M:

@@ -50,17 +50,17 @@ def walkthrough(step_after: int, applies: int) -> list[list[float]]:
   v1 = jnp.float32(0.0)
   step = 0
   state = emax.init({'v1': v1})  # the shadow variable starts as v1's value
-  printed = [_show(v1, state.ema['v1'])]
+  printed = [_show(v1, state.average['v1'])]
 
   v1 = jnp.float32(5.0)
   state = emax.update(state, {'v1': v1}, decay(step))  # ema.apply([v1])
-  printed.append(_show(v1, state.ema['v1']))
+  printed.append(_show(v1, state.average['v1']))
 
   step = step_after
   v1 = jnp.float32(10.0)
   for _ in range(applies):
     state = emax.update(state, {'v1': v1}, decay(step))
-    printed.append(_show(v1, state.ema['v1']))
+    printed.append(_show(v1, state.average['v1']))
   return printed
 
 

@@ -36,13 +36,13 @@ def test_tf_tutorial_numbers():
   # v1 = 0, step = 0; ema = ExponentialMovingAverage(0.99, num_updates=step)
   schedule = emax.tf_decay(0.99)
   state = emax.init({'v1': jnp.zeros((), F32)})
-  assert float(state.ema['v1']) == 0.0
+  assert float(state.average['v1']) == 0.0
   state = emax.update(state, {'v1': jnp.asarray(5.0, F32)}, schedule(0))
-  assert state.ema['v1'] == f32(4.5)
+  assert state.average['v1'] == f32(4.5)
   state = emax.update(state, {'v1': jnp.asarray(10.0, F32)}, schedule(10000))
-  assert state.ema['v1'] == f32(4.555)
+  assert state.average['v1'] == f32(4.555)
   state = emax.update(state, {'v1': jnp.asarray(10.0, F32)}, schedule(10000))
-  assert state.ema['v1'] == f32(4.60945)
+  assert state.average['v1'] == f32(4.60945)
 
 
 @pytest.mark.parametrize('jit', [False, True])
@@ -60,8 +60,8 @@ def test_bitwise_equal_to_tensorflow_formula(jit):
     decay = np.asarray(schedule(n))
     shadow = tf_shadow_update(shadow, params, decay)
     state = update(state, {'w': jnp.asarray(params)}, jnp.asarray(decay))
-  np.testing.assert_array_equal(np.asarray(state.ema['w']), shadow)
-  assert np.asarray(state.ema['w']).tobytes() == shadow.tobytes()
+  np.testing.assert_array_equal(np.asarray(state.average['w']), shadow)
+  assert np.asarray(state.average['w']).tobytes() == shadow.tobytes()
 
 
 # --- init -----------------------------------------------------------------
@@ -78,33 +78,40 @@ def test_init_copy_start_and_dtypes():
       'none': None,
   }
   state = emax.init(params)
-  assert state.ema['bf16'].dtype == F32
-  assert state.ema['f16'].dtype == F32
-  assert state.ema['f32'].dtype == F32
-  assert state.ema['int'].dtype == jnp.int32
-  assert state.ema['bool'].dtype == jnp.bool_
-  assert state.ema['none'] is None
-  assert jax.random.key_data(state.ema['key']).tolist() == (
+  assert state.average['bf16'].dtype == F32
+  assert state.average['f16'].dtype == F32
+  assert state.average['f32'].dtype == F32
+  assert state.average['int'].dtype == jnp.int32
+  assert state.average['bool'].dtype == jnp.bool_
+  assert state.average['none'] is None
+  assert jax.random.key_data(state.average['key']).tolist() == (
       jax.random.key_data(params['key']).tolist())
   assert state.count.dtype == jnp.int32 and int(state.count) == 0
   assert state.weight.dtype == F32 and float(state.weight) == 1.0
   assert state.skipped.dtype == jnp.int32
-  np.testing.assert_array_equal(state.ema['f32'], params['f32'])
+  np.testing.assert_array_equal(state.average['f32'], params['f32'])
 
 
-def test_init_debias_starts_at_zero():
-  state = emax.init({'w': jnp.full((3,), 7.0)}, debias=True)
-  np.testing.assert_array_equal(state.ema['w'], np.zeros(3, np.float32))
+def test_init_debias_starts_at_zero_weight():
+  params = {'w': jnp.asarray([7.0, -2.0, 1e-42], F32)}
+  state = emax.init(params, debias=True)
   assert float(state.weight) == 0.0
-  # Nothing averaged yet: reading gives the (zero) average, not NaN.
-  np.testing.assert_array_equal(emax.ema_params(state)['w'], np.zeros(3))
+  # Nothing averaged yet: reading gives the initial params back, bit for bit
+  # (a subnormal included), not zeros and not NaN.
+  assert np.asarray(emax.ema_params(state)['w']).tobytes() == np.asarray(
+      params['w']).tobytes()
+  # The first averaging step starts from zero: it stores (1 - d) * p.
+  state = emax.update(state, {'w': jnp.asarray([4.0, 8.0, 0.0], F32)}, 0.75)
+  np.testing.assert_array_equal(state.average['w'], [1.0, 2.0, 0.0])
+  assert float(state.weight) == 0.25
+  np.testing.assert_array_equal(emax.ema_params(state)['w'], [4.0, 8.0, 0.0])
 
 
 def test_init_accumulator_dtype_option():
   state = emax.init({'w': jnp.ones(2, F32), 'h': jnp.ones(2, jnp.bfloat16)},
                     accumulator_dtype=jnp.bfloat16)
-  assert state.ema['w'].dtype == jnp.bfloat16
-  assert state.ema['h'].dtype == jnp.bfloat16
+  assert state.average['w'].dtype == jnp.bfloat16
+  assert state.average['h'].dtype == jnp.bfloat16
   with pytest.raises(ValueError, match='floating dtype'):
     emax.init({'w': jnp.ones(2)}, accumulator_dtype=jnp.int32)
 
@@ -114,7 +121,7 @@ def test_init_never_aliases_params():
   for debias in (False, True):
     for fn in (emax.init, jax.jit(emax.init, static_argnames='debias')):
       state = fn(params, debias=debias)
-      for a, p in zip(jax.tree.leaves(state.ema), jax.tree.leaves(params)):
+      for a, p in zip(jax.tree.leaves(state.average), jax.tree.leaves(params)):
         assert a.unsafe_buffer_pointer() != p.unsafe_buffer_pointer()
 
 
@@ -133,10 +140,10 @@ def test_sharding_kept(debias):
   eager = emax.init(params, debias=debias)
   jitted = jax.jit(emax.init, static_argnames='debias')(params, debias=debias)
   for state in (eager, jitted):
-    assert state.ema['w'].sharding.is_equivalent_to(sharding, 2)
-    assert state.ema['b'].sharding.spec == jax.sharding.PartitionSpec('data')
+    assert state.average['w'].sharding.is_equivalent_to(sharding, 2)
+    assert state.average['b'].sharding.spec == jax.sharding.PartitionSpec('data')
     new = jax.jit(emax.update)(state, params, 0.9)
-    assert new.ema['w'].sharding.is_equivalent_to(sharding, 2)
+    assert new.average['w'].sharding.is_equivalent_to(sharding, 2)
     out = emax.ema_params(new)
     assert out['w'].sharding.is_equivalent_to(sharding, 2)
     assert out['w'].dtype == jnp.bfloat16
@@ -150,10 +157,10 @@ def test_update_hand_computed_copy_start():
   state = emax.init({'w': jnp.asarray([1.0, -2.0])})
   state = emax.update(state, {'w': jnp.asarray([3.0, 2.0])}, 0.5)
   # 1 - 0.5 * (1 - 3) = 2 ; -2 - 0.5 * (-2 - 2) = 0
-  np.testing.assert_array_equal(state.ema['w'], [2.0, 0.0])
+  np.testing.assert_array_equal(state.average['w'], [2.0, 0.0])
   state = emax.update(state, {'w': jnp.asarray([0.0, 4.0])}, 0.75)
   # 2 - 0.25 * 2 = 1.5 ; 0 - 0.25 * (0 - 4) = 1
-  np.testing.assert_array_equal(state.ema['w'], [1.5, 1.0])
+  np.testing.assert_array_equal(state.average['w'], [1.5, 1.0])
   assert int(state.count) == 2 and float(state.weight) == 1.0
 
 
@@ -168,7 +175,7 @@ def test_update_hand_computed_debias_any_decay_sequence():
   assert float(state.weight) == pytest.approx(1 - 0.5 * 0.9 * 0.25)
   assert float(emax.ema_params(state)['w']) == pytest.approx(expected, 1e-6)
   # The stored average is never debiased.
-  assert float(state.ema['w']) == pytest.approx(sum(
+  assert float(state.average['w']) == pytest.approx(sum(
       wi * vi for wi, vi in zip(w, values)), 1e-6)
 
 
@@ -179,16 +186,26 @@ def test_debias_constant_param_reads_exactly_that_param():
   assert float(emax.ema_params(state)['w']) == pytest.approx(3.0, 1e-5)
 
 
-def test_bias_correction_function():
-  avg = {'w': jnp.asarray([0.5, 1.0]), 'n': jnp.asarray(3), 'z': None}
-  out = emax.bias_correction(avg, 0.5)
-  np.testing.assert_array_equal(out['w'], [1.0, 2.0])
-  assert int(out['n']) == 3 and out['z'] is None
-  # weight 1 is exact, weight 0 leaves the value alone.
-  x = jnp.asarray([0.1, 1e-30, 3e38], F32)
-  assert np.asarray(emax.bias_correction(x, 1.0)).tobytes() == (
-      np.asarray(x).tobytes())
-  np.testing.assert_array_equal(emax.bias_correction(x, 0.0), x)
+def test_bias_correction_reads_accumulator_dtypes():
+  params = {'w': jnp.asarray([0.5, 1.0], jnp.bfloat16), 'n': jnp.asarray(3),
+            'z': None}
+  state = emax.init(params, debias=True)
+  state = emax.update(state, {'w': jnp.asarray([2.0, 4.0], jnp.bfloat16),
+                              'n': jnp.asarray(5), 'z': None}, 0.5)
+  out = emax.bias_correction(state)
+  assert out['w'].dtype == F32  # the accumulator, not bf16
+  np.testing.assert_array_equal(out['w'], [2.0, 4.0])
+  assert int(out['n']) == 5 and out['z'] is None
+  # A weight of one is no arithmetic at all: a fresh state reads back its
+  # params to the bit, subnormals included (XLA on CPU flushes them to zero
+  # in arithmetic, so averaging steps do not keep them).
+  x = {'w': jnp.asarray([0.1, 1e-40, 3e38], F32),
+       'h': jnp.asarray([1e-40, -0.0], jnp.bfloat16)}
+  for read in (emax.bias_correction, emax.ema_params):
+    got = read(emax.init(x))
+    assert np.asarray(got['w']).tobytes() == np.asarray(x['w']).tobytes()
+  got = emax.ema_params(emax.init(x))['h']
+  assert np.asarray(got).tobytes() == np.asarray(x['h']).tobytes()
 
 
 def test_non_float_leaves_follow_params_and_none_kept():
@@ -212,13 +229,13 @@ def test_bf16_average_moves_with_f32_accumulator():
   state = emax.init(p)
   for _ in range(100):
     state = emax.update(state, jnp.zeros((4,), jnp.bfloat16), 0.9999)
-  assert state.ema.dtype == F32
-  assert float(state.ema[0]) == pytest.approx(0.9999 ** 100, rel=1e-4)
+  assert state.average.dtype == F32
+  assert float(state.average[0]) == pytest.approx(0.9999 ** 100, rel=1e-4)
   assert emax.ema_params(state).dtype == jnp.bfloat16
   stuck = emax.init(p, accumulator_dtype=jnp.bfloat16)
   for _ in range(3):
     stuck = emax.update(stuck, jnp.zeros((4,), jnp.bfloat16), 0.9999)
-  assert float(stuck.ema[0]) == 1.0
+  assert float(stuck.average[0]) == 1.0
 
 
 def test_float64_stays_float64_under_x64():
@@ -226,9 +243,9 @@ def test_float64_stays_float64_under_x64():
     p = jnp.ones((3,), jnp.float64)
     state = emax.init(p)
     state = emax.update(state, jnp.zeros((3,), jnp.float64), 0.5)
-    assert state.ema.dtype == jnp.float64
+    assert state.average.dtype == jnp.float64
     assert emax.ema_params(state).dtype == jnp.float64
-    np.testing.assert_array_equal(state.ema, [0.5] * 3)
+    np.testing.assert_array_equal(state.average, [0.5] * 3)
 
 
 def test_count_saturates_instead_of_overflowing():
@@ -251,8 +268,8 @@ def test_lax_scan_carry():
   ref = emax.init(params, debias=True)
   for x in xs:
     ref, _ = body(ref, x)
-  np.testing.assert_array_equal(final.ema['w'], ref.ema['w'])
-  assert int(final.ema['n']) == 5 and int(final.count) == 5
+  np.testing.assert_array_equal(final.average['w'], ref.average['w'])
+  assert int(final.average['n']) == 5 and int(final.count) == 5
 
 
 def test_no_recompile_on_second_call():
@@ -331,8 +348,7 @@ def test_error_non_scalar_decay():
 
 def test_error_state_restored_without_target():
   state = emax.init({'w': jnp.ones(2)})
-  as_dict = {'count': state.count, 'ema': state.ema, 'weight': state.weight,
-             'skipped': state.skipped, 'param_dtypes': None}
+  as_dict = dict(state._asdict(), info=None)
   with pytest.raises(ValueError, match=r'expected an emax.EmaState, got dict'
                      r'.*restored without a target.*jax.eval_shape'):
     emax.update(as_dict, {'w': jnp.ones(2)}, 0.9)

@@ -91,7 +91,7 @@ def test_ema_model_carries_the_average_and_the_rest(trained):
 def test_ema_model_errors(trained):
   model, _, _ = trained
   plain = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
-  with pytest.raises(ValueError, match='with none inside.*emax.ema'):
+  with pytest.raises(ValueError, match='with none inside.*emax.with_ema'):
     emax.nnx.ema_model(model, plain)
   with pytest.raises(TypeError, match='Expected an nnx.Optimizer'):
     emax.nnx.ema_model(model, optax.sgd(0.1))

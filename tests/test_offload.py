@@ -69,7 +69,7 @@ def test_offloaded_average_stays_on_host_and_matches_device_path(mesh, kw):
     params = _params(mesh)
     host_state, dev_state = on_host.init(params), on_device.init(params)
     host_ema = emax.get_ema_state(host_state)
-    assert _kinds(host_ema.ema) == {'w': 'pinned_host', 'h': 'pinned_host',
+    assert _kinds(host_ema.average) == {'w': 'pinned_host', 'h': 'pinned_host',
                                     'i': 'pinned_host', 'k': 'pinned_host',
                                     'none': None}
     assert host_ema.count.sharding.memory_kind == 'device'
@@ -84,7 +84,7 @@ def test_offloaded_average_stays_on_host_and_matches_device_path(mesh, kw):
         updates, dev_state = step_dev(grads, dev_state, params)
       params = jax.tree.map(lambda p, u: p if u is None else p + u, params,
                             updates, is_leaf=lambda x: x is None)
-      ema = emax.get_ema_state(host_state).ema
+      ema = emax.get_ema_state(host_state).average
       assert set(_kinds(ema).values()) == {'pinned_host', None}
       assert ema['w'].sharding.spec == P('data', 'model')
     averaged = emax.ema_params(host_state)
@@ -106,8 +106,8 @@ def test_compiled_step_outputs_the_average_in_host_memory(mesh):
     state = tx.init(params)
     compiled = jax.jit(tx.update).lower(params, state, params).compile()
   out_state = compiled.output_shardings[1]
-  assert out_state.ema['w'].memory_kind == 'pinned_host'
-  assert out_state.ema['w'].spec == P('data', 'model')
+  assert out_state.average['w'].memory_kind == 'pinned_host'
+  assert out_state.average['w'].spec == P('data', 'model')
   assert out_state.count.memory_kind == 'device'
 
 
@@ -115,20 +115,23 @@ def test_pure_functions_offload(mesh):
   with jax.set_mesh(mesh):
     params = {'w': _params(mesh)['w']}
     state = emax.init(params, offload=True, debias=True)
-    assert state.ema['w'].sharding.memory_kind == 'pinned_host'
-    np.testing.assert_array_equal(np.asarray(state.ema['w']), 0.0)
+    assert state.average['w'].sharding.memory_kind == 'pinned_host'
+    # debias: the stored start is the params, with weight zero.
+    np.testing.assert_array_equal(np.asarray(state.average['w']),
+                                  np.asarray(params['w']))
+    assert float(state.weight) == 0.0
     new = {'w': params['w'] * 2.0}
     for update in (emax.update, jax.jit(emax.update)):
       stepped = update(state, new, 0.75)
-      assert stepped.ema['w'].sharding.memory_kind == 'pinned_host'
+      assert stepped.average['w'].sharding.memory_kind == 'pinned_host'
       # Hand computation: 0.25 * new, weight 0.25, debiased: new.
-      np.testing.assert_allclose(np.asarray(stepped.ema['w']),
+      np.testing.assert_allclose(np.asarray(stepped.average['w']),
                                  0.25 * np.asarray(new['w']), rtol=1e-6)
       np.testing.assert_allclose(np.asarray(emax.ema_params(stepped)['w']),
                                  np.asarray(new['w']), rtol=1e-6)
     jitted_init = jax.jit(lambda p: emax.init(p, offload=True))(params)
-    assert jitted_init.ema['w'].sharding.memory_kind == 'pinned_host'
-    _equal(jitted_init.ema['w'], params['w'])
+    assert jitted_init.average['w'].sharding.memory_kind == 'pinned_host'
+    _equal(jitted_init.average['w'], params['w'])
 
 
 def test_a_state_placed_on_host_by_hand_is_updated_there():
@@ -136,10 +139,10 @@ def test_a_state_placed_on_host_by_hand_is_updated_there():
   # whose shardings say pinned_host.
   params = {'w': jnp.ones(4)}
   state = emax.init(params)
-  state = state._replace(ema=jax.device_put(state.ema, jax.memory.Space.Host))
+  state = state._replace(average=jax.device_put(state.average, jax.memory.Space.Host))
   stepped = emax.update(state, {'w': jnp.zeros(4)}, 0.5)
-  assert stepped.ema['w'].sharding.memory_kind == 'pinned_host'
-  np.testing.assert_array_equal(np.asarray(stepped.ema['w']), 0.5)
+  assert stepped.average['w'].sharding.memory_kind == 'pinned_host'
+  np.testing.assert_array_equal(np.asarray(stepped.average['w']), 0.5)
 
 
 def test_offload_on_devices_without_host_memory_says_so(monkeypatch):
@@ -177,10 +180,10 @@ def test_donated_offloaded_state(how):
   dev_state = on_device.init(dev_params)
   dev_step = jax.jit(_train_step(on_device))
   for _ in range(3):
-    old = emax.get_ema_state(opt_state).ema['w']
+    old = emax.get_ema_state(opt_state).average['w']
     params, opt_state = step(params, opt_state)
     assert old.is_deleted()
-    assert emax.get_ema_state(opt_state).ema['w'].sharding.memory_kind == (
+    assert emax.get_ema_state(opt_state).average['w'].sharding.memory_kind == (
         'pinned_host')
     dev_params, dev_state = dev_step(dev_params, dev_state)
   for name in ('w', 'b'):

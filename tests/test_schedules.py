@@ -68,7 +68,7 @@ def test_schedule_values_outside_unit_interval_are_clipped():
   tx = emax.ema(lambda n: jnp.asarray(1.5, jnp.float32))
   params = {'w': jnp.asarray(1.0)}
   _, state = tx.update({'w': jnp.asarray(1.0)}, tx.init(params), params)
-  assert float(state.ema['w']) == 1.0  # decay 1: the average stays
+  assert float(state.average['w']) == 1.0  # decay 1: the average stays
 
 
 @pytest.mark.parametrize('make, match', [
@@ -81,7 +81,7 @@ def test_schedule_values_outside_unit_interval_are_clipped():
     (lambda: emax.power_function_decay(7.0, sigma_rel=0.1), 'exactly one'),
     (lambda: emax.power_function_decay(sigma_rel=0.5), r'sigma_rel must be in'),
     (lambda: emax.power_function_decay(gamma=-2.0), 'gamma must be'),
-    (lambda: emax.half_life_decay(0), 'half_life_steps must be'),
+    (lambda: emax.half_life_decay(0), 'half_life must be'),
 ])
 def test_schedule_argument_errors(make, match):
   with pytest.raises(ValueError, match=match):

@@ -75,7 +75,7 @@ def test_debias_mode():
   hist, state = sgd_run(emax.ema(0.5, debias=True), [-1.0, -1.0])
   # biased: 0.5*1 = 0.5, weight 0.5 -> 1 ; then 0.25 + 1 = 1.25, w 0.75
   assert hist == [1.0, pytest.approx(1.25 / 0.75)]
-  assert float(state.ema['w']) == 1.25 and float(state.weight) == 0.75
+  assert float(state.average['w']) == 1.25 and float(state.weight) == 0.75
 
 
 def test_schedule_called_with_steps_taken_before():
@@ -117,15 +117,15 @@ def test_skip_nonfinite_mode():
   state = tx.init(params)
   bad = {'w': jnp.asarray([jnp.nan, 0.0]), 'n': jnp.asarray(1)}
   _, state = tx.update(bad, state, params)
-  np.testing.assert_array_equal(state.ema['w'], [1.0, 2.0])
+  np.testing.assert_array_equal(state.average['w'], [1.0, 2.0])
   assert int(state.skipped) == 1 and int(state.count) == 1
-  assert int(state.ema['n']) == 1  # non-float leaves still follow
+  assert int(state.average['n']) == 1  # non-float leaves still follow
   inf = {'w': jnp.asarray([0.0, jnp.inf]), 'n': jnp.asarray(1)}
   _, state = jax.jit(tx.update)(inf, state, params)
   assert int(state.skipped) == 2
   good = {'w': jnp.asarray([1.0, 2.0]), 'n': jnp.asarray(0)}
   _, state = tx.update(good, state, params)
-  np.testing.assert_array_equal(state.ema['w'], [1.5, 3.0])
+  np.testing.assert_array_equal(state.average['w'], [1.5, 3.0])
   assert int(state.skipped) == 2 and int(state.count) == 3
 
 
@@ -134,7 +134,7 @@ def test_skip_nonfinite_off_lets_nan_through():
   params = {'w': jnp.asarray([1.0])}
   state = tx.init(params)
   _, state = tx.update({'w': jnp.asarray([jnp.nan])}, state, params)
-  assert np.isnan(state.ema['w'][0]) and int(state.skipped) == 0
+  assert np.isnan(state.average['w'][0]) and int(state.skipped) == 0
 
 
 def test_skip_with_update_every_and_start_step():
@@ -142,7 +142,7 @@ def test_skip_with_update_every_and_start_step():
   params = {'w': jnp.asarray(0.0)}
   state = tx.init(params)
   _, state = tx.update({'w': jnp.asarray(jnp.nan)}, state, params)
-  assert float(state.ema['w']) == 0.0 and int(state.skipped) == 1
+  assert float(state.average['w']) == 0.0 and int(state.skipped) == 1
 
 
 def test_updates_pass_through_unchanged():
@@ -231,11 +231,11 @@ def test_matches_numpy_reference(spec, decays, debias, update_every,
   assert int(ema_state.skipped) == ref.skipped
   exact = update_every == 1
   if exact:
-    assert np.float32(ema_state.weight) == ref.weight
+    assert np.float32(ema_state.weight) == ref.weight[None]
   else:
-    np.testing.assert_allclose(ema_state.weight, ref.weight, rtol=1e-5)
-  for i, (want_avg, want) in enumerate(zip(ref.ema, ref.read())):
-    have_avg = np.asarray(ema_state.ema[f'p{i}'])
+    np.testing.assert_allclose(ema_state.weight, ref.weight[None], rtol=1e-5)
+  for i, (want_avg, want) in enumerate(zip(ref.average[None], ref.read())):
+    have_avg = np.asarray(ema_state.average[f'p{i}'])
     have = np.asarray(got[f'p{i}'])
     assert have.dtype == want.dtype and have_avg.dtype == want_avg.dtype
     if exact:
@@ -269,7 +269,7 @@ def test_reference_under_jit_bitwise():
     zeros = [jnp.zeros_like(x) for x in params]
     state = update([jnp.asarray(x) for x in new], state, zeros)
     ref.step(new, np.asarray(emax.tf_decay(0.9)(n)))
-  for have, want in zip(state.ema, ref.ema):
+  for have, want in zip(state.average, ref.average[None]):
     np.testing.assert_array_equal(np.asarray(have), want)
   assert update._cache_size() == 1
 
@@ -337,19 +337,19 @@ def test_ema_params_found_in_optax_containers():
 def test_optax_tree_get_finds_the_average():
   tx = optax.chain(optax.sgd(0.1), emax.ema(0.9))
   state = tx.init({'w': jnp.ones(2)})
-  np.testing.assert_array_equal(optax.tree.get(state, 'ema')['w'], [1, 1])
+  np.testing.assert_array_equal(optax.tree.get(state, 'average')['w'], [1, 1])
 
 
 def test_error_several_ema_states():
   tx = optax.chain(emax.ema(0.9), emax.ema(0.99))
   state = tx.init({'w': jnp.ones(2)})
-  with pytest.raises(ValueError, match='Found 2 emax.EmaState'):
+  with pytest.raises(ValueError, match='found 2 emax.EmaState'):
     emax.ema_params(state)
 
 
 def test_error_no_ema_state():
   state = optax.adam(1e-3).init({'w': jnp.ones(2)})
-  with pytest.raises(ValueError, match='with none inside.*Chain emax.ema'):
+  with pytest.raises(ValueError, match='with none inside.*emax.with_ema'):
     emax.ema_params(state)
 
 
@@ -383,9 +383,9 @@ def test_error_decay_at_construction(decay):
 def test_error_bad_options():
   with pytest.raises(TypeError, match='decay must be a float in'):
     emax.ema('0.9')
-  with pytest.raises(ValueError, match='update_every must be an int >= 1'):
+  with pytest.raises(ValueError, match=r'update_every must be an int in \[1, '):
     emax.ema(0.9, update_every=0)
-  with pytest.raises(ValueError, match='start_step must be an int >= 0'):
+  with pytest.raises(ValueError, match=r'start_step must be an int in \[0, '):
     emax.ema(0.9, start_step=-1)
   with pytest.raises(ValueError, match='accumulator_dtype must be a floating'):
     emax.ema(0.9, accumulator_dtype=jnp.int8)
@@ -465,8 +465,8 @@ def test_inside_lax_scan_over_train_steps():
   carry = (params, state)
   for g in gs:
     carry, _ = jax.jit(body)(carry, g)
-  np.testing.assert_array_equal(emax.get_ema_state(state_s).ema['w'],
-                                emax.get_ema_state(carry[1]).ema['w'])
+  np.testing.assert_array_equal(emax.get_ema_state(state_s).average['w'],
+                                emax.get_ema_state(carry[1]).average['w'])
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 CPU devices')
@@ -479,9 +479,9 @@ def test_transform_keeps_sharding():
   params = {'w': jax.device_put(jnp.ones((16, 4)), sharding)}
   tx = optax.chain(optax.adam(1e-3), emax.ema(0.99, debias=True))
   state = jax.jit(tx.init)(params)
-  assert emax.get_ema_state(state).ema['w'].sharding.is_equivalent_to(
+  assert emax.get_ema_state(state).average['w'].sharding.is_equivalent_to(
       sharding, 2)
   _, state = jax.jit(tx.update)(params, state, params)
-  assert emax.get_ema_state(state).ema['w'].sharding.is_equivalent_to(
+  assert emax.get_ema_state(state).average['w'].sharding.is_equivalent_to(
       sharding, 2)
   assert emax.ema_params(state)['w'].sharding.is_equivalent_to(sharding, 2)

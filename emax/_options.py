@@ -1,0 +1,328 @@
+"""Every option of emax, checked once, in one place.
+
+Each ``check_*`` function takes a value as the user gave it and returns it in
+the form the rest of emax uses, or raises an error that says what was
+expected, what came, and how to fix it. The entry points (:func:`emax.init`,
+:func:`emax.update`, :func:`emax.ema`, :func:`emax.with_ema`, the Flax
+helpers) call these and nothing else to validate.
+
+A *rate* is how one average moves on one step: the ``decay`` ``d`` (the
+weight of the old average) or the ``step_size`` ``1 - d`` (the weight of the
+new params, what ``optax.incremental_update`` calls ``step_size`` and RL code
+``tau``), each a number, a 0-d array or a schedule ``count -> value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_INT32 = int(np.iinfo(np.int32).max)
+
+ROUNDINGS = ('tensorflow', 'lerp', 'optax')
+"""The arithmetic of one averaging step (see :func:`emax.ema`)."""
+
+PACK_MAX_SIZE = 1 << 15
+"""Largest leaf (in elements) that ``pack=True`` packs."""
+
+def _name_of(value: Any) -> str:
+  return type(value).__name__
+
+
+def check_bool(value: Any, name: str) -> bool:
+  """A boolean option must be a bool (a string from a config is refused)."""
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  raise TypeError(
+      f'{name} must be True or False, got {value!r} ({_name_of(value)})'
+      f' instead. Strings such as "false" are not accepted: convert config'
+      f' values with a real parser before passing them.')
+
+
+def check_int(value: Any, name: str, minimum: int,
+              maximum: int = MAX_INT32) -> int:
+  """An int option in ``[minimum, maximum]`` (steps are counted in int32)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, numbers.Integral):
+    raise TypeError(
+        f'{name} must be an int, got {value!r} ({_name_of(value)}) instead.')
+  if not minimum <= int(value) <= maximum:
+    raise ValueError(
+        f'{name} must be an int in [{minimum}, {maximum}], got {value!r}'
+        ' instead. Steps are counted in int32.')
+  return int(value)
+
+
+def check_accumulator_dtype(accumulator_dtype: Any) -> Optional[np.dtype]:
+  """``None`` (the default policy) or a real floating dtype."""
+  if accumulator_dtype is None:
+    return None
+  try:
+    dtype = jnp.dtype(accumulator_dtype)
+  except TypeError as e:
+    raise TypeError(
+        'accumulator_dtype must be a floating dtype such as jnp.float32, got'
+        f' {accumulator_dtype!r} instead.') from e
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+        'accumulator_dtype must be a floating dtype such as jnp.float32, got'
+        f' {dtype} instead. Non-float leaves are never averaged, so they need'
+        ' no accumulator.')
+  return dtype
+
+
+def check_pack(pack: Any) -> int:
+  """The largest leaf size to pack, 0 for no packing."""
+  if pack is False or pack is None:
+    return 0
+  if pack is True:
+    return PACK_MAX_SIZE
+  if isinstance(pack, numbers.Integral) and not isinstance(
+      pack, (bool, np.bool_)) and pack > 0:
+    return int(pack)
+  raise ValueError(
+      'pack must be False, True or the largest leaf size (in elements, > 0)'
+      f' to pack, got {pack!r} instead.')
+
+
+def check_layout(pack: Any, offload: Any) -> tuple[int, bool]:
+  """``pack`` and ``offload`` together: returns ``(max_pack_size, offload)``.
+
+  The two combine: packed buffers are offloaded like any other array.
+  """
+  return check_pack(pack), check_bool(offload, 'offload')
+
+
+def check_rounding(rounding: Any) -> str:
+  if rounding not in ROUNDINGS:
+    raise ValueError(
+        f'rounding must be one of {ROUNDINGS}, got {rounding!r} instead.'
+        " 'tensorflow' (the default) rounds as tf.train.ExponentialMovingAverage"
+        " does, 'lerp' as a jitted `ema + (1 - d) * (p - ema)`, 'optax' as"
+        ' optax.incremental_update.')
+  return rounding
+
+
+def check_names(names: Any) -> Optional[tuple[str, ...]]:
+  """``None`` for one average, or a non-empty tuple of distinct strings."""
+  if names is None:
+    return None
+  if isinstance(names, str) or not isinstance(names, (list, tuple)):
+    raise TypeError(
+        'names must be a list or tuple of strings, e.g. ("fast", "slow"), got'
+        f' {names!r} instead.')
+  names = tuple(names)
+  bad = [n for n in names if not isinstance(n, str) or not n]
+  if bad or not names:
+    raise ValueError(
+        'names must be a non-empty list of non-empty strings, got'
+        f' {names!r} instead.')
+  if len(set(names)) != len(names):
+    raise ValueError(f'names must be distinct, got {names!r}.')
+  return names
+
+
+@dataclasses.dataclass(frozen=True)
+class Rate:
+  """One average's rate as the user gave it, validated.
+
+  Attributes:
+    kind: ``'decay'`` or ``'step_size'``.
+    value: a Python float (a host constant), an array (possibly traced), or a
+      schedule (a callable of the step count).
+  """
+
+  kind: str
+  value: Any
+
+  @property
+  def is_schedule(self) -> bool:
+    return callable(self.value)
+
+  @property
+  def is_constant(self) -> bool:
+    return isinstance(self.value, float)
+
+
+def _concrete_scalar(value: Any, name: str) -> Any:
+  """Checks a 0-d array (concrete: its value too; traced: its shape only)."""
+  shape = jnp.shape(value)
+  if shape != ():
+    raise ValueError(
+        f'{name} must be a scalar, got an array of shape {shape} instead.')
+  dtype = jnp.result_type(value)
+  if not jnp.issubdtype(dtype, jnp.floating) and not jnp.issubdtype(
+      dtype, jnp.integer):
+    raise TypeError(
+        f'{name} must be a real number, got an array of dtype {dtype}.')
+  if isinstance(value, jax.core.Tracer):
+    return value  # checked at run time by the NaN guard and clipping
+  number = float(np.asarray(value))
+  if not 0.0 <= number <= 1.0:  # also False for NaN
+    raise ValueError(
+        f'{name} must be in [0, 1], got {number!r} (an array) instead.'
+        f'{_HINTS.get(name, "")}')
+  return value
+
+
+_HINTS: dict[str, str] = {
+    'decay': (' A decay of 0.999 averages over about 1 / (1 - 0.999) = 1000'
+              ' steps.'),
+    'step_size': (' The step size is the weight of the new params, 1 - decay,'
+                  ' e.g. 0.005 (tau) for a target network.'),
+}
+
+
+def check_number(value: Any, name: str) -> float:
+  """A Python (or NumPy) real number in ``[0, 1]``, as a float."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, numbers.Real):
+    raise TypeError(
+        f'{name} must be a float in [0, 1], got {value!r}'
+        f' ({_name_of(value)}) instead.')
+  number = float(value)
+  if not 0.0 <= number <= 1.0:  # also False for NaN
+    raise ValueError(
+        f'{name} must be in [0, 1], got {value!r} instead.'
+        f'{_HINTS.get(name, "")}')
+  return number
+
+
+def check_rate_value(value: Any, name: str) -> Any:
+  """A rate as a float, a 0-d array or a schedule; else a clear error."""
+  if isinstance(value, (jax.Array, np.ndarray)) and not isinstance(
+      value, np.generic):
+    return _concrete_scalar(value, name)
+  if isinstance(value, numbers.Real) and not isinstance(
+      value, (bool, np.bool_)):
+    return check_number(value, name)
+  if callable(value) and not isinstance(value, type):
+    return value
+  raise TypeError(
+      f'{name} must be a float in [0, 1], a 0-d array, or a schedule'
+      f' (a callable step -> {name}), got {value!r} ({_name_of(value)})'
+      ' instead.')
+
+
+RateArg = Union[float, jax.typing.ArrayLike, Callable[[jax.Array], Any],
+                Mapping[str, Any], None]
+
+
+def check_rates(decay: RateArg, step_size: RateArg
+                ) -> tuple[Optional[tuple[str, ...]], tuple[Rate, ...]]:
+  """``decay`` or ``step_size`` (one of them), each possibly a mapping.
+
+  Returns:
+    ``(names, rates)``: ``names`` is ``None`` for a single average, else the
+    mapping's keys in order; ``rates`` has one :class:`Rate` per average.
+  """
+  if (decay is None) == (step_size is None):
+    raise TypeError(
+        'Give exactly one of decay and step_size (step_size = 1 - decay, the'
+        f' weight of the new params), got decay={decay!r},'
+        f' step_size={step_size!r}.')
+  kind, value = ('decay', decay) if decay is not None else (
+      'step_size', step_size)
+  if isinstance(value, Mapping):
+    names = check_names(tuple(value.keys()))
+    assert names is not None
+    return names, tuple(Rate(kind, _named_rate(value[n], kind, n))
+                        for n in names)
+  return None, (Rate(kind, check_rate_value(value, kind)),)
+
+
+def _named_rate(value: Any, kind: str, name: str) -> Any:
+  try:
+    return check_rate_value(value, kind)
+  except (TypeError, ValueError) as e:
+    raise type(e)(f'For the average {name!r}: {e}') from None
+
+
+def match_names(state_names: Optional[tuple[str, ...]],
+                names: Optional[tuple[str, ...]], where: str) -> None:
+  """The rates' names must be the state's names, in any order."""
+  if state_names == names or (
+      state_names is not None and names is not None and
+      sorted(state_names) == sorted(names)):
+    return
+  if state_names is None:
+    raise ValueError(
+        f'{where} got rates for named averages {list(names or ())}, but the'
+        ' state holds a single average. Give one decay, or initialise with'
+        f' emax.init(params, names={list(names or ())!r}).')
+  if names is None:
+    raise ValueError(
+        f'{where} got one rate, but the state holds the named averages'
+        f' {list(state_names)}. Give a mapping with one rate per name, e.g.'
+        f' {{{", ".join(repr(n) + ": 0.999" for n in state_names)}}}.')
+  raise ValueError(
+      f'{where} got rates for {list(names)}, but the state holds the'
+      f' averages {list(state_names)}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """The validated options of one kind of step (see :func:`emax.ema`)."""
+
+  names: Optional[tuple[str, ...]]
+  rates: tuple[Rate, ...]
+  update_every: int = 1
+  first_update: int = 1
+  start_step: int = 0
+  per_update: bool = False
+  skip_nonfinite: bool = True
+  rounding: str = 'tensorflow'
+
+  @property
+  def every_step(self) -> bool:
+    """Whether every step averages (no copy or keep steps by schedule)."""
+    return self.update_every == 1 and self.first_update == 1 and (
+        self.start_step == 0)
+
+
+def step_options(decay: RateArg = None, step_size: RateArg = None, *,
+                 update_every: Any = 1, first_update: Any = None,
+                 start_step: Any = 0, per_update: Any = False,
+                 skip_nonfinite: Any = True,
+                 rounding: Any = 'tensorflow') -> StepOptions:
+  """Validates the options of a step; see :func:`emax.ema` for each."""
+  names, rates = check_rates(decay, step_size)
+  update_every = check_int(update_every, 'update_every', 1)
+  if first_update is None:
+    first_update = update_every
+  first_update = check_int(first_update, 'first_update', 1)
+  return StepOptions(
+      names=names, rates=rates, update_every=update_every,
+      first_update=first_update,
+      start_step=check_int(start_step, 'start_step', 0),
+      per_update=check_bool(per_update, 'per_update'),
+      skip_nonfinite=check_bool(skip_nonfinite, 'skip_nonfinite'),
+      rounding=check_rounding(rounding))
+
+
+def finite_positive(value: Any, name: str) -> float:
+  """A finite Python number > 0, as a float (for schedule parameters)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, numbers.Real) or not (math.isfinite(value) and value > 0):
+    raise ValueError(f'{name} must be a finite number > 0, got {value!r}.')
+  return float(value)
+
+
+def check_constant(value: Any, name: str) -> float:
+  """A concrete number in ``[0, 1]`` (a float, or a concrete 0-d array)."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f'{name} must be a concrete number here (a schedule\'s parameters are'
+        ' fixed when it is built), got a traced value.')
+  if isinstance(value, (jax.Array, np.ndarray)) and not isinstance(
+      value, np.generic):
+    _concrete_scalar(value, name)
+    return float(np.asarray(value))
+  return check_number(value, name)
