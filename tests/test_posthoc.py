@@ -1,0 +1,430 @@
+"""Tests of emax.posthoc against an independent float64 reference of EDM2."""
+
+import weakref
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import emax
+from emax import posthoc
+import reference_posthoc as ref
+
+EVERY_100 = (np.repeat(np.arange(100, 1201, 100), 2), [0.05, 0.10] * 12)
+IRREGULAR = (np.repeat([7, 30, 111, 512, 1000, 4096], 3), [0.02, 0.1, 0.2] * 6)
+# EDM2 counts images; here the two widths are saved at alternate times.
+IMAGES = (np.arange(1, 21) * 2**17, [0.05, 0.10] * 10)
+GRIDS = {
+    'every_100': (EVERY_100, [0.02, 0.05, 0.08, 0.12, 0.2], [None, 600, 100]),
+    'irregular': (IRREGULAR, [0.01, 0.15, 0.25], [None, 1000, 7]),
+    'images': (IMAGES, [0.03, 0.07, 0.15], [None, 10 * 2**17, 2**17]),
+    'single': (([1000], [0.1]), [0.05, 0.1], [None]),
+}
+
+
+@pytest.mark.parametrize('grid', GRIDS)
+def test_coefficients_equal_the_edm2_formula(grid):
+  (steps, sigma_rels), targets, target_steps = GRIDS[grid]
+  for target_sigma_rel in targets:
+    for target_step in target_steps:
+      got = posthoc.coefficients(steps, sigma_rels, target_sigma_rel,
+                                 target_step)
+      out = max(steps) if target_step is None else target_step
+      want = ref.solve_posthoc_coefficients(steps, sigma_rels, out,
+                                            target_sigma_rel)
+      assert got.dtype == np.float64 and got.shape == (len(steps),)
+      # Weights below ~1e-13 are round-off in both (the largest is ~1).
+      np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-13)
+      assert got.sum() == pytest.approx(1.0, abs=1e-12)
+      np.testing.assert_array_equal(got[np.asarray(steps) > out], 0.0)
+
+
+def test_reference_exponent_is_emax_exponent():
+  for sigma_rel in (0.01, 0.05, 0.08, 0.1, 0.25):
+    gamma = ref.std_to_exp(sigma_rel)
+    assert ref.exp_to_std(gamma) == pytest.approx(sigma_rel, rel=1e-12)
+    assert emax.sigma_rel_to_gamma(sigma_rel) == pytest.approx(gamma,
+                                                               rel=1e-12)
+
+
+def test_a_tracked_width_is_rebuilt_from_its_own_snapshot():
+  steps, sigma_rels = EVERY_100
+  for k in (1, 10, 23):
+    got = posthoc.coefficients(steps, sigma_rels, sigma_rels[k], steps[k])
+    np.testing.assert_allclose(got, np.eye(len(steps))[k], rtol=0,
+                               atol=1e-9)
+
+
+def test_coefficients_do_not_depend_on_time_unit_or_order():
+  steps, sigma_rels = IRREGULAR
+  base = posthoc.coefficients(steps, sigma_rels, 0.13)
+  scaled = posthoc.coefficients(np.asarray(steps) * 1000.0, sigma_rels, 0.13)
+  np.testing.assert_allclose(scaled, base, rtol=1e-10, atol=1e-14)
+  order = np.random.default_rng(0).permutation(len(steps))
+  shuffled = posthoc.coefficients(np.asarray(steps)[order],
+                                  np.asarray(sigma_rels)[order], 0.13)
+  np.testing.assert_allclose(shuffled, base[order], rtol=1e-10, atol=1e-14)
+
+
+def _one_hot_averages(sigma_rel, t_max, at):
+  """emax's average of one-hot params theta_i = e_i, read after each t in at."""
+  eye = np.eye(t_max + 1, dtype=np.float32)
+  schedule = emax.power_function_decay(sigma_rel=sigma_rel)
+  state = emax.init({'theta': jnp.asarray(eye[0])})
+  out = {}
+  for i in range(1, t_max + 1):
+    decay = schedule(state.count)
+    if i == 1:
+      assert float(decay) == 0.0
+    state = emax.update(state, {'theta': jnp.asarray(eye[i])}, decay)
+    assert int(state.count) == i
+    if i == 1:  # the first update copies theta_1
+      np.testing.assert_array_equal(emax.ema_params(state)['theta'], eye[1])
+    if i in at:
+      out[i] = np.asarray(emax.ema_params(state)['theta'], np.float64)
+  return out
+
+
+@pytest.mark.parametrize('sigma_rel', [0.05, 0.10])
+def test_time_convention(sigma_rel):
+  """After t steps emax weights theta_i by the integral of p_t over (i-1, i].
+
+  So the snapshot's time in Eq. 151 is t = EmaState.count, the same as EDM2's
+  trainer (its beta uses cur_nimg after the batch), not t + 1.
+  """
+  at = (3, 10, 24)
+  averages = _one_hot_averages(sigma_rel, 24, at)
+  for t in at:
+    got = averages[t][:t + 1]
+    np.testing.assert_allclose(got, ref.tracked_weights(sigma_rel, t),
+                               rtol=0, atol=2e-6)
+    np.testing.assert_allclose(got, ref.profile_integrals(sigma_rel, t, t),
+                               rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(averages[t][t + 1:], 0.0)
+    # The other convention is far off: the test can tell them apart.
+    other = ref.profile_integrals(sigma_rel, t, t, offset=1)
+    assert np.abs(got - other).max() > 1e-3
+
+
+@pytest.mark.parametrize('target', [0.08, 0.15])
+def test_snapshot_step_is_the_count_end_to_end(target):
+  """Labelling snapshots with EmaState.count rebuilds emax's own average best.
+
+  With a snapshot of each width after every step, the profiles are matched
+  closely enough that labelling them with count + 1 or count - 1 (as if the
+  time were off by one) is many times worse.
+  """
+  t_max, at = 12, tuple(range(2, 13))
+  tracked = {s: _one_hot_averages(s, t_max, at) for s in (0.05, 0.10)}
+  want = _one_hot_averages(target, t_max, (t_max,))[t_max]
+
+  def error(shift):
+    snapshots = [(t + shift, s, {'theta': tracked[s][t]}) for t in at
+                 for s in tracked]
+    got = posthoc.reconstruct(snapshots, target)['theta']
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+  right, later, earlier = error(0), error(1), error(-1)
+  print(f'sigma_rel {target}: relative profile error {right:.1e} with step ='
+        f' count, {later:.1e} with count + 1, {earlier:.1e} with count - 1')
+  assert right < 0.1 * min(later, earlier)
+
+
+def _params_sequence(kind, steps, seed):
+  """theta_0 .. theta_steps of a train-like run, float32 leaves."""
+  rng = np.random.default_rng(seed)
+  shapes = {'dense': {'kernel': (16, 8), 'bias': (8,)}, 'scale': ()}
+  leaves, treedef = jax.tree.flatten(
+      shapes, is_leaf=lambda x: isinstance(x, tuple))
+  size = sum(int(np.prod(s)) for s in leaves)
+  theta = np.zeros((steps + 1, size))
+  theta[0] = rng.normal(size=size)
+  optimum = rng.normal(size=size)
+  curvature = rng.uniform(0.05, 2.0, size=size)
+  for i in range(1, steps + 1):
+    noise = rng.normal(size=size)
+    if kind == 'random_walk':
+      theta[i] = theta[i - 1] + 0.02 * noise
+    else:  # noisy gradient descent on a quadratic
+      grad = curvature * (theta[i - 1] - optimum) + 0.5 * noise
+      theta[i] = theta[i - 1] - 0.01 * grad
+  splits = np.cumsum([int(np.prod(s)) for s in leaves])[:-1]
+  parts = np.split(theta.astype(np.float32), splits, axis=1)
+  return jax.tree.unflatten(
+      treedef, [p.reshape((steps + 1,) + s) for p, s in zip(parts, leaves)])
+
+
+SIGMAS = (0.05, 0.10, 0.08)
+SCHEDULES = tuple(emax.power_function_decay(sigma_rel=s) for s in SIGMAS)
+
+
+@jax.jit
+def _train_chunk(states, chunk):
+  def step(states, params):
+    return tuple(emax.update(state, params, schedule(state.count))
+                 for state, schedule in zip(states, SCHEDULES)), None
+
+  return jax.lax.scan(step, states, chunk)[0]
+
+
+def _global_norm(tree):
+  return np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                     for x in jax.tree.leaves(tree)))
+
+
+@pytest.mark.parametrize('kind', ['random_walk', 'noisy_descent'])
+def test_reconstruction_matches_a_tracked_average(kind):
+  steps, every = 1200, 100
+  sequence = _params_sequence(kind, steps, seed=1)
+  states = tuple(emax.init(jax.tree.map(lambda x: x[0], sequence))
+                 for _ in SIGMAS)
+  snapshots = []
+  for start in range(1, steps + 1, every):
+    chunk = jax.tree.map(lambda x: x[start:start + every], sequence)
+    states = _train_chunk(states, chunk)
+    count = int(states[0].count)
+    assert count == start + every - 1
+    for state, sigma_rel in zip(states[:2], SIGMAS[:2]):
+      snapshots.append((count, sigma_rel, emax.ema_params(state)))
+  assert len(snapshots) == 24
+
+  got = posthoc.reconstruct(snapshots, 0.08)
+  tracked = emax.ema_params(states[2])
+  final = jax.tree.map(lambda x: x[-1], sequence)
+  error = _global_norm(jax.tree.map(np.subtract, got, tracked))
+  distance = _global_norm(jax.tree.map(np.subtract, tracked, final))
+  print(f'{kind}: |reconstructed - tracked| / |tracked - final params| ='
+        f' {error / distance:.2e}')
+  assert error <= 0.01 * distance
+  assert jax.tree.map(lambda x: x.dtype, got) == jax.tree.map(
+      lambda x: x.dtype, tracked)
+  # Not vacuous: the 0.05 and 0.10 averages are each much farther away.
+  for snapshot in snapshots[-2:]:
+    other = _global_norm(jax.tree.map(np.subtract, snapshot[2], tracked))
+    assert other > 20 * error
+
+
+def _random_tree(rng, value_scale=1.0):
+  return {
+      'f32': (rng.normal(size=(5, 3)) * value_scale).astype(np.float32),
+      'bf16': (rng.normal(size=(7,)) * value_scale).astype(ml_dtypes.bfloat16),
+      'f64': rng.normal(size=(2, 2)) * value_scale,
+      'nested': [rng.normal(size=()).astype(np.float16), None],
+      'count': np.int32(rng.integers(1000)),
+  }
+
+
+def _reference_sum(weights, trees):
+  def leaf(*xs):
+    if not np.issubdtype(np.asarray(xs[0]).dtype, np.inexact) and (
+        np.asarray(xs[0]).dtype != ml_dtypes.bfloat16):
+      return None
+    return sum(w * np.asarray(x, np.float64) for w, x in zip(weights, xs))
+
+  return jax.tree.map(leaf, *trees)
+
+
+def test_reconstruct_sums_in_float64_and_keeps_dtypes():
+  rng = np.random.default_rng(2)
+  steps, sigma_rels = EVERY_100
+  trees = [_random_tree(rng) for _ in steps]
+  got = posthoc.reconstruct(zip(steps, sigma_rels, trees), 0.07, 800)
+  weights = ref.solve_posthoc_coefficients(steps, sigma_rels, 800, 0.07)
+  want = _reference_sum(weights, trees)
+
+  assert jax.tree.structure(got) == jax.tree.structure(trees[0])
+  for name, rtol in (('f32', 1e-6), ('f64', 1e-9), ('bf16', 2**-8)):
+    assert got[name].dtype == trees[0][name].dtype, name
+    np.testing.assert_allclose(np.asarray(got[name], np.float64), want[name],
+                               rtol=rtol, atol=1e-7, err_msg=name)
+  assert got['nested'][0].dtype == np.float16
+  np.testing.assert_allclose(float(got['nested'][0]), want['nested'][0],
+                             rtol=2**-11)
+  assert got['nested'][1] is None
+  # Non-float leaves: from the latest snapshot used (step 800, first one).
+  assert got['count'] == trees[14]['count']
+
+
+def test_jax_array_leaves_come_back_with_their_sharding():
+  mesh = jax.make_mesh((8,), ('data',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      'data'))
+  rng = np.random.default_rng(3)
+  steps, sigma_rels = EVERY_100
+  values = [rng.normal(size=(16, 4)).astype(np.float32) for _ in steps]
+  snapshots = [(s, r, {'w': jax.device_put(v.astype(jnp.bfloat16), sharding)})
+               for s, r, v in zip(steps, sigma_rels, values)]
+  got = posthoc.reconstruct(snapshots, 0.09)['w']
+  assert isinstance(got, jax.Array) and got.dtype == jnp.bfloat16
+  assert got.sharding == sharding
+  weights = ref.solve_posthoc_coefficients(steps, sigma_rels, 1200, 0.09)
+  want = _reference_sum(weights, [{'w': s[2]['w']} for s in snapshots])['w']
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2**-8,
+                             atol=1e-6)
+
+
+def test_generator_input_equals_list_input():
+  rng = np.random.default_rng(4)
+  steps, sigma_rels = IRREGULAR
+  trees = [_random_tree(rng) for _ in steps]
+  from_list = posthoc.reconstruct(list(zip(steps, sigma_rels, trees)), 0.12)
+  from_generator = posthoc.reconstruct(
+      ((s, r, t) for s, r, t in zip(steps, sigma_rels, trees)), 0.12)
+  jax.tree.map(np.testing.assert_array_equal, from_generator, from_list)
+
+
+class _Loaders:
+  """Loaders that record, at each load, how many earlier snapshots live."""
+
+  def __init__(self, steps, make_array, keep=False):
+    self.steps = steps
+    self.make_array = make_array
+    self.refs = []  # per loaded snapshot: weak references to its leaves
+    self.calls = []
+    self.alive_at_load = []
+    self.kept = [] if keep else None
+
+  def alive(self):
+    return sum(any(r() is not None for r in refs) for refs in self.refs)
+
+  def loader(self, k):
+    def load():
+      self.alive_at_load.append(self.alive())
+      self.calls.append(k)
+      rng = np.random.default_rng(k)
+      tree = {'a': self.make_array(rng.normal(size=(64, 32))),
+              'b': [self.make_array(rng.normal(size=(32,)))]}
+      self.refs.append([weakref.ref(x) for x in jax.tree.leaves(tree)])
+      if self.kept is not None:
+        self.kept.append(tree)
+      return tree
+
+    return load
+
+
+MAKERS = {
+    'numpy': lambda x: x.astype(np.float32),
+    'jax': lambda x: jnp.asarray(x, jnp.float32),
+}
+
+
+@pytest.mark.parametrize('kind', MAKERS)
+def test_loaders_keep_at_most_one_snapshot_alive(kind):
+  steps, sigma_rels = EVERY_100
+  loaders = _Loaders(steps, MAKERS[kind])
+  snapshots = ((s, r, loaders.loader(k))
+               for k, (s, r) in enumerate(zip(steps, sigma_rels)))
+  got = posthoc.reconstruct(snapshots, 0.08, target_step=1000)
+
+  used = [k for k, s in enumerate(steps) if s <= 1000]
+  assert loaders.calls == used  # each once, later snapshots never loaded
+  assert loaders.alive_at_load == [0] * len(used)
+  assert loaders.alive() == 0  # the result holds none of the loaded arrays
+
+  weights = ref.solve_posthoc_coefficients(steps, sigma_rels, 1000, 0.08)
+  trees = [loaders.loader(k)() for k in used]
+  want = _reference_sum(weights[used], trees)
+  np.testing.assert_allclose(got['a'], want['a'], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(got['b'][0], want['b'][0], rtol=1e-6, atol=1e-7)
+
+
+def test_the_liveness_probe_sees_kept_snapshots():
+  steps, sigma_rels = EVERY_100
+  loaders = _Loaders(steps, MAKERS['numpy'], keep=True)
+  posthoc.reconstruct([(s, r, loaders.loader(k))
+                       for k, (s, r) in enumerate(zip(steps, sigma_rels))],
+                      0.08)
+  assert loaders.alive_at_load == list(range(len(steps)))
+
+
+
+W = {'w': np.zeros(3, np.float32)}
+BAD_COEFFICIENTS = [
+    (([100, 200], [0.05], 0.1), {}, r'steps has 2 entries but sigma_rels'
+     r' has 1; give one step and one sigma_rel per snapshot'),
+    (([], [], 0.1), {}, r'No snapshots'),
+    (([100, 0], [0.05, 0.1], 0.1), {}, r'steps\[1\] is 0, expected a step >'
+     r' 0.*EmaState.count'),
+    (([-5], [0.1], 0.1), {}, r'steps\[0\] is -5, expected a step > 0'),
+    (([100, np.nan], [0.05, 0.1], 0.1), {}, r'steps\[1\] is nan; every entry'
+     r' must be a finite number'),
+    (('abc', [0.1], 0.1), {}, r'steps must be a 1-D sequence of real'
+     r' numbers, got .abc.'),
+    (([True], [0.1], 0.1), {}, r'steps must be a 1-D sequence of real'),
+    (([[100]], [0.1], 0.1), {}, r'steps must be 1-D, one entry per snapshot,'
+     r' got an array of shape \(1, 1\)'),
+    (([100, [200]], [0.1, 0.1], 0.1), {}, r'steps must be a 1-D sequence'),
+    (([100], [0.3], 0.1), {}, r'sigma_rels\[0\] must be in \(0, 0.2887\).*'
+     r' got 0.3\. Typical values'),
+    (([100, 200], [0.05, 0.0], 0.1), {}, r'sigma_rels\[1\] must be in'),
+    (([100], [0.1], 0.29), {}, r'target_sigma_rel must be in \(0, 0.2887\)'
+     r'.* got 0.29'),
+    (([100], [0.1], -0.1), {}, r'target_sigma_rel must be in'),
+    (([100], [0.1], np.nan), {}, r'target_sigma_rel must be finite'),
+    (([100], [0.1], '0.1'), {}, r'target_sigma_rel must be a real number,'
+     r" got '0.1'"),
+    (([100], [0.1], [0.1]), {}, r'target_sigma_rel must be a real number'),
+    (([100, 200], [0.1, 0.1], 0.1), {'target_step': 300},
+     r'target_step 300 is past the last snapshot \(step 200\).*target_step='
+     r'None'),
+    (([100, 200], [0.1, 0.1], 0.1), {'target_step': 150},
+     r'target_step 150 is not the step of any snapshot; the nearest earlier'
+     r' one is 100.*Pass one of the snapshot steps'),
+    (([100, 200], [0.1, 0.1], 0.1), {'target_step': 50},
+     r'target_step 50 is not the step of any snapshot\. '),
+    (([100, 200], [0.1, 0.1], 0.1), {'target_step': 0},
+     r'target_step 0 is not the step of any snapshot'),
+    (([100, 200], [0.1, 0.1], 0.1), {'target_step': True},
+     r'target_step must be a real number, got True'),
+    (([100, 100, 200], [0.1, 0.1, 0.05], 0.1), {},
+     r'Snapshots 0 and 1 both have step 100 and sigma_rel 0.1.*Drop one'),
+]
+
+
+@pytest.mark.parametrize('args,kwargs,match', BAD_COEFFICIENTS)
+def test_coefficients_reject_bad_inputs(args, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    posthoc.coefficients(*args, **kwargs)
+
+
+def test_duplicates_after_the_target_step_are_ignored():
+  got = posthoc.coefficients([100, 200, 200], [0.1, 0.1, 0.1], 0.05, 100)
+  np.testing.assert_array_equal(got, [1.0, 0.0, 0.0])
+
+
+BAD_SNAPSHOTS = [
+    (5, r'snapshots must be an iterable of \(step, sigma_rel,'
+     r' tree_or_loader\) tuples, got int'),
+    ('abc', r'snapshots must be an iterable'),
+    ([(100, 0.1)], r'Snapshot 0 must be a \(step, sigma_rel, tree_or_loader\)'
+     r' tuple, got tuple of length 2'),
+    ([(100, 0.1, W), W], r'Snapshot 1 must be a .* got dict'),
+    ([('x', 0.1, W)], r'the step of snapshot 0 must be a real number, got'
+     r" 'x'"),
+    ([(100, None, W)], r'the sigma_rel of snapshot 0 must be a real number'),
+    ([(100, 0.1, W), (200, 0.5, W)], r'snapshot sigma_rels\[1\] must be in'),
+    ([(0, 0.1, W)], r'snapshot steps\[0\] is 0, expected a step > 0'),
+    ([(100, 0.1, lambda: None)], r'The loader of snapshot 0 \(step 100,'
+     r' sigma_rel 0.1\) returned None'),
+    ([(100, 0.1, W), (100, 0.05, {'v': W['w']})], r'snapshot 1 \(step 100,'
+     r' sigma_rel 0.05\) has a different tree structure'),
+    ([(100, 0.1, W), (100, 0.05, {'w': np.zeros(4, np.float32)})],
+     r"snapshot 1 .*: leaf \['w'\] has shape \(4,\) and dtype float32, but"
+     r' shape \(3,\) and dtype float32 in the first snapshot'),
+    ([(100, 0.1, W), (100, 0.05, {'w': np.zeros(3, np.float16)})],
+     r"leaf \['w'\] has shape \(3,\) and dtype float16.*cast them alike"),
+]
+
+
+@pytest.mark.parametrize('snapshots,match', BAD_SNAPSHOTS)
+def test_reconstruct_rejects_bad_inputs(snapshots, match):
+  with pytest.raises(ValueError, match=match):
+    posthoc.reconstruct(snapshots, 0.08)
+
+
+def test_public_names():
+  assert posthoc.__all__ == ('coefficients', 'reconstruct')
+  for name in posthoc.__all__:
+    assert getattr(posthoc, name).__doc__
