@@ -10,9 +10,12 @@ Each worker is one JAX process with ``--devices`` CPU devices (fake ones, via
 ``('data', 'model')`` of shape ``(num_processes, devices)``, so the ``data``
 axis spans the processes. They train a tiny MLP whose params are fully
 sharded over both axes, with ``emax.ema`` chained after SGD, save the params
-and the optax state (average included) with Orbax from every process, restore
-them, check the restored state equals the saved one, take one more step, and
-write the gathered averages to ``DIR/process_<i>.npz``.
+and the optax state (average included) with ``emax.checkpoint.save`` from
+every process into ``DIR/checkpoint`` (a previous run's is replaced), restore
+them into ``emax.checkpoint.abstract_state`` of the state, check the restored
+state equals the saved one, take one more step, and write the gathered
+averages to ``DIR/process_<i>.npz``. Without ``--out`` everything goes to a
+temporary directory that is removed at the end.
 
 On a real cluster start one worker per host yourself:
 
@@ -26,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -116,7 +121,7 @@ def train(mesh, steps: int, checkpoint_dir: str | None = None):
   for step in range(steps):
     if checkpoint_dir is not None and step == steps - 1:
       params, opt_state = _checkpoint_round_trip(
-          checkpoint_dir, params, opt_state)
+          checkpoint_dir, step, params, opt_state)
     params, opt_state = train_step(params, opt_state, *batch(step))
 
   ema = emax.ema_params(opt_state)
@@ -134,21 +139,28 @@ def train(mesh, steps: int, checkpoint_dir: str | None = None):
   return {k: np.asarray(v) for k, v in out.items()}
 
 
-def _checkpoint_round_trip(directory, params, opt_state):
-  """Saves with Orbax from every process, restores into a typed target."""
+def _checkpoint_round_trip(directory, step, params, opt_state):
+  """Saves with Orbax from every process, restores into a typed target.
+
+  ``emax.checkpoint.save`` returns once the checkpoint is committed (every
+  process wrote its shards, and the step directory has its final name). The
+  restore target is ``emax.checkpoint.abstract_state`` of the state: each
+  array's shape, dtype and sharding, and the optax and emax state types.
+  """
   import jax
   import orbax.checkpoint as ocp
 
+  import emax.checkpoint
+
   state = {'params': params, 'opt_state': opt_state}
   path = os.path.join(os.path.abspath(directory), 'checkpoint')
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, state, force=True)
-  checkpointer.wait_until_finished()
-  target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      state)
-  restored = checkpointer.restore(path, target)
-  checkpointer.close()
+  with ocp.CheckpointManager(path) as manager:
+    if not emax.checkpoint.save(manager, step, state):
+      raise RuntimeError(
+          f'{path} already holds step {manager.latest_step()}: start from a'
+          ' directory without a checkpoint folder.')
+    target = emax.checkpoint.abstract_state(state)
+    restored = emax.checkpoint.restore(manager, target, step=step)
   if jax.tree.structure(restored) != jax.tree.structure(state):
     raise AssertionError('the restored state has another structure')
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
@@ -195,17 +207,21 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(num_processes: int = 2, devices: int = 4, steps: int = 4,
-           out: str | None = None, timeout: float = 180.0) -> list[str]:
+def launch(num_processes: int = 2, devices: int = 4, steps: int = 4, *,
+           out: str, timeout: float = 180.0) -> list[str]:
   """Starts the workers on localhost, waits, and returns their result files.
+
+  The workers write their results, logs and the checkpoint under ``out`` (a
+  checkpoint there from an earlier run is removed first); nothing goes to the
+  system's temporary folder.
 
   Raises:
     RuntimeError: if a worker fails or the job outlives ``timeout`` seconds;
       every worker still running is killed first, and the logs are quoted.
   """
-  import tempfile
-  out = os.path.abspath(out or tempfile.mkdtemp(prefix='emax_multiprocess_'))
+  out = os.path.abspath(out)
   os.makedirs(out, exist_ok=True)
+  shutil.rmtree(os.path.join(out, 'checkpoint'), ignore_errors=True)
   coordinator = f'127.0.0.1:{free_port()}'
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
@@ -256,7 +272,9 @@ def main(argv=None):
   parser.add_argument('--devices', type=int, default=4,
                       help='CPU devices per process (0: the real devices)')
   parser.add_argument('--steps', type=int, default=4)
-  parser.add_argument('--out', default=None)
+  parser.add_argument('--out', default=None,
+                      help='folder for the results and the checkpoint'
+                      ' (default: a temporary one, removed at the end)')
   parser.add_argument('--timeout', type=int, default=180)
   parser.add_argument('--process-id', type=int, default=None,
                       help='run as this worker instead of launching workers')
@@ -268,9 +286,20 @@ def main(argv=None):
       parser.error('a worker needs --coordinator and --out')
     worker(args)
     return None
-  files = launch(args.num_processes, args.devices, args.steps, args.out,
-                 args.timeout)
-  results = [dict(np.load(f)) for f in files]
+  if args.out is not None:
+    return _run_and_report(args, args.out)
+  with tempfile.TemporaryDirectory(prefix='emax_multiprocess_') as out:
+    return _run_and_report(args, out)
+
+
+def _run_and_report(args, out):
+  """Launches the job into ``out``, prints a summary, returns the results."""
+  files = launch(args.num_processes, args.devices, args.steps, out=out,
+                 timeout=args.timeout)
+  results = []
+  for f in files:
+    with np.load(f) as npz:
+      results.append(dict(npz))
   for key in sorted(results[0]):
     if key.startswith('ema/') and not all(
         np.array_equal(results[0][key], r[key]) for r in results[1:]):
@@ -280,8 +309,9 @@ def main(argv=None):
   for key in sorted(k for k in results[0] if k.startswith('ema/')):
     print(f'  {key}: shape {results[0][key].shape},'
           f' mean {results[0][key].mean():+.6f}')
-  print(f'results in {os.path.dirname(files[0])}')
-  return files
+  if args.out is not None:
+    print(f'results in {out}')
+  return results
 
 
 if __name__ == '__main__':

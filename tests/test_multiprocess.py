@@ -5,11 +5,13 @@ localhost with their own XLA_FLAGS (this process has 8 devices from
 conftest.py; each worker has 4), they train on one mesh spanning both, save
 and restore an Orbax checkpoint from both, and write their gathered results.
 This test compares them with each other and with a one-process run of the
-same steps on this process's 8 devices.
+same steps on this process's 8 devices, and checks that a run without
+``--out`` leaves nothing in the temporary folder.
 """
 
 import importlib.util
 import pathlib
+import tempfile
 
 import jax
 import numpy as np
@@ -39,10 +41,11 @@ def test_two_processes_agree_with_each_other_and_with_one(example, results):
   (first, second), out = results
   assert int(first['process_index']) == 0 and int(second['process_index']) == 1
   assert int(first['num_devices']) == 8 and int(first['num_local_devices']) == 4
-  assert (out / 'checkpoint').is_dir()  # written by both, then restored
-  assert sorted((out / 'checkpoint').glob('ocdbt.process_*')) == [
-      out / 'checkpoint' / 'ocdbt.process_0',
-      out / 'checkpoint' / 'ocdbt.process_1']
+  # Saved by both (each its own shards) before the last step, committed.
+  saved = out / 'checkpoint' / str(STEPS - 1) / 'default'
+  assert sorted(saved.glob('ocdbt.process_*')) == [
+      saved / 'ocdbt.process_0', saved / 'ocdbt.process_1']
+  assert not list((out / 'checkpoint').glob('*orbax-checkpoint-tmp*'))
   keys = sorted(k for k in first if k.startswith(('ema/', 'params/')))
   assert keys == ['ema/b1', 'ema/w1', 'ema/w2', 'params/b1', 'params/w1',
                   'params/w2']
@@ -69,3 +72,16 @@ def test_launcher_kills_workers_that_outlive_the_timeout(example, tmp_path):
     example.launch(num_processes=2, devices=1, steps=1, out=str(tmp_path),
                    timeout=0.5)
   assert not list(tmp_path.glob('process_*.npz'))
+
+
+def test_a_run_without_out_leaves_nothing_in_the_temp_folder(
+    example, tmp_path, monkeypatch, capsys):
+  temp = tmp_path / 'temp'  # the system temp folder, for this run and workers
+  temp.mkdir()
+  monkeypatch.setenv('TMPDIR', str(temp))
+  monkeypatch.setattr(tempfile, 'tempdir', str(temp))
+  results = example.main(['--num-processes', '1', '--devices', '2',
+                          '--steps', '2', '--timeout', '180'])
+  assert len(results) == 1 and int(results[0]['count']) == 2
+  assert 'averages agree across processes' in capsys.readouterr().out
+  assert not list(temp.iterdir())
