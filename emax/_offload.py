@@ -6,20 +6,67 @@ differs), so it costs no accelerator memory between steps. A step brings it
 to the device, averages there, and puts the result back; under ``jit`` both
 moves are ``device_put`` annotations XLA turns into DMA transfers.
 
-Placement is read from the arrays themselves (their ``memory_space``), so any
-state works: one built with ``offload=True``, or one restored from a
-checkpoint into a host-placed target.
+``offload=True`` stores the float arrays of the average as an
+:class:`OffloadedTree`: their bits, as unsigned integers of the same width, in
+host memory. The reason is donation. ``jax.jit`` pairs a donated input with
+an output by shape and dtype alone when its output shardings are not given
+(jax 0.10), so a donated host buffer of float32 ``(n,)`` could be handed to a
+device output of float32 ``(n,)`` (a param), and the process aborts ("memory
+kind does not match"). No param is an unsigned integer of the average's
+shape, so the host bits can only pair with their own new value.
+
+Non-float leaves of the average (copies of int params) stay on the device:
+they are never averaged and are small. Any state with plain host arrays (one
+restored from a checkpoint into a host-placed target) works too: placement is
+read from the arrays themselves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 from optax import Params
+
+
 HOST = jax.memory.Space.Host
 DEVICE = jax.memory.Space.Device
 HOST_KIND = 'pinned_host'
+
+HINT = (
+    'This average is offloaded to host memory (offload=True) and stored as'
+    ' raw bits, so it cannot be indexed like the params. Read it with'
+    ' emax.ema_params(state) (params dtypes) or emax.bias_correction(state)'
+    ' (accumulator dtypes): both return arrays on the device.')
+
+_BITS = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class OffloadedTree:
+  """An average kept in host memory (``offload=True``).
+
+  Attributes:
+    leaves: the leaves of the average in flattening order: float arrays as
+      their bits (unsigned integers) in pinned host memory, others as they
+      are, on the device.
+    treedef: static, the structure of the average (plain or packed).
+    dtypes: static, the dtype of each leaf before it was stored as bits.
+  """
+
+  leaves: tuple[Any, ...]
+  treedef: Any = dataclasses.field(metadata=dict(static=True))
+  dtypes: tuple[Any, ...] = dataclasses.field(metadata=dict(static=True))
+
+  def __getitem__(self, key: Any) -> Any:
+    raise TypeError(f'Cannot index an offloaded average with {key!r}. {HINT}')
+
+  def __iter__(self) -> Any:
+    raise TypeError(f'Cannot iterate over an offloaded average. {HINT}')
 
 
 def on_host(x: Any) -> bool:
@@ -52,20 +99,46 @@ def check_supported(params: Params) -> None:
     return  # all leaves share a platform; one check is enough
 
 
-def to_host(tree: Params) -> Params:
-  """Moves every array leaf of ``tree`` to pinned host memory (a new buffer)."""
-  return jax.tree.map(
-      lambda x: x if on_host(x) else jax.device_put(x, HOST), tree)
+def _offloadable(x: Any) -> bool:
+  dtype = jnp.result_type(x)
+  return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize in _BITS
 
 
-def to_device(tree: Params) -> Params:
-  """Brings the host-resident leaves of ``tree`` to device memory."""
-  return jax.tree.map(
-      lambda x: jax.device_put(x, DEVICE) if on_host(x) else x, tree)
+def to_host(average: Params) -> OffloadedTree:
+  """``average`` as an :class:`OffloadedTree` (float bits in host memory)."""
+  leaves, treedef = jax.tree.flatten(average)
+  stored, dtypes = [], []
+  for x in leaves:
+    dtype = jnp.result_type(x)
+    dtypes.append(dtype)
+    if _offloadable(x):
+      bits = lax.bitcast_convert_type(x, _BITS[dtype.itemsize])
+      x = bits if on_host(bits) else jax.device_put(bits, HOST)
+    stored.append(x)
+  return OffloadedTree(tuple(stored), treedef, tuple(dtypes))
 
 
-def place_like(tree: Params, placed: Params) -> Params:
-  """Moves each leaf of ``tree`` to host memory where ``placed``'s leaf is."""
+def _on_device(x: Any) -> Any:
+  return jax.device_put(x, DEVICE) if on_host(x) else x
+
+
+def to_device(stored: Params) -> Params:
+  """The average on the device, whatever memory ``stored`` is in."""
+  if not isinstance(stored, OffloadedTree):
+    return jax.tree.map(_on_device, stored)
+  leaves = []
+  for x, dtype in zip(stored.leaves, stored.dtypes):
+    x = _on_device(x)
+    if jnp.result_type(x) != dtype:
+      x = lax.bitcast_convert_type(x, dtype)
+    leaves.append(x)
+  return stored.treedef.unflatten(leaves)
+
+
+def place_like(average: Params, stored: Params) -> Params:
+  """``average`` put where ``stored`` (the state's previous average) was."""
+  if isinstance(stored, OffloadedTree):
+    return to_host(average)
   return jax.tree.map(
       lambda x, old: jax.device_put(x, HOST)
-      if on_host(old) and not on_host(x) else x, tree, placed)
+      if on_host(old) and not on_host(x) else x, average, stored)

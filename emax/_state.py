@@ -298,6 +298,18 @@ def _packed_from_dict(target: _layout.PackedTree,
   return _layout.PackedTree(tuple(buffers), tuple(rest), target.layout)
 
 
+def _offloaded_to_dict(tree: _offload.OffloadedTree) -> dict[str, Any]:
+  serialization = sys.modules['flax.serialization']
+  return {'leaves': serialization.to_state_dict(list(tree.leaves))}
+
+
+def _offloaded_from_dict(target: _offload.OffloadedTree,
+                         state: dict[str, Any]) -> _offload.OffloadedTree:
+  serialization = sys.modules['flax.serialization']
+  leaves = serialization.from_state_dict(list(target.leaves), state['leaves'])
+  return _offload.OffloadedTree(tuple(leaves), target.treedef, target.dtypes)
+
+
 _REGISTERED: list[bool] = []
 
 
@@ -316,4 +328,7 @@ def register_flax_serialization() -> None:
       StateInfo, _info_to_dict, _info_from_dict, override=True)
   serialization.register_serialization_state(
       _layout.PackedTree, _packed_to_dict, _packed_from_dict, override=True)
+  serialization.register_serialization_state(
+      _offload.OffloadedTree, _offloaded_to_dict, _offloaded_from_dict,
+      override=True)
   _REGISTERED.append(True)

@@ -104,13 +104,13 @@ def step(options: _options.StepOptions, state: Any, params: Params,
   rates = _ordered_rates(options, info, where)
   named = info.names is not None
   params = _tree.as_arrays(params)
-  _tree.check_matches(_layout.param_shapes(state.average, len(rates) if named
+  stored = _offload.to_device(state.average)
+  _tree.check_matches(_layout.param_shapes(stored, len(rates) if named
                                            else None),
                       params, info.param_dtypes)
   if updates is not None:
     _tree.check_updates(params, updates)
-  values = _layout.gather(state.average, params, updates)
-  stored = _offload.to_device(state.average)
+  values = _layout.gather(stored, params, updates)
   count = state.count
 
   power = 1 if options.per_update else options.update_every
@@ -202,11 +202,11 @@ def reset(state: Any, params: Params, *, where: str = 'emax.reset') -> Any:
   _state.require_params(params, where)
   params = _tree.as_arrays(params)
   info = ema_state.info
-  _tree.check_matches(_layout.param_shapes(
-      ema_state.average, None if info.names is None else len(info.names)),
-                      params, info.param_dtypes)
-  values = _layout.gather(ema_state.average, params)
   stored = _offload.to_device(ema_state.average)
+  _tree.check_matches(_layout.param_shapes(
+      stored, None if info.names is None else len(info.names)),
+                      params, info.param_dtypes)
+  values = _layout.gather(stored, params)
   average = _layout.map_leaves(
       lambda old, new: jnp.broadcast_to(new.astype(old.dtype), old.shape),
       stored, values)
