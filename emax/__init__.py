@@ -7,6 +7,10 @@ Flax helpers live in :mod:`emax.flax` and :mod:`emax.nnx`, Orbax helpers in
 :mod:`emax.checkpoint` (each imported on demand).
 """
 
+from emax._bema import BemaConfig
+from emax._bema import BemaState
+from emax._bema import bema
+from emax._bema import bema_params
 from emax._read import bias_correction
 from emax._read import ema_params
 from emax._read import get_ema_state
@@ -32,10 +36,14 @@ from emax._transform import with_ema
 __version__ = '0.2.0.dev0'
 
 __all__ = (
+    'BemaConfig',
+    'BemaState',
     'EmaState',
     'Schedule',
     'StateInfo',
     'WithEmaState',
+    'bema',
+    'bema_params',
     'bias_correction',
     'ema',
     'ema_params',

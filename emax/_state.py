@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -239,12 +240,70 @@ def _dicts(tree: Any) -> Any:
       stack.extend(x)
 
 
+def _has_arrays(tree: Any) -> bool:
+  return any(x is not None for x in jax.tree.leaves(tree))
+
+
+def _describe(member: Any) -> str:
+  """The name of the first optax state with arrays inside ``member``."""
+  stack = [member]
+  while stack:
+    x = stack.pop(0)
+    if hasattr(x, '_fields') and _has_arrays(x):
+      return type(x).__name__
+    if isinstance(x, (list, tuple)):
+      stack.extend(x)
+    elif isinstance(x, dict):
+      stack.extend(x.values())
+  return type(member).__name__
+
+
+def _followers(tree: Any) -> list[str]:
+  """Stateful transformations placed after an EmaState in a chain's state.
+
+  ``optax.chain`` keeps its members' states in a plain tuple, in order. An
+  EmaState followed there by a member that has state (Adam's moments, a
+  momentum trace) averaged the params before that member changed the
+  updates: the wrong values. Stateless members cannot be seen.
+  """
+  out = []
+  stack = [tree]
+  while stack:
+    x = stack.pop()
+    if _is_state(x):
+      continue
+    if type(x) is tuple:  # an optax.chain state (NamedTuples are not)
+      seen = False
+      for member in x:
+        if seen and _has_arrays(member) and not all_states(member):
+          out.append(_describe(member))
+        seen = seen or bool(all_states(member))
+    if isinstance(x, (list, tuple)):
+      stack.extend(x)
+    elif isinstance(x, dict):
+      stack.extend(x.values())
+  return out
+
+
 def find(tree: Any, where: str = 'emax.get_ema_state') -> EmaState:
-  """The one :class:`EmaState` in ``tree``; a clear error for none or several."""
+  """The one :class:`EmaState` in ``tree``; a clear error for none or several.
+
+  Warns when the state shows that the average was placed before a
+  transformation with state (e.g. ``optax.chain(emax.ema(d), optax.adam(lr))``).
+  """
   if _is_state(tree):
     return tree
   found = all_states(tree)
   if len(found) == 1:
+    after = _followers(tree)
+    if after:
+      warnings.warn(
+          f'{where}: the EMA is placed before {", ".join(after)} in an'
+          ' optax.chain, so it averaged params + updates before those'
+          ' transformations changed the updates: the wrong values. Put'
+          ' emax.ema last in the chain, or use'
+          ' emax.with_ema(optimizer, decay), which cannot be misplaced.',
+          stacklevel=3)
     return found[0]
   if found:
     raise ValueError(

@@ -175,6 +175,11 @@ def ema(decay: _options.RateArg = None, *, step_size: _options.RateArg = None,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _is_transformation(x: Any) -> bool:
+  return hasattr(x, 'init') and hasattr(x, 'update') and not isinstance(
+      x, type)
+
+
 class WithEmaState(NamedTuple):
   """The state of :func:`emax.with_ema`.
 
@@ -202,13 +207,15 @@ def with_ema(optimizer: optax.GradientTransformation,
     optimizer: any optax ``GradientTransformation`` (extra arguments of its
       ``update``, e.g. ``value`` for line searches, are passed through).
     decay: as :func:`emax.ema` (a float, 0-d array, schedule, or a mapping
-      for named averages).
+      for named averages); or an averaging transformation built by
+      :func:`emax.ema` or :func:`emax.bema`, used as it is.
     **options: any keyword option of :func:`emax.ema` (``step_size``,
       ``debias``, ``update_every``, ...).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
-    :class:`emax.WithEmaState`; :func:`emax.ema_params` reads it directly.
+    :class:`emax.WithEmaState`; :func:`emax.ema_params` (and
+    :func:`emax.bema_params`) read it directly.
 
   Raises:
     TypeError: if ``optimizer`` is not an optax transformation; otherwise as
@@ -224,12 +231,20 @@ def with_ema(optimizer: optax.GradientTransformation,
     >>> emax.ema_params(opt_state)['w']
     Array([0.99, 1.99], dtype=float32)
   """
-  if not (hasattr(optimizer, 'init') and hasattr(optimizer, 'update')):
+  if not _is_transformation(optimizer):
     raise TypeError(
         'emax.with_ema expected an optax optimizer (a GradientTransformation'
         f' such as optax.adam(1e-3)), got {type(optimizer).__name__} instead.')
   inner = optax.with_extra_args_support(optimizer)
-  average = ema(decay, **options)
+  if _is_transformation(decay):
+    if options:
+      raise TypeError(
+          'emax.with_ema got an averaging transformation and options'
+          f' {sorted(options)}; give the options to the transformation itself,'
+          ' e.g. emax.with_ema(opt, emax.bema(burn_in=100)).')
+    average = decay
+  else:
+    average = ema(decay, **options)
 
   def init_fn(params: Params) -> WithEmaState:
     return WithEmaState(inner.init(params), average.init(params))
