@@ -294,14 +294,18 @@ def step_options(decay: RateArg = None, step_size: RateArg = None, *,
                  rounding: Any = 'tensorflow') -> StepOptions:
   """Validates the options of a step; see :func:`emax.ema` for each."""
   names, rates = check_rates(decay, step_size)
-  update_every = check_int(update_every, 'update_every', 1)
+  # None means the default (so that optax.inject_hyperparams, which turns
+  # every int argument into an array hyperparameter, leaves them alone).
+  update_every = 1 if update_every is None else check_int(
+      update_every, 'update_every', 1)
   if first_update is None:
     first_update = update_every
   first_update = check_int(first_update, 'first_update', 1)
   return StepOptions(
       names=names, rates=rates, update_every=update_every,
       first_update=first_update,
-      start_step=check_int(start_step, 'start_step', 0),
+      start_step=0 if start_step is None else check_int(
+          start_step, 'start_step', 0),
       per_update=check_bool(per_update, 'per_update'),
       skip_nonfinite=check_bool(skip_nonfinite, 'skip_nonfinite'),
       rounding=check_rounding(rounding))

@@ -45,8 +45,9 @@ def _write_back(updates: Params, state: EmaState, params: Params,
 
 def ema(decay: _options.RateArg = None, *, step_size: _options.RateArg = None,
         debias: bool = False, accumulator_dtype: Any = None,
-        update_every: int = 1, first_update: Optional[int] = None,
-        start_step: int = 0, per_update: bool = False,
+        update_every: Optional[int] = None,
+        first_update: Optional[int] = None,
+        start_step: Optional[int] = None, per_update: bool = False,
         skip_nonfinite: bool = True, offload: bool = False,
         pack: bool | int = False, rounding: str = 'tensorflow',
         write_back_every: Optional[int] = None,
@@ -79,7 +80,7 @@ def ema(decay: _options.RateArg = None, *, step_size: _options.RateArg = None,
     accumulator_dtype: dtype of the averages of float params; by default
       float32 for bf16 and f16 params, the param's own dtype otherwise.
     update_every: average only on every ``update_every``-th step (see
-      ``first_update``). By default the decay stays per step: an averaging
+      ``first_update``; ``None`` means 1). By default the decay stays per step: an averaging
       step uses ``d ** update_every`` (step size ``1 - (1 - c) **
       update_every``, computed without cancellation), so the time constant in
       steps stays that of averaging every step. Steps in between neither read
@@ -88,7 +89,7 @@ def ema(decay: _options.RateArg = None, *, step_size: _options.RateArg = None,
       steps are then ``first_update + j * update_every``. Default:
       ``update_every``.
     start_step: the first ``start_step`` steps copy the params into the
-      average; averaging begins after them.
+      average; averaging begins after them (``None`` means 0).
     per_update: apply the decay (or step size) as given on each averaging
       step, with no ``** update_every`` compensation: a target network's
       ``tau`` every ``update_every`` steps.

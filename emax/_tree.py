@@ -157,7 +157,8 @@ def apply_update(p: Any, u: Any) -> Any:
       not is_float(p) and not jnp.issubdtype(jnp.result_type(u),
                                              jnp.number)):
     return p
-  return jnp.asarray(p + u).astype(p.dtype)
+  dtype = jnp.promote_types(p.dtype, jnp.result_type(u))
+  return (p.astype(dtype) + jnp.asarray(u).astype(dtype)).astype(p.dtype)
 
 
 def copy_leaf(x: Any, dtype: Any = None) -> jax.Array:
