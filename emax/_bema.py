@@ -221,7 +221,7 @@ def bema_params(state: Any, params: Params) -> Params:
     return (a * (p.astype(e.dtype) - s) + e).astype(dtype)
 
   leaves, treedef = jax.tree.flatten(ema)
-  return treedef.unflatten([
+  return jax.tree.unflatten(treedef, [
       leaf(e, s, p, dtype) for e, s, p, dtype in zip(
           leaves, jax.tree.leaves(snapshot), jax.tree.leaves(params),
           ema_state.info.param_dtypes)])

@@ -85,7 +85,7 @@ def check_pack(pack: Any) -> int:
   if pack is True:
     return PACK_MAX_SIZE
   if isinstance(pack, numbers.Integral) and not isinstance(
-      pack, (bool, np.bool_)) and pack > 0:
+      pack, (bool, np.bool_)) and int(pack) > 0:
     return int(pack)
   raise ValueError(
       'pack must be False, True or the largest leaf size (in elements, > 0)'
@@ -314,7 +314,7 @@ def step_options(decay: RateArg = None, step_size: RateArg = None, *,
 def finite_positive(value: Any, name: str) -> float:
   """A finite Python number > 0, as a float (for schedule parameters)."""
   if isinstance(value, (bool, np.bool_)) or not isinstance(
-      value, numbers.Real) or not (math.isfinite(value) and value > 0):
+      value, numbers.Real) or not (math.isfinite(value) and float(value) > 0):
     raise ValueError(f'{name} must be a finite number > 0, got {value!r}.')
   return float(value)
 

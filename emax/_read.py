@@ -115,7 +115,7 @@ def ema_params(state: Any, name: Optional[str] = None) -> Params:
   def read(s: EmaState) -> Params:
     tree = _debiased(s, name, 'emax.ema_params')
     leaves, treedef = jax.tree.flatten(tree)
-    return treedef.unflatten([
+    return jax.tree.unflatten(treedef, [
         _tree.copy_leaf(x, dtype)
         for x, dtype in zip(leaves, s.info.param_dtypes)])
 

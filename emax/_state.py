@@ -101,7 +101,7 @@ class EmaState(NamedTuple):
       names, whether the average is debiased.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # as optax's EmaState
   average: Params
   weight: jax.Array
   step_size: jax.Array

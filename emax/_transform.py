@@ -243,7 +243,7 @@ def with_ema(optimizer: optax.GradientTransformation,
           'emax.with_ema got an averaging transformation and options'
           f' {sorted(options)}; give the options to the transformation itself,'
           ' e.g. emax.with_ema(opt, emax.bema(burn_in=100)).')
-    average = decay
+    average: Any = decay
   else:
     average = ema(decay, **options)
 

@@ -69,8 +69,8 @@ def _check_structure(expected: Params, got: Params, what: str,
                      against: str, fix: str, none_leaves: bool = False,
                      label: str = '') -> None:
   is_leaf = (lambda x: x is None) if none_leaves else None
-  exp_def = jax.tree.structure(expected, is_leaf=is_leaf)
-  got_def = jax.tree.structure(got, is_leaf=is_leaf)
+  exp_def: Any = jax.tree.structure(expected, is_leaf=is_leaf)
+  got_def: Any = jax.tree.structure(got, is_leaf=is_leaf)
   if exp_def == got_def:
     return
   exp_paths, got_paths = _paths(expected), _paths(got)
