@@ -208,6 +208,7 @@ def build(params: Params, acc: Callable[[Any], Any], *,
     return _stored(p, acc(jnp.result_type(p)), count)
 
   if max_pack:
+    params = _tree.unwrap_variables(params)
     layout = _plan(params, max_pack, acc)
     if layout.groups:
       leaves = layout.treedef.flatten_up_to(params)

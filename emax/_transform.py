@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -181,6 +182,16 @@ def _is_transformation(x: Any) -> bool:
       x, type)
 
 
+_EMA_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(ema).parameters.items()
+    if p.kind == inspect.Parameter.KEYWORD_ONLY}
+
+
+def _is_default(value: Any, default: Any) -> bool:
+  return value is default or (type(value) is type(default) and
+                              value == default)
+
+
 class WithEmaState(NamedTuple):
   """The state of :func:`emax.with_ema`.
 
@@ -194,8 +205,16 @@ class WithEmaState(NamedTuple):
 
 
 def with_ema(optimizer: optax.GradientTransformation,
-             decay: _options.RateArg = None,
-             **options: Any) -> optax.GradientTransformationExtraArgs:
+             decay: Any = None, *, step_size: _options.RateArg = None,
+             debias: bool = False, accumulator_dtype: Any = None,
+             update_every: Optional[int] = None,
+             first_update: Optional[int] = None,
+             start_step: Optional[int] = None, per_update: bool = False,
+             skip_nonfinite: bool = True, offload: bool = False,
+             pack: bool | int = False, rounding: str = 'tensorflow',
+             write_back_every: Optional[int] = None,
+             write_back: Optional[str] = None
+             ) -> optax.GradientTransformationExtraArgs:
   """``optimizer`` followed by averages of the params it produces.
 
   The safe way to add an average to an optimizer: it runs
@@ -210,8 +229,10 @@ def with_ema(optimizer: optax.GradientTransformation,
     decay: as :func:`emax.ema` (a float, 0-d array, schedule, or a mapping
       for named averages); or an averaging transformation built by
       :func:`emax.ema` or :func:`emax.bema`, used as it is.
-    **options: any keyword option of :func:`emax.ema` (``step_size``,
-      ``debias``, ``update_every``, ...).
+    step_size: see :func:`emax.ema`; likewise every other option: debias,
+      accumulator_dtype, update_every, first_update, start_step,
+      per_update, skip_nonfinite, offload, pack, rounding,
+      write_back_every, write_back.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -237,11 +258,20 @@ def with_ema(optimizer: optax.GradientTransformation,
         'emax.with_ema expected an optax optimizer (a GradientTransformation'
         f' such as optax.adam(1e-3)), got {type(optimizer).__name__} instead.')
   inner = optax.with_extra_args_support(optimizer)
+  options = dict(
+      step_size=step_size, debias=debias, accumulator_dtype=accumulator_dtype,
+      update_every=update_every, first_update=first_update,
+      start_step=start_step, per_update=per_update,
+      skip_nonfinite=skip_nonfinite, offload=offload, pack=pack,
+      rounding=rounding, write_back_every=write_back_every,
+      write_back=write_back)
   if _is_transformation(decay):
-    if options:
+    given = sorted(k for k, v in options.items()
+                   if not _is_default(v, _EMA_DEFAULTS[k]))
+    if given:
       raise TypeError(
           'emax.with_ema got an averaging transformation and options'
-          f' {sorted(options)}; give the options to the transformation itself,'
+          f' {given}; give the options to the transformation itself,'
           ' e.g. emax.with_ema(opt, emax.bema(burn_in=100)).')
     average: Any = decay
   else:
@@ -257,6 +287,7 @@ def with_ema(optimizer: optax.GradientTransformation,
       raise ValueError(
           'emax.with_ema needs the params: call tx.update(grads, opt_state,'
           ' params). The average follows params + updates.')
+    _tree.check_updates(params, updates)  # before the optimizer's own error
     updates, inner_state = inner.update(updates, state.inner_state, params,
                                         **extra_args)
     updates, ema_state = average.update(updates, state.ema_state, params)

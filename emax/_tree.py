@@ -11,6 +11,7 @@ A leaf of a parameter tree is one of three kinds:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -52,6 +53,23 @@ def as_arrays(tree: Params) -> Params:
       lambda x: x if isinstance(x, (jax.Array, jax.core.Tracer,
                                     jax.ShapeDtypeStruct)) else jnp.asarray(x),
       tree)
+
+
+def unwrap_variables(tree: Params) -> Params:
+  """``tree`` with Flax NNX ``Variable`` wrappers replaced by their values.
+
+  ``nnx.Optimizer`` initialises its transformation with Variable-wrapped
+  params and updates it with plain arrays; a layout that records the tree
+  structure must be planned on the plain one. Nothing happens unless
+  ``flax.nnx`` is imported (emax never imports it).
+  """
+  nnx = sys.modules.get('flax.nnx')
+  variable = getattr(nnx, 'Variable', None)
+  if variable is None:
+    return tree
+  is_variable = lambda x: isinstance(x, variable)  # noqa: E731
+  return jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, tree,
+                      is_leaf=is_variable)
 
 
 def _paths(tree: Params) -> list[str]:

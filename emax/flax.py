@@ -4,10 +4,15 @@ The only module of emax that imports ``flax.linen`` / ``flax.training``. Two
 routes, pick one:
 
 * :class:`EmaTrainState`: a ``TrainState`` that keeps the average of the params
-  (and of BatchNorm ``batch_stats``) and hands out ``eval_variables()``;
+  (and, given ``ema=``, of the BatchNorm ``batch_stats``), hands out
+  ``eval_variables()``, and can write the average back or reset it;
 * a plain ``flax.training.train_state.TrainState`` with
-  ``tx=optax.chain(optimizer, emax.ema(...))``, read with
+  ``tx=emax.with_ema(optimizer, decay)``, read with
   ``emax.ema_params(state.opt_state)`` (no batch_stats average).
+
+Both states round-trip through ``flax.serialization.to_bytes`` /
+``from_bytes`` (importing this module teaches ``flax.serialization`` the
+static parts of an :class:`emax.EmaState`).
 
 :func:`recompute_batch_stats` recomputes BatchNorm statistics for averaged
 weights from data, as ``torch.optim.swa_utils.update_bn`` does.
@@ -15,6 +20,7 @@ weights from data, as ``torch.optim.swa_utils.update_bn`` does.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
@@ -22,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from optax import Params
 
 try:
   import flax.linen as nn
@@ -34,82 +41,244 @@ except ImportError as e:  # pragma: no cover - depends on the install
 
 from emax import _read
 from emax import _state
+from emax import _step
+from emax._state import EmaState
+from emax._transform import WithEmaState
 
 __all__ = (
     'EmaTrainState',
     'recompute_batch_stats',
 )
 
-PyTree = Any
-
 POLICIES = ('average', 'copy')
 
-
-def _is_ema_state(x: Any) -> bool:
-  return isinstance(x, _state.EmaState)
+_state.register_flax_serialization()
 
 
-def _count_in(tree: Any, kind: type) -> int:
-  leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kind))
-  return sum(isinstance(x, kind) for x in leaves)
+def _check_policy(policy: Any, where: str) -> None:
+  if policy not in POLICIES:
+    raise ValueError(
+        f'{where}: batch_stats_policy must be one of {POLICIES}, got'
+        f' {policy!r} instead. \'average\' evaluates with an average of the'
+        ' BatchNorm statistics, \'copy\' with the live ones.')
 
 
-def _check_ema(ema: Any, params: PyTree) -> None:
+def _is_multisteps(x: Any) -> bool:
+  return isinstance(x, optax.MultiStepsState)
+
+
+def _real_step(old: Any, new: Any) -> Any:
+  """Whether the optimizer took a real step (not a MultiSteps micro-step).
+
+  ``True`` (a Python constant) for any optimizer but ``optax.MultiSteps``;
+  under it a traced bool: its ``gradient_step`` moved.
+  """
+  if _is_multisteps(old):
+    return new.gradient_step != old.gradient_step
+  return True
+
+
+def _check_ema(ema: Any, params: Params) -> None:
   if not isinstance(ema, optax.GradientTransformation):
     raise TypeError(
         'EmaTrainState.create expected ema to be an emax.ema(...)'
         f' transformation, got {type(ema).__name__} instead. Pass for example'
         ' ema=emax.ema(0.999), not the decay itself.')
-  if not _is_ema_state(jax.eval_shape(ema.init, params)):
+  abstract = jax.eval_shape(ema.init, params)
+  if isinstance(abstract, EmaState):
+    return
+  if _state.all_states(abstract):
     raise ValueError(
         'EmaTrainState.create expected ema to be an emax.ema(...)'
-        ' transformation, got a GradientTransformation whose state is not an'
-        ' emax.EmaState. Pass the optimizer as tx and the average as ema,'
-        ' e.g. tx=optax.adam(1e-3), ema=emax.ema(0.999).')
+        ' transformation, got one whose state holds the optimizer as well'
+        f' ({type(abstract).__name__}). Pass it as tx instead:'
+        ' tx=emax.with_ema(opt, decay), and leave ema out.')
+  raise ValueError(
+      'EmaTrainState.create expected ema to be an emax.ema(...)'
+      ' transformation, got a GradientTransformation whose state is not an'
+      ' emax.EmaState. Pass the optimizer as tx and the average as ema,'
+      ' e.g. tx=optax.adam(1e-3), ema=emax.ema(0.999).')
 
 
-def _full_tx(tx: Any, ema: optax.GradientTransformation,
-             params: PyTree) -> Any:
-  """``chain(tx, ema)``, or ``tx`` itself when it already holds the average."""
+@dataclasses.dataclass(frozen=True)
+class _Init:
+  optimizer: Any
+  ema: optax.GradientTransformation
+
+  def __call__(self, params: Params) -> WithEmaState:
+    inner = optax.with_extra_args_support(self.optimizer)
+    return WithEmaState(inner.init(params), self.ema.init(params))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Update:
+  optimizer: Any
+  ema: optax.GradientTransformation
+
+  def __call__(self, updates: optax.Updates, state: WithEmaState,
+               params: Optional[Params] = None, **extra_args: Any
+               ) -> tuple[optax.Updates, WithEmaState]:
+    if params is None:
+      raise ValueError(
+          'EmaTrainState\'s optimizer needs the params: call'
+          ' state.tx.update(grads, state.opt_state, state.params).')
+    inner = optax.with_extra_args_support(self.optimizer)
+    updates, inner_state = inner.update(updates, state.inner_state, params,
+                                        **extra_args)
+    moved = _real_step(state.inner_state, inner_state)
+    if moved is True:
+      updates, ema_state = self.ema.update(updates, state.ema_state, params)
+    else:
+      updates, ema_state = lax.cond(
+          moved, lambda: self.ema.update(updates, state.ema_state, params),
+          lambda: (updates, state.ema_state))
+    return updates, WithEmaState(inner_state, ema_state)
+
+
+def _average_after(optimizer: Any, ema: optax.GradientTransformation
+                   ) -> optax.GradientTransformationExtraArgs:
+  """``optimizer`` then ``ema``, as :func:`emax.with_ema` (same state type).
+
+  Under ``optax.MultiSteps`` the average moves only on real steps (when the
+  accumulated update is applied), never on micro-steps. Built from the same
+  ``optimizer`` and ``ema`` objects, two results compare equal: states made
+  by separate ``create`` calls share one tree structure, so a jitted step
+  compiles once and a restore target matches.
+  """
+  return optax.GradientTransformationExtraArgs(_Init(optimizer, ema),
+                                               _Update(optimizer, ema))
+
+
+def _check_accumulation(abstract: Any, ema_given: bool) -> None:
+  """The average must move once per real step under ``optax.MultiSteps``."""
+  found = [x for x in jax.tree.leaves(abstract, is_leaf=_is_multisteps)
+           if _is_multisteps(x)]
+  if not found:
+    return
+  if ema_given:
+    if not _is_multisteps(abstract):
+      raise ValueError(
+          'tx holds an optax.MultiSteps inside another transformation, so'
+          ' EmaTrainState cannot tell micro-steps from real steps. Make'
+          ' MultiSteps the outermost: tx=optax.MultiSteps(opt, k), with'
+          ' ema=emax.ema(...).')
+    return
+  if not any(_state.all_states(ms.inner_opt_state) for ms in found):
+    raise ValueError(
+        'The average sits outside optax.MultiSteps, so it would move on every'
+        ' micro-step. Put it inside: tx=optax.MultiSteps(emax.with_ema(opt,'
+        ' decay), k); or pass tx=optax.MultiSteps(opt, k) and'
+        ' ema=emax.ema(decay).')
+
+
+def _full_tx(tx: Any, ema: Optional[optax.GradientTransformation],
+             params: Params, averages_batch_stats: bool) -> Any:
+  """The optimizer the state runs: ``tx`` itself, or ``tx`` then ``ema``."""
   if not (hasattr(tx, 'init') and hasattr(tx, 'update')):
     raise TypeError(
         'EmaTrainState.create expected tx to be an optax optimizer, got'
         f' {type(tx).__name__} instead.')
   abstract = jax.eval_shape(tx.init, params)
-  found = _count_in(abstract, _state.EmaState)
-  if found == 1:
-    return tx  # e.g. optax.MultiSteps(optax.chain(opt, ema), k)
+  found = len(_state.all_states(abstract))
+  if ema is not None:
+    if found:
+      raise ValueError(
+          'EmaTrainState.create got an average twice: tx already holds one'
+          ' (an emax.EmaState in its state, e.g. from emax.with_ema or'
+          ' emax.ema) and ema gives another. Configure it once: either'
+          ' tx=emax.with_ema(opt, decay, ...) and no ema, or tx=opt and'
+          ' ema=emax.ema(decay, ...) (needed to average batch_stats; for'
+          ' gradient accumulation, tx=optax.MultiSteps(opt, k)).')
+    _check_accumulation(abstract, ema_given=True)
+    return _average_after(tx, ema)
+  if found == 0:
+    raise ValueError(
+        'EmaTrainState.create got a tx that holds no average and no ema. Pass'
+        ' tx=emax.with_ema(opt, decay, ...), or tx=opt with'
+        ' ema=emax.ema(decay, ...).')
   if found > 1:
     raise ValueError(
-        f'tx already holds {found} emax averages; EmaTrainState keeps exactly'
-        ' one. Pass the optimizer alone as tx and the average as ema.')
-  if _count_in(abstract, optax.MultiStepsState):
+        f'tx holds {found} emax averages; EmaTrainState reads exactly one.'
+        ' For several decays keep named averages in one:'
+        ' tx=emax.with_ema(opt, {"fast": 0.99, "slow": 0.999}).')
+  if averages_batch_stats:
     raise ValueError(
-        'tx is an optax.MultiSteps without the average inside, so the average'
-        ' would move on every micro-step. Put it inside instead:'
-        ' tx=optax.MultiSteps(optax.chain(opt, ema), k), ema=ema (the same'
-        ' ema, used again for batch_stats).')
-  return optax.chain(tx, ema)
+        'EmaTrainState.create: batch_stats_policy=\'average\' averages the'
+        ' batch_stats with the options of the params\' average, which cannot'
+        ' be read back out of tx. Give them once, as ema: tx=opt,'
+        ' ema=emax.ema(decay, ...) (the state then runs the average after'
+        ' opt, as emax.with_ema does); or keep this tx and pass'
+        ' batch_stats_policy=\'copy\' to evaluate with the live statistics.')
+  _check_accumulation(abstract, ema_given=False)
+  return tx
+
+
+def _check_grads(params: Params, grads: Params) -> None:
+  """``grads`` must be shaped like ``params`` before the optimizer runs."""
+  is_none = lambda x: x is None  # noqa: E731
+  flat_p = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)[0]
+  flat_g = jax.tree_util.tree_flatten_with_path(grads, is_leaf=is_none)[0]
+  keys_p = [jax.tree_util.keystr(path) for path, _ in flat_p]
+  keys_g = [jax.tree_util.keystr(path) for path, _ in flat_g]
+  if keys_p != keys_g:
+    missing = [k for k in keys_p if k not in set(keys_g)]
+    extra = [k for k in keys_g if k not in set(keys_p)]
+    raise ValueError(
+        'EmaTrainState.apply_gradients: grads do not match state.params'
+        f' (missing from grads: {missing[:5]}; not in state.params:'
+        f' {extra[:5]}). Pass the gradients with respect to state.params,'
+        ' e.g. jax.grad(loss_fn)(state.params).')
+  for key, (_, p), (_, g) in zip(keys_p, flat_p, flat_g):
+    if p is None or g is None or jnp.shape(p) == jnp.shape(g):
+      continue
+    raise ValueError(
+        f'EmaTrainState.apply_gradients: grads leaf {key} has shape'
+        f' {jnp.shape(g)} but state.params has shape {jnp.shape(p)} there.'
+        ' Pass the gradients with respect to state.params, e.g.'
+        ' jax.grad(loss_fn)(state.params).')
+
+
+def _negative_zeros(tree: Params) -> Params:
+  """Updates that change nothing, to the bit: ``x + (-0.0) == x`` for all x."""
+  return jax.tree.map(lambda x: jnp.full_like(x, -0.0), tree)
 
 
 class EmaTrainState(train_state.TrainState):
-  """A ``TrainState`` that keeps an exponential moving average of the params.
+  """A ``TrainState`` that keeps exponential moving averages of the params.
 
-  ``tx`` is stored as ``optax.chain(tx, ema)`` so ``opt_state`` holds the
-  :class:`emax.EmaState` (``emax.ema_params(state.opt_state)`` works as for a
-  plain ``TrainState``). With ``batch_stats`` (BatchNorm), a second
-  :class:`emax.EmaState` averages them with the same decay, schedule and
-  options as the params (``batch_stats_policy='average'``); with ``'copy'``
-  evaluation uses the live statistics. Under gradient accumulation pass
-  ``tx=optax.MultiSteps(optax.chain(opt, ema), k)`` and the same ``ema``: both
-  averages then move once per real step.
+  Configure the average once, in one of two ways:
+
+  * ``tx=emax.with_ema(opt, decay, **options)`` (or any ``tx`` whose state
+    holds exactly one :class:`emax.EmaState`, e.g.
+    ``optax.MultiSteps(emax.with_ema(opt, decay), k)``), no ``ema``. The
+    params are averaged; ``batch_stats``, if any, can only be evaluated live
+    (``batch_stats_policy='copy'``): the options cannot be read back out of
+    ``tx``.
+  * ``tx=opt`` (a plain optimizer) and ``ema=emax.ema(decay, **options)``.
+    The state runs ``opt`` and then the average, as :func:`emax.with_ema`
+    does (``opt_state`` is an :class:`emax.WithEmaState`), and averages the
+    ``batch_stats`` with the same decays and options, on the same steps
+    (``batch_stats_policy='average'``, the default). For gradient
+    accumulation pass ``tx=optax.MultiSteps(opt, k)``: both averages then
+    move once per real step, never on micro-steps.
+
+  A ``tx`` that already holds an average together with ``ema`` is refused
+  (``ValueError``): the state never keeps two configurations. Named averages
+  (a mapping ``{name: decay}``) work either way; the ``batch_stats`` then get
+  one average per name too, and every reader takes ``name``.
+
+  The optimizer's own state is never touched by the average: writing the
+  average back (:meth:`write_back`, or ``write_back_every`` in the average's
+  options) changes the params, not Adam's moments.
 
   Attributes:
     batch_stats: the live BatchNorm statistics (``None`` without BatchNorm).
     batch_stats_ema: the :class:`emax.EmaState` of ``batch_stats`` under the
       ``'average'`` policy, else ``None``.
-    ema_tx: the ``emax.ema(...)`` transformation (static).
-    batch_stats_policy: ``'average'`` or ``'copy'`` (static).
+    ema_tx: the ``ema`` transformation given to :meth:`create` (static), or
+      ``None`` when ``tx`` holds the average.
+    batch_stats_policy: ``'average'`` or ``'copy'`` (static; checked
+      whenever the state is built or replaced).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, emax, emax.flax
@@ -117,38 +286,69 @@ class EmaTrainState(train_state.TrainState):
     >>> model = nn.Dense(1)
     >>> params = model.init(jax.random.key(0), jnp.ones((1, 2)))['params']
     >>> state = emax.flax.EmaTrainState.create(
-    ...     apply_fn=model.apply, params=params, tx=optax.sgd(1.0),
-    ...     ema=emax.ema(0.5))
+    ...     apply_fn=model.apply, params=params,
+    ...     tx=emax.with_ema(optax.sgd(1.0), 0.5))
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> state = jax.jit(lambda s: s.apply_gradients(grads=grads))(state)
     >>> state.params['bias'], state.ema_params['bias']
     (Array([-1.], dtype=float32), Array([-0.5], dtype=float32))
+    >>> state.write_back().params['bias']  # Switch-EMA: params := average
+    Array([-0.5], dtype=float32)
+
+    With BatchNorm, give the average as ``ema`` so that the statistics are
+    averaged too:
+
+    >>> bn = nn.BatchNorm(use_running_average=False, momentum=0.5)
+    >>> variables = bn.init(jax.random.key(0), jnp.ones((2, 1)))
+    >>> state = emax.flax.EmaTrainState.create(
+    ...     apply_fn=bn.apply, params=variables['params'], tx=optax.sgd(1.0),
+    ...     ema=emax.ema({'fast': 0.5, 'slow': 0.75}),
+    ...     batch_stats=variables['batch_stats'])
+    >>> _, new = bn.apply(variables, jnp.array([[1.0], [3.0]]),
+    ...                   mutable=['batch_stats'])
+    >>> grads = jax.tree.map(jnp.zeros_like, state.params)
+    >>> state = state.apply_gradients(grads=grads,
+    ...                               batch_stats=new['batch_stats'])
+    >>> state.batch_stats['mean']  # BatchNorm's own running mean: 0 -> 1
+    Array([1.], dtype=float32)
+    >>> state.eval_variables(name='slow')['batch_stats']['mean']
+    Array([0.25], dtype=float32)
   """
 
-  batch_stats: Optional[PyTree] = None
-  batch_stats_ema: Optional[_state.EmaState] = None
+  batch_stats: Optional[Params] = None
+  batch_stats_ema: Optional[EmaState] = None
   ema_tx: Optional[optax.GradientTransformation] = struct.field(
       pytree_node=False, default=None)
   batch_stats_policy: str = struct.field(pytree_node=False, default='average')
 
+  def __post_init__(self) -> None:
+    # Runs on every construction: create, replace, tree unflattening and
+    # flax.serialization restores. A typo never silently changes evaluation.
+    _check_policy(self.batch_stats_policy, 'EmaTrainState')
+
   @classmethod
-  def create(cls, *, apply_fn: Callable, params: PyTree, tx: Any,
-             ema: optax.GradientTransformation,
-             batch_stats: Optional[PyTree] = None,
-             batch_stats_policy: str = 'average', **kwargs) -> 'EmaTrainState':
+  def create(cls, *, apply_fn: Callable, params: Params, tx: Any,
+             ema: Optional[optax.GradientTransformation] = None,
+             batch_stats: Optional[Params] = None,
+             batch_stats_policy: str = 'average',
+             **kwargs: Any) -> 'EmaTrainState':
     """A new state at step 0, the averages started from ``params``.
 
     Args:
       apply_fn: usually ``model.apply``.
       params: the model's ``'params'`` collection.
-      tx: the optimizer. If it already holds an ``emax.ema`` (for example
-        ``optax.MultiSteps(optax.chain(opt, ema), k)``) it is used as it is;
-        otherwise the state uses ``optax.chain(tx, ema)``.
-      ema: an ``emax.ema(...)`` transformation (any options).
+      tx: the optimizer: ``emax.with_ema(opt, decay, ...)`` (any ``tx``
+        holding exactly one average, e.g. ``optax.MultiSteps`` around it)
+        when ``ema`` is left out; a plain optimizer (``optax.MultiSteps``
+        around it for gradient accumulation) when ``ema`` is given.
+      ema: an ``emax.ema(...)`` transformation (any options): the state then
+        runs it after ``tx`` and averages ``batch_stats`` with it. Needed to
+        average ``batch_stats``; refused when ``tx`` already holds an average.
       batch_stats: the model's ``'batch_stats'`` collection, if any.
       batch_stats_policy: ``'average'`` (evaluate with an average of the
-        statistics, same decay and options as ``ema``) or ``'copy'``
-        (evaluate with the live statistics). Ignored without batch_stats.
+        statistics, same decays and options as the params; needs ``ema``) or
+        ``'copy'`` (evaluate with the live statistics). Ignored without
+        ``batch_stats``.
       **kwargs: other fields of a subclass.
 
     Returns:
@@ -157,18 +357,18 @@ class EmaTrainState(train_state.TrainState):
     Raises:
       TypeError: if ``ema`` is not a GradientTransformation or ``tx`` not an
         optimizer.
-      ValueError: if ``ema`` is not an ``emax.ema``, the policy is unknown,
-        or ``tx`` is a ``MultiSteps`` without the average inside.
+      ValueError: if ``ema`` is not an ``emax.ema``; the average is given
+        twice (in ``tx`` and as ``ema``) or not at all, or ``tx`` holds
+        several; ``batch_stats`` are to be averaged without ``ema``; the
+        policy is unknown; or the average would move on ``optax.MultiSteps``
+        micro-steps.
     """
-    if batch_stats_policy not in POLICIES:
-      raise ValueError(
-          f'batch_stats_policy must be one of {POLICIES}, got'
-          f' {batch_stats_policy!r} instead.')
-    _check_ema(ema, params)
-    full_tx = _full_tx(tx, ema, params)
-    bs_ema = None
-    if batch_stats is not None and batch_stats_policy == 'average':
-      bs_ema = ema.init(batch_stats)
+    _check_policy(batch_stats_policy, 'EmaTrainState.create')
+    if ema is not None:
+      _check_ema(ema, params)
+    averages_bs = batch_stats is not None and batch_stats_policy == 'average'
+    full_tx = _full_tx(tx, ema, params, averages_bs)
+    bs_ema = ema.init(batch_stats) if averages_bs and ema is not None else None
     return cls(
         step=jnp.zeros([], jnp.int32),
         apply_fn=apply_fn,
@@ -182,28 +382,34 @@ class EmaTrainState(train_state.TrainState):
         **kwargs,
     )
 
-  def apply_gradients(self, *, grads: PyTree,
-                      batch_stats: Optional[PyTree] = None,
-                      **kwargs) -> 'EmaTrainState':
+  def apply_gradients(self, *, grads: Params,
+                      batch_stats: Optional[Params] = None,
+                      **kwargs: Any) -> 'EmaTrainState':
     """One optimizer step; the averages follow.
 
     Args:
-      grads: gradients like ``params``.
+      grads: gradients like ``params`` (checked before the optimizer sees
+        them).
       batch_stats: the new live BatchNorm statistics from this step's forward
         pass (``mutable=['batch_stats']``), if the model has any.
       **kwargs: other fields to ``replace``.
 
     Returns:
       The new state: params updated by ``tx``, the params' average updated,
-      ``batch_stats`` stored and (under ``'average'``) averaged, on the same
-      steps as the params' average.
+      ``batch_stats`` stored and (under ``'average'``) averaged on the same
+      steps as the params. On write-back steps (``write_back_every`` in
+      ``ema``'s options) the live ``batch_stats`` are set to their average as
+      the params are.
 
     Raises:
       ValueError: if ``opt_state`` holds no :class:`emax.EmaState` (e.g. a
-        checkpoint restored without a target), or ``batch_stats`` is given to
-        a state created without them.
+        checkpoint restored without a target), ``grads`` are not shaped like
+        ``params``, or ``batch_stats`` are given to a state created without
+        them.
     """
-    old = _read.get_ema_state(self.opt_state)
+    where = 'EmaTrainState.apply_gradients'
+    _check_policy(self.batch_stats_policy, where)
+    _state.find(self.opt_state, where)
     if batch_stats is not None and self.batch_stats is None:
       raise ValueError(
           'apply_gradients got batch_stats, but this EmaTrainState was'
@@ -212,41 +418,136 @@ class EmaTrainState(train_state.TrainState):
     bs_ema = self.batch_stats_ema
     if bs_ema is not None:
       bs_ema = _state.check_state(bs_ema, 'EmaTrainState.batch_stats_ema')
+    _check_grads(self.params, grads)
     new = super().apply_gradients(grads=grads, **kwargs)
     if batch_stats is None:
       return new
-    if bs_ema is not None:
-      moved = _read.get_ema_state(new.opt_state).count != old.count
-      zeros = jax.tree.map(jnp.zeros_like, batch_stats)
-      _, updated = self.ema_tx.update(zeros, bs_ema, batch_stats)
-      bs_ema = jax.tree.map(lambda n, o: jnp.where(moved, n, o), updated,
-                            bs_ema)
+    if bs_ema is not None and self.ema_tx is not None:
+      ema_tx = self.ema_tx
+
+      def averaged() -> tuple[Params, EmaState]:
+        updates, state = ema_tx.update(_negative_zeros(batch_stats), bs_ema,
+                                       batch_stats)
+        return optax.apply_updates(batch_stats, updates), state
+
+      old_inner = getattr(self.opt_state, 'inner_state', None)
+      new_inner = getattr(new.opt_state, 'inner_state', None)
+      moved = _real_step(old_inner, new_inner)
+      if moved is True:
+        batch_stats, bs_ema = averaged()
+      else:
+        batch_stats, bs_ema = lax.cond(moved, averaged,
+                                       lambda: (batch_stats, bs_ema))
     return new.replace(batch_stats=batch_stats, batch_stats_ema=bs_ema)
 
+  def _ema_state(self, where: str) -> EmaState:
+    return _state.find(self.opt_state, where)
+
   @property
-  def ema_params(self) -> PyTree:
-    """The averaged params, as :func:`emax.ema_params` gives them."""
-    return _read.ema_params(self.opt_state)
+  def ema_params(self) -> Params:
+    """The averaged params, as :func:`emax.ema_params` gives them.
 
-  def eval_variables(self) -> dict:
-    """The variables to evaluate with: ``{'params': ema_params, ...}``.
-
-    Holds ``'batch_stats'`` too when the state has them: their average under
-    the ``'average'`` policy, a copy of the live ones under ``'copy'``. All
-    arrays are fresh, so donating the state afterwards leaves them valid.
+    With several named averages, read one with ``eval_variables(name=...)``.
     """
-    variables = {'params': self.ema_params}
+    where = 'EmaTrainState.ema_params'
+    names = self._ema_state(where).info.names
+    if names is not None and len(names) > 1:
+      raise ValueError(
+          f'{where}: this state holds {len(names)} named averages,'
+          f' {list(names)}; read one with'
+          f' state.eval_variables(name={names[0]!r})["params"] or'
+          f' emax.ema_params(state.opt_state, {names[0]!r}).')
+    return _read.ema_params(self._ema_state(where))
+
+  def _batch_stats_average(self, name: Optional[str], where: str) -> Params:
+    if self.batch_stats_ema is None:
+      raise ValueError(
+          f'{where}: batch_stats_policy is \'average\' but this state holds no'
+          ' average of the batch_stats (it was created with'
+          ' batch_stats_policy=\'copy\', or without ema). Create it with'
+          ' ema=emax.ema(...) and batch_stats_policy=\'average\', or'
+          ' evaluate with the live statistics: batch_stats_policy=\'copy\'.')
+    return _read.ema_params(
+        _state.check_state(self.batch_stats_ema,
+                           'EmaTrainState.batch_stats_ema'), name)
+
+  def eval_variables(self, name: Optional[str] = None) -> dict:
+    """The variables to evaluate with: ``{'params': average, ...}``.
+
+    Args:
+      name: which named average (required when there are several).
+
+    Returns:
+      ``{'params': ...}``, with ``'batch_stats'`` too when the state has
+      them: their average under the ``'average'`` policy (the average of
+      the same name), a copy of the live ones under ``'copy'``. All arrays
+      are fresh, so donating the state afterwards leaves them valid.
+
+    Raises:
+      ValueError: if the policy is unknown, ``name`` is missing or unknown
+        (the message lists the names), or the state holds no average.
+    """
+    where = 'EmaTrainState.eval_variables'
+    _check_policy(self.batch_stats_policy, where)
+    ema_state = self._ema_state(where)
+    ema_state.info.index(name, where)
+    variables = {'params': _read.ema_params(ema_state, name)}
     if self.batch_stats is not None:
       if self.batch_stats_policy == 'average':
-        variables['batch_stats'] = _read.ema_params(
-            _state.check_state(self.batch_stats_ema,
-                              'EmaTrainState.batch_stats_ema'))
+        variables['batch_stats'] = self._batch_stats_average(name, where)
       else:
         variables['batch_stats'] = jax.tree.map(jnp.copy, self.batch_stats)
     return variables
 
+  def write_back(self, name: Optional[str] = None) -> 'EmaTrainState':
+    """The state with its params set to their average (Switch-EMA).
 
-def _momentum_free(next_fun, args, kwargs, context):
+    The params become, bit for bit, what :attr:`ema_params` (or
+    ``eval_variables(name)['params']``) returns, in the params' dtypes;
+    under the ``'average'`` policy the live ``batch_stats`` become their
+    average too. The averages, ``step`` and the optimizer's state (e.g.
+    Adam's moments) are left as they are.
+
+    Args:
+      name: which named average to write back (required when there are
+        several).
+
+    Returns:
+      The new state.
+
+    Raises:
+      ValueError: if ``name`` is missing or unknown, or the state holds no
+        average.
+    """
+    where = 'EmaTrainState.write_back'
+    _check_policy(self.batch_stats_policy, where)
+    ema_state = self._ema_state(where)
+    ema_state.info.index(name, where)
+    batch_stats = self.batch_stats
+    if batch_stats is not None and self.batch_stats_policy == 'average':
+      batch_stats = self._batch_stats_average(name, where)
+    return self.replace(params=_read.ema_params(ema_state, name),
+                        batch_stats=batch_stats)
+
+  def reset_ema(self) -> 'EmaTrainState':
+    """The state with every average set to the current params (and stats).
+
+    Bitwise copies (as :func:`emax.reset`), weight one; ``count`` and the
+    optimizer's own state are left as they are. The ``batch_stats`` average,
+    if any, is reset to the live ``batch_stats``.
+    """
+    where = 'EmaTrainState.reset_ema'
+    opt_state = _step.reset(self.opt_state, self.params, where=where)
+    bs_ema = self.batch_stats_ema
+    if bs_ema is not None and self.batch_stats is not None:
+      bs_ema = _step.reset(
+          _state.check_state(bs_ema, 'EmaTrainState.batch_stats_ema'),
+          self.batch_stats, where=where)
+    return self.replace(opt_state=opt_state, batch_stats_ema=bs_ema)
+
+
+def _momentum_free(next_fun: Callable, args: Any, kwargs: Any,
+                   context: Any) -> Any:
   """Runs ``nn.BatchNorm`` with momentum 0: its output stats are the batch's."""
   module = context.module
   if not (isinstance(module, nn.BatchNorm) and
@@ -262,7 +563,7 @@ def _momentum_free(next_fun, args, kwargs, context):
 
 def recompute_batch_stats(apply_fn: Callable, variables: dict, batches: Any,
                           *, rngs: Optional[dict] = None,
-                          **apply_kwargs) -> dict:
+                          **apply_kwargs: Any) -> dict:
   """Recomputes BatchNorm statistics for (averaged) weights from data.
 
   As ``torch.optim.swa_utils.update_bn``: every ``nn.BatchNorm`` runs in
@@ -278,8 +579,9 @@ def recompute_batch_stats(apply_fn: Callable, variables: dict, batches: Any,
       structure.
     batches: an array (or pytree of arrays) whose leading axis indexes the
       batches; ``batches[i]`` is passed as the model's input.
-    rngs: optional PRNG keys for the call (e.g. ``{'dropout': key}``), folded
-      with the batch index.
+    rngs: optional PRNG keys for the call (e.g. ``{'dropout': key}``). Batch
+      ``i`` gets ``jax.random.fold_in(key, i)`` for each key, so every batch
+      draws its own dropout mask.
     **apply_kwargs: static keyword arguments that put the model in training
       mode, e.g. ``train=True``.
 
@@ -317,11 +619,12 @@ def recompute_batch_stats(apply_fn: Callable, variables: dict, batches: Any,
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _recompute(apply_fn, kwargs, variables, batches, rngs):
+def _recompute(apply_fn: Callable, kwargs: Any, variables: dict,
+               batches: Any, rngs: Optional[dict]) -> dict:
   kwargs = dict(kwargs)
   num = jax.tree.leaves(batches)[0].shape[0]
 
-  def batch_stats_of(i, x):
+  def batch_stats_of(i: jax.Array, x: Any) -> Any:
     keys = None if rngs is None else {
         name: jax.random.fold_in(key, i) for name, key in rngs.items()}
     with nn.intercept_methods(_momentum_free):
@@ -337,7 +640,7 @@ def _recompute(apply_fn, kwargs, variables, batches, rngs):
           ' variables, batches, train=True).')
     return new
 
-  def body(avg, i_x):
+  def body(avg: Any, i_x: Any) -> tuple[Any, None]:
     i, x = i_x
     new = batch_stats_of(i, x)
     n = (i + 1).astype(jnp.float32)

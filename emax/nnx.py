@@ -1,13 +1,15 @@
 """Flax NNX integration: an evaluation model that carries the averaged params.
 
-Train with ``nnx.Optimizer(model, optax.chain(tx, emax.ema(...)), wrt=...)``:
-the optimizer's state then holds the :class:`emax.EmaState`.
-:func:`ema_model` builds a separate model for evaluation from it.
+Train with ``nnx.Optimizer(model, emax.with_ema(tx, decay), wrt=nnx.Param)``
+(or ``optax.chain(tx, emax.ema(decay))``): the optimizer's state then holds
+the :class:`emax.EmaState`. :func:`ema_model` builds a separate model for
+evaluation from it, :func:`ema_params` reads the averaged params. Named
+averages work with both (pass ``name``).
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Optional, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
       ' pip install flax.') from e
 
 from emax import _read
+from emax import _state
 
 __all__ = (
     'ema_model',
@@ -28,67 +31,115 @@ __all__ = (
 
 M = TypeVar('M')
 
+_state.register_flax_serialization()
 
-def ema_params(optimizer: nnx.Optimizer) -> nnx.State:
+
+def _check_optimizer(optimizer: nnx.Optimizer, where: str) -> None:
+  if not isinstance(optimizer, nnx.Optimizer):
+    raise TypeError(
+        f'{where} expected an nnx.Optimizer built with'
+        ' emax.with_ema(tx, decay) (or optax.chain(tx, emax.ema(decay))),'
+        f' got {type(optimizer).__name__} instead.')
+
+
+def ema_params(optimizer: nnx.Optimizer,
+               name: Optional[str] = None) -> nnx.State:
   """The averaged params held by ``optimizer``, as a pure ``nnx.State``.
 
   Args:
-    optimizer: an ``nnx.Optimizer`` whose ``tx`` chains an ``emax.ema``.
+    optimizer: an ``nnx.Optimizer`` whose ``tx`` holds an average
+      (``emax.with_ema(tx, decay)``, or ``emax.ema`` last in a chain).
+    name: which named average (required when there are several).
 
   Returns:
-    An ``nnx.State`` of arrays shaped like ``nnx.state(model, optimizer.wrt)``.
+    An ``nnx.State`` of fresh arrays shaped like
+    ``nnx.state(model, optimizer.wrt)``, in the params' dtypes.
 
   Raises:
     TypeError: if ``optimizer`` is not an ``nnx.Optimizer``.
-    ValueError: if its state holds no :class:`emax.EmaState`.
+    ValueError: if its state holds no :class:`emax.EmaState`, or ``name`` is
+      missing or unknown (the message lists the names).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, emax, emax.nnx
+    >>> from flax import nnx
+    >>> model = nnx.Linear(1, 1, rngs=nnx.Rngs(0))
+    >>> tx = emax.with_ema(optax.sgd(1.0), {'fast': 0.5, 'slow': 0.75})
+    >>> opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> grads = nnx.grad(lambda m: m(jnp.ones((1, 1))).sum())(model)
+    >>> _ = opt.update(model, grads)
+    >>> emax.nnx.ema_params(opt, 'slow')['bias']
+    Array([-0.25], dtype=float32)
   """
-  if not isinstance(optimizer, nnx.Optimizer):
-    raise TypeError(
-        'Expected an nnx.Optimizer built with optax.chain(tx, emax.ema(...)),'
-        f' got {type(optimizer).__name__} instead.')
-  return _read.ema_params(nnx.as_pure(optimizer.opt_state))
+  _check_optimizer(optimizer, 'emax.nnx.ema_params')
+  return _read.ema_params(nnx.as_pure(optimizer.opt_state), name)
 
 
-def ema_model(model: M, optimizer: nnx.Optimizer) -> M:
+def _check_fits(averaged: nnx.State, params: nnx.State, wrt: object) -> None:
+  """The average must have the variables and leaf shapes of the model's."""
+  fix = (f' The average does not fit the model\'s {wrt} variables: pass the'
+         ' model this optimizer trains.')
+  flat_avg = jax.tree_util.tree_flatten_with_path(averaged)[0]
+  flat_par = jax.tree_util.tree_flatten_with_path(params)[0]
+  avg_keys = [jax.tree_util.keystr(p) for p, _ in flat_avg]
+  par_keys = [jax.tree_util.keystr(p) for p, _ in flat_par]
+  if avg_keys != par_keys:
+    missing = [k for k in avg_keys if k not in set(par_keys)]
+    extra = [k for k in par_keys if k not in set(avg_keys)]
+    raise ValueError(
+        'emax.nnx.ema_model: the model\'s variables are not the averaged'
+        f' ones (averaged but not in the model: {missing[:5]}; in the model'
+        f' but not averaged: {extra[:5]}).{fix}')
+  for key, (_, a), (_, p) in zip(avg_keys, flat_avg, flat_par):
+    if jnp.shape(a) != jnp.shape(p):
+      raise ValueError(
+          f'emax.nnx.ema_model: the model\'s {key} has shape {jnp.shape(p)}'
+          f' but its average has shape {jnp.shape(a)}.{fix}')
+
+
+def ema_model(model: M, optimizer: nnx.Optimizer,
+              name: Optional[str] = None) -> M:
   """A new model for evaluation: the averaged params, the rest of ``model``.
 
   The variables ``optimizer`` trains (its ``wrt`` filter, usually
   ``nnx.Param``) take their averaged values; every other variable (BatchNorm
   statistics, RNG state, ...) is a copy of ``model``'s. The training model is
   not touched, and the new model shares no variable and no buffer with it:
-  running it (even in training mode) or donating the training state leaves
-  both intact. Build it when you evaluate; it is a snapshot.
+  running it (even in training mode) or donating the training state to a
+  jitted step leaves both intact. Build it when you evaluate; it is a
+  snapshot.
 
   Args:
     model: the training model, the one ``optimizer`` updates.
-    optimizer: ``nnx.Optimizer(model, optax.chain(tx, emax.ema(...)),
+    optimizer: ``nnx.Optimizer(model, emax.with_ema(tx, decay),
       wrt=nnx.Param)``.
+    name: which named average (required when there are several).
 
   Returns:
     A model of the same type as ``model``.
 
   Raises:
     TypeError: if ``optimizer`` is not an ``nnx.Optimizer``.
-    ValueError: if its state holds no :class:`emax.EmaState`, or the average
-      does not fit ``model``'s ``wrt`` variables.
+    ValueError: if its state holds no :class:`emax.EmaState`, ``name`` is
+      missing or unknown, or the average does not fit ``model``'s ``wrt``
+      variables (other variables, or a leaf of another shape; the message
+      names the leaf).
 
   Examples:
     >>> import jax.numpy as jnp, optax, emax, emax.nnx
     >>> from flax import nnx
     >>> model = nnx.Linear(1, 1, rngs=nnx.Rngs(0))
-    >>> opt = nnx.Optimizer(model, optax.chain(optax.sgd(1.0), emax.ema(0.5)),
+    >>> opt = nnx.Optimizer(model, emax.with_ema(optax.sgd(1.0), 0.5),
     ...                     wrt=nnx.Param)
     >>> grads = nnx.grad(lambda m: m(jnp.ones((1, 1))).sum())(model)
     >>> _ = opt.update(model, grads)
     >>> model.bias[...], emax.nnx.ema_model(model, opt).bias[...]
     (Array([-1.], dtype=float32), Array([-0.5], dtype=float32))
   """
-  averaged = ema_params(optimizer)
-  graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
-  if jax.tree.structure(nnx.as_pure(params)) != jax.tree.structure(averaged):
-    raise ValueError(
-        'The average held by the optimizer does not fit the model\'s'
-        f' {optimizer.wrt} variables. Pass the model this optimizer trains.')
+  _check_optimizer(optimizer, 'emax.nnx.ema_model')
+  averaged = _read.ema_params(nnx.as_pure(optimizer.opt_state), name)
+  graphdef, params, rest = nnx.split(  # type: ignore[misc]
+      model, optimizer.wrt, ...)
+  _check_fits(averaged, nnx.as_pure(params), optimizer.wrt)
   rest = jax.tree.map(jnp.copy, nnx.as_pure(rest))
   return nnx.merge(graphdef, averaged, rest)
-

@@ -12,7 +12,7 @@ from flax.training import train_state
 
 import emax
 import emax.flax
-from flax_testlib import DECAY, MODEL, STEP, data, make_state, run
+from flax_testlib import DECAY, MODEL, STEP, data, make_state
 
 STEPS = 4
 
@@ -35,10 +35,23 @@ def assert_trees_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def assert_bitwise(a, b):
+  """Equal to the bit (also the sign of zeros), leaf by leaf, same dtypes."""
+  def leaf(x, y):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, y.dtype)
+    np.testing.assert_array_equal(x.view(f'u{x.itemsize}'),
+                                  y.view(f'u{y.itemsize}'))
+  jax.tree.map(leaf, a, b)
+
+
 def max_diff(a, b):
   return max(jax.tree.leaves(jax.tree.map(
       lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
       a, b)))
+
+
+# --- the CNN with BatchNorm and Dropout, trained with a donated step ---------
 
 
 @pytest.fixture(scope='module')
@@ -72,6 +85,7 @@ def test_eval_variables_hold_the_average(trained):
   assert_trees_close(got, trained['ref'], rtol=1e-5, atol=1e-6)
   assert int(emax.get_ema_state(state.opt_state).count) == STEPS
   assert int(state.step) == STEPS
+  assert isinstance(state.opt_state, emax.WithEmaState)
   # After training, the average is not the raw params / live statistics.
   assert max_diff(got['params'], state.params) > 1e-3
   assert max_diff(got['batch_stats'], state.batch_stats) > 1e-3
@@ -85,42 +99,308 @@ def test_state_is_donated(trained):
   assert all(trained['donated'])
 
 
+def test_write_back_sets_params_to_the_average_bitwise(trained):
+  state = trained['state']
+  back = state.write_back()
+  assert_bitwise(back.params, state.ema_params)
+  assert_bitwise(back.batch_stats, state.eval_variables()['batch_stats'])
+  # The optimizer's state (SGD momentum), the averages and step are kept.
+  assert_bitwise(back.opt_state, state.opt_state)
+  assert_bitwise(back.batch_stats_ema, state.batch_stats_ema)
+  assert int(back.step) == int(state.step)
+  assert max_diff(back.params, state.params) > 1e-3
+
+
+def test_reset_ema_sets_the_averages_to_params_bitwise(trained):
+  state = trained['state']
+  reset = state.reset_ema()
+  variables = reset.eval_variables()
+  assert_bitwise(variables['params'], state.params)
+  assert_bitwise(variables['batch_stats'], state.batch_stats)
+  ema_state = emax.get_ema_state(reset.opt_state)
+  assert int(ema_state.count) == STEPS  # counts are kept
+  assert float(ema_state.weight) == 1.0
+  assert_bitwise(reset.opt_state.inner_state, state.opt_state.inner_state)
+  assert_bitwise(reset.params, state.params)
+
+
+def test_recompute_batch_stats_on_the_cnn_with_dropout(trained):
+  x, _ = data()
+  variables = trained['state'].eval_variables()
+  new = emax.flax.recompute_batch_stats(
+      MODEL.apply, variables, x, train=True,
+      rngs={'dropout': jax.random.key(3)})
+  # BatchNorm comes before Dropout: the mean is the mean of the conv outputs
+  # over all batches, computed here with the model's own conv.
+  conv = nn.Conv(4, (3, 3))
+  h = conv.apply({'params': variables['params']['Conv_0']},
+                 x.reshape(-1, 6, 6, 1))
+  np.testing.assert_allclose(new['batch_stats']['BatchNorm_0']['mean'],
+                             np.asarray(h).mean(axis=(0, 1, 2)), rtol=1e-4,
+                             atol=1e-5)
+
+
+# --- a small Dense + BatchNorm model for the cheaper tests -------------------
+
+
+class DenseBN(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(3)(x)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.8)(x)
+
+
+SMALL = DenseBN()
+X = jnp.asarray(np.random.default_rng(0).normal(size=(4, 6, 2)),
+                jnp.float32) + jnp.arange(4.0, dtype=jnp.float32)[:, None,
+                                                                   None]
+
+
+def small_variables():
+  return SMALL.init(jax.random.key(0), X[0], train=False)
+
+
+def small_state(**kw):
+  variables = small_variables()
+  kw.setdefault('tx', optax.sgd(0.1))
+  kw.setdefault('batch_stats', variables['batch_stats'])
+  return emax.flax.EmaTrainState.create(
+      apply_fn=SMALL.apply, params=variables['params'], **kw)
+
+
+@jax.jit
+def small_step(state, x):
+  def loss_fn(params):
+    out, updated = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
+        mutable=['batch_stats'])
+    return jnp.mean(out ** 2 + out), updated['batch_stats']
+  grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats)
+
+
+def small_run(state, steps=3):
+  for i in range(steps):
+    state = small_step(state, X[i % X.shape[0]])
+  return state
+
+
+def live(state):
+  return host({'params': state.params, 'batch_stats': state.batch_stats})
+
+
 def test_copy_policy_evaluates_with_live_batch_stats():
-  state = run(make_state(policy='copy'), 0, 2)
+  state = small_run(small_state(ema=emax.ema(0.5), batch_stats_policy='copy'))
   assert state.batch_stats_ema is None
   got = state.eval_variables()
-  assert_trees_equal(got['batch_stats'], state.batch_stats)
-  assert_trees_equal(got['params'], emax.ema_params(state.opt_state))
+  assert_bitwise(got['batch_stats'], state.batch_stats)
+  assert_bitwise(got['params'], emax.ema_params(state.opt_state))
   assert max_diff(got['params'], state.params) > 1e-3
 
 
+def test_with_ema_route_averages_params_and_matches_the_reference():
+  state = small_state(tx=emax.with_ema(optax.sgd(0.1), 0.5),
+                      batch_stats_policy='copy')
+  assert state.ema_tx is None and state.batch_stats_ema is None
+  ref = live(state)['params']
+  for i in range(3):
+    state = small_step(state, X[i])
+    ref = lerp(ref, live(state)['params'], 0.5)
+  assert_trees_close(host(state.ema_params), ref, rtol=1e-6)
+  assert max_diff(state.ema_params, state.params) > 1e-3
+  got = state.eval_variables()
+  assert_bitwise(got['batch_stats'], state.batch_stats)  # 'copy'
+  # tx=opt, ema=emax.ema(d) averages the params as with_ema(opt, d) does.
+  ours = small_run(small_state(ema=emax.ema(0.5)))
+  assert_bitwise(ours.params, state.params)
+  assert_bitwise(ours.opt_state, state.opt_state)
+  assert_bitwise(ours.ema_params, state.ema_params)
+
+
+def test_states_created_apart_share_one_structure_and_compile_once():
+  tx, ema = optax.sgd(0.1), emax.ema(0.5)
+  a, b = small_state(tx=tx, ema=ema), small_state(tx=tx, ema=ema)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  small_step(a, X[0])
+  compiled = small_step._cache_size()  # pylint: disable=protected-access
+  small_step(b, X[0])
+  assert small_step._cache_size() == compiled  # pylint: disable=W0212
+
+
+def test_batch_stats_average_matches_the_reference():
+  state = small_state(ema=emax.ema(0.5))
+  ref = live(state)['batch_stats']
+  for i in range(3):
+    state = small_step(state, X[i])
+    ref = lerp(ref, live(state)['batch_stats'], 0.5)
+  got = host(state.eval_variables()['batch_stats'])
+  assert_trees_close(got, ref, rtol=1e-6)
+  assert max_diff(got, state.batch_stats) > 1e-3
+
+
+def test_named_averages_each_equal_a_single_average_bitwise():
+  decays = {'fast': 0.5, 'slow': 0.9}
+  named = small_state(ema=emax.ema(decays))
+  refs = {n: live(named) for n in decays}
+  for i in range(3):
+    named = small_step(named, X[i])
+    refs = {n: lerp(refs[n], live(named), d) for n, d in decays.items()}
+  for name in decays:
+    assert_trees_close(host(named.eval_variables(name)), refs[name],
+                       rtol=1e-6)
+  # Bit for bit what a single average with that decay gives.
+  single = small_run(small_state(ema=emax.ema(decays['slow'])))
+  assert_bitwise(named.params, single.params)
+  assert_bitwise(named.eval_variables('slow'), single.eval_variables())
+  assert max_diff(named.eval_variables('fast'),
+                  named.eval_variables('slow')) > 1e-3
+
+
+def test_named_averages_errors_list_the_names():
+  state = small_state(ema=emax.ema({'fast': 0.5, 'slow': 0.9}))
+  with pytest.raises(ValueError, match=r"2 named averages, \['fast', 'slow'\]"
+                     r'.*state.eval_variables\(name='):
+    state.ema_params  # pylint: disable=pointless-statement
+  with pytest.raises(ValueError, match=r"EmaTrainState.eval_variables.*"
+                     r"\['fast', 'slow'\].*name='fast'"):
+    state.eval_variables()
+  with pytest.raises(ValueError, match=r"no average named 'medium'.*"
+                     r"\['fast', 'slow'\]"):
+    state.eval_variables('medium')
+  with pytest.raises(ValueError, match=r"\['fast', 'slow'\]"):
+    state.write_back()
+  # One name: readers need no name.
+  one = small_state(tx=emax.with_ema(optax.sgd(0.1), {'only': 0.5}),
+                    batch_stats_policy='copy')
+  assert_bitwise(one.ema_params, one.params)
+  with pytest.raises(ValueError, match='single, unnamed average'):
+    small_state(ema=emax.ema(0.5)).eval_variables('fast')
+
+
+def test_named_write_back():
+  state = small_run(small_state(ema=emax.ema({'fast': 0.5, 'slow': 0.9})))
+  back = state.write_back('slow')
+  slow = state.eval_variables('slow')
+  assert_bitwise(back.params, slow['params'])
+  assert_bitwise(back.batch_stats, slow['batch_stats'])
+
+
+@jax.jit
+def apply_step(state, grads, batch_stats):
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats)
+
+
+def test_write_back_keeps_the_params_dtypes():
+  params = {'w': jnp.asarray([1.0, 2.0, 3.0], jnp.bfloat16)}
+  state = emax.flax.EmaTrainState.create(
+      apply_fn=None, params=params, tx=emax.with_ema(optax.sgd(1.0), 0.9))
+  state = state.apply_gradients(
+      grads={'w': jnp.asarray([0.5, 0.25, 1.0], jnp.bfloat16)})
+  back = state.write_back()
+  assert back.params['w'].dtype == jnp.bfloat16
+  assert_bitwise(back.params, state.ema_params)
+  accumulated = emax.get_ema_state(state.opt_state).average['w']
+  assert accumulated.dtype == jnp.float32  # rounded to bf16 once, on read
+  np.testing.assert_array_equal(
+      np.asarray(back.params['w'], np.float32),
+      np.asarray(accumulated.astype(jnp.bfloat16), np.float32))
+
+
+def fixed_grads_run(state, steps):
+  """``steps`` steps with grads that do not depend on the params."""
+  rng = np.random.default_rng(5)
+  states = []
+  for _ in range(steps):
+    grads = jax.tree.map(
+        lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype),
+        state.params)
+    bs = jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(size=s.shape) ** 2, s.dtype),
+        state.batch_stats)
+    state = apply_step(state, grads, bs)
+    states.append(state)
+  return states
+
+
+def assert_within_one_ulp(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_array_max_ulp(
+      np.asarray(x), np.asarray(y), maxulp=1), a, b)
+
+
+@pytest.mark.parametrize('route', ['with_ema', 'ema'])
+def test_write_back_every_through_the_transformation(route):
+  """Switch-EMA from the Flax route: params land on the average every 2."""
+  tx = optax.sgd(0.1, momentum=0.9)
+  if route == 'with_ema':
+    make = lambda **kw: small_state(  # noqa: E731
+        tx=emax.with_ema(tx, 0.5, **kw), batch_stats_policy='copy')
+  else:
+    make = lambda **kw: small_state(tx=tx, ema=emax.ema(0.5, **kw))  # noqa
+  switched = fixed_grads_run(make(write_back_every=2), 4)
+  plain = fixed_grads_run(make(), 2)
+  for i, state in enumerate(switched, start=1):
+    average = state.eval_variables()
+    if i % 2:
+      assert max_diff(state.params, average['params']) > 1e-3
+      continue
+    # params + (average - params) lands on the average to one ulp.
+    assert_within_one_ulp(state.params, average['params'])
+    if route == 'ema':
+      assert_within_one_ulp(state.batch_stats, average['batch_stats'])
+  # Up to the first write-back both runs took the same steps: the same
+  # average, the same optimizer state (momentum untouched), other params.
+  assert_bitwise(switched[1].opt_state.inner_state,
+                 plain[1].opt_state.inner_state)
+  assert_bitwise(plain[1].ema_params, switched[1].ema_params)
+  assert_within_one_ulp(switched[1].params, plain[1].ema_params)
+  assert max_diff(plain[1].params, switched[1].params) > 1e-3
+
+
 def test_multisteps_average_moves_once_per_real_step():
+  """``tx=optax.MultiSteps(opt, k), ema=...``: no move on micro-steps."""
   ema = emax.ema(DECAY)
-  tx = optax.MultiSteps(optax.chain(optax.sgd(0.1), ema), every_k_schedule=2)
-  state = make_state(ema=ema, tx=tx)
-  ref = host({'params': state.params, 'batch_stats': state.batch_stats})
-  x, y = data()
+  tx = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2)
+  state = small_state(ema=ema, tx=tx)
+  ref = live(state)
   # optax.MultiSteps itself multiplies a bool by an int32, which strict dtype
   # promotion (on in these tests) refuses; emax's part is strict-clean.
   with jax.numpy_dtype_promotion('standard'):
     for i in range(4):
-      before = host(state.params)
-      state = STEP(state, x[i], y[i])
-      after = host({'params': state.params, 'batch_stats': state.batch_stats})
+      before = live(state)
+      state = small_step(state, X[i])
+      after = live(state)
       if i % 2 == 0:  # a micro-step: params still, the average must not move
-        assert_trees_equal(after['params'], before)
+        assert_trees_equal(after['params'], before['params'])
+        assert max_diff(after['batch_stats'], before['batch_stats']) > 0
       else:
-        assert max_diff(after['params'], before) > 0
+        assert max_diff(after['params'], before['params']) > 0
         ref = lerp(ref, after)
+      assert_trees_close(host(state.eval_variables()), ref, rtol=1e-6)
   assert int(emax.get_ema_state(state.opt_state).count) == 2
   assert int(state.batch_stats_ema.count) == 2
-  assert_trees_close(host(state.eval_variables()), ref, rtol=1e-5, atol=1e-6)
+
+  # The same params' average as the average inside MultiSteps (another
+  # program: XLA may round the gradients differently by an ulp).
+  inside = small_state(tx=optax.MultiSteps(
+      emax.with_ema(optax.sgd(0.1), DECAY), every_k_schedule=2),
+                       batch_stats_policy='copy')
+  with jax.numpy_dtype_promotion('standard'):
+    inside = small_run(inside, 4)
+  assert int(emax.get_ema_state(inside.opt_state).count) == 2
+  assert_trees_close(host(inside.params), host(state.params), rtol=1e-6)
+  assert_trees_close(host(inside.ema_params), host(state.ema_params),
+                     rtol=1e-6)
 
 
-def test_multisteps_without_the_average_inside_is_refused():
-  with pytest.raises(ValueError, match=r'MultiSteps without the average.*'
-                     r'optax.MultiSteps\(optax.chain\(opt, ema\), k\)'):
-    make_state(tx=optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2))
+def test_multisteps_misplacements_are_refused():
+  with pytest.raises(ValueError, match=r'outside optax.MultiSteps.*'
+                     r'optax.MultiSteps\(emax.with_ema\(opt'):
+    small_state(tx=emax.with_ema(optax.MultiSteps(optax.sgd(0.1), 2), 0.5),
+                batch_stats_policy='copy')
+  with pytest.raises(ValueError, match='MultiSteps the outermost'):
+    small_state(tx=optax.chain(optax.MultiSteps(optax.sgd(0.1), 2)),
+                ema=emax.ema(0.5))
 
 
 class Linear(nn.Module):
@@ -136,7 +416,7 @@ def test_plain_train_state_route_matches_ema_train_state():
   params = model.init(jax.random.key(0), x)['params']
   plain = train_state.TrainState.create(
       apply_fn=model.apply, params=params,
-      tx=optax.chain(optax.sgd(0.1), emax.ema(0.5)))
+      tx=emax.with_ema(optax.sgd(0.1), 0.5))
   ours = emax.flax.EmaTrainState.create(
       apply_fn=model.apply, params=jax.tree.map(jnp.copy, params),
       tx=optax.sgd(0.1), ema=emax.ema(0.5))
@@ -161,23 +441,161 @@ def test_plain_train_state_route_matches_ema_train_state():
 def test_create_validates_its_arguments():
   params = {'w': jnp.ones(2)}
   kw = dict(apply_fn=None, params=params, tx=optax.sgd(0.1))
+  create = emax.flax.EmaTrainState.create
   with pytest.raises(TypeError, match='expected ema to be an emax.ema'):
-    emax.flax.EmaTrainState.create(ema=0.99, **kw)
+    create(ema=0.99, **kw)
   with pytest.raises(ValueError, match='state is not an emax.EmaState'):
-    emax.flax.EmaTrainState.create(ema=optax.sgd(0.1), **kw)
+    create(ema=optax.sgd(0.1), **kw)
+  with pytest.raises(ValueError, match=r'Pass it as tx instead'):
+    create(ema=emax.with_ema(optax.sgd(0.1), 0.9), **kw)
   with pytest.raises(ValueError, match=r"batch_stats_policy must be one of.*"
                      r"got 'median'"):
-    emax.flax.EmaTrainState.create(ema=emax.ema(0.9),
-                                   batch_stats_policy='median', **kw)
-  with pytest.raises(ValueError, match='already holds 2 emax averages'):
-    emax.flax.EmaTrainState.create(
-        apply_fn=None, params=params, ema=emax.ema(0.9),
-        tx=optax.chain(emax.ema(0.9), emax.ema(0.8)))
+    create(ema=emax.ema(0.9), batch_stats_policy='median', **kw)
+  with pytest.raises(ValueError, match='holds no average and no ema'):
+    create(**kw)
+  with pytest.raises(TypeError, match='expected tx to be an optax optimizer'):
+    create(apply_fn=None, params=params, tx=0.1, ema=emax.ema(0.9))
+  with pytest.raises(ValueError, match='tx holds 2 emax averages.*named'):
+    create(apply_fn=None, params=params,
+           tx=optax.chain(emax.ema(0.9), emax.ema(0.8)))
   # A policy without batch_stats is fine: there is nothing to average.
-  state = emax.flax.EmaTrainState.create(ema=emax.ema(0.9),
-                                         batch_stats_policy='copy', **kw)
+  state = create(ema=emax.ema(0.9), batch_stats_policy='copy', **kw)
   with pytest.raises(ValueError, match='created without them'):
     state.apply_gradients(grads=params, batch_stats={'mean': jnp.ones(2)})
+
+
+@pytest.mark.parametrize('tx', [
+    optax.chain(optax.sgd(0.1), emax.ema(0.5)),
+    emax.with_ema(optax.sgd(0.1), 0.5),
+    optax.MultiSteps(emax.with_ema(optax.sgd(0.1), 0.5), 2),
+])
+@pytest.mark.parametrize('with_batch_stats', [False, True])
+def test_an_average_in_tx_and_another_as_ema_is_refused(tx, with_batch_stats):
+  """Issue item 7: never two averages with two configurations, silently."""
+  params = {'w': jnp.ones(2)}
+  kw = dict(batch_stats={'mean': jnp.zeros(2)}) if with_batch_stats else {}
+  with pytest.raises(ValueError, match='got an average twice') as info:
+    emax.flax.EmaTrainState.create(apply_fn=None, params=params, tx=tx,
+                                   ema=emax.ema(0.9), **kw)
+  assert 'state[1]' not in str(info.value)
+  assert 'tx=emax.with_ema(opt, decay' in str(info.value)
+
+
+def test_averaging_batch_stats_needs_ema():
+  with pytest.raises(ValueError, match=r"batch_stats_policy='average'.*"
+                     r'ema=emax.ema\(decay.*batch_stats_policy=.copy.'):
+    small_state(tx=emax.with_ema(optax.sgd(0.1), 0.5))
+
+
+@pytest.mark.parametrize('momentum', [None, 0.9])
+@pytest.mark.parametrize('route', ['with_ema', 'ema'])
+def test_grads_of_other_shapes_get_emax_error_first(momentum, route):
+  """Issue item 7: the error names the leaf, before the optimizer fails."""
+  tx = optax.sgd(0.1, momentum=momentum)
+  if route == 'with_ema':
+    state = small_state(tx=emax.with_ema(tx, 0.5), batch_stats_policy='copy')
+  else:
+    state = small_state(tx=tx, ema=emax.ema(0.5))
+  grads = jax.tree.map(jnp.zeros_like, state.params)
+  grads['Dense_0']['kernel'] = jnp.zeros((5, 3))  # params: (2, 3)
+  pattern = (r"grads leaf \['Dense_0'\]\['kernel'\] has shape \(5, 3\) but"
+             r' state.params has shape \(2, 3\)')
+  with pytest.raises(ValueError, match=pattern):
+    state.apply_gradients(grads=grads)
+  with pytest.raises(ValueError, match=pattern):
+    jax.jit(lambda s, g: s.apply_gradients(grads=g))(state, grads)
+  del grads['Dense_0']['bias']
+  with pytest.raises(ValueError, match='grads do not match state.params'):
+    state.apply_gradients(grads=grads)
+
+
+def test_batch_stats_policy_is_validated_wherever_it_is_set():
+  """Issue item 25: a typo never silently evaluates with live statistics."""
+  state = small_state(ema=emax.ema(0.5))
+  with pytest.raises(ValueError, match=r"batch_stats_policy must be one of"
+                     r".*got 'avg'"):
+    state.replace(batch_stats_policy='avg')
+  with pytest.raises(ValueError, match="got 'avg'"):
+    emax.flax.EmaTrainState(**{
+        **{f: getattr(state, f) for f in state.__dataclass_fields__},
+        'batch_stats_policy': 'avg'})
+  # Switching to 'average' without an average of the statistics: an error
+  # that says so, not the live statistics.
+  copy = small_state(ema=emax.ema(0.5), batch_stats_policy='copy')
+  average = copy.replace(batch_stats_policy='average')
+  with pytest.raises(ValueError, match='holds no average of the batch_stats'):
+    average.eval_variables()
+  # And the policy survives jit (it is static) and flax's state dicts.
+  out = small_step(copy, X[0])
+  assert out.batch_stats_policy == 'copy'
+
+
+# --- a decay of 0 is a bitwise copy (issue 15, Done-when) -------------------
+
+
+def big_and_small():
+  """Averages far from the params: ``a - (a - p) != p`` for many elements."""
+  rng = np.random.default_rng(7)
+  variables = small_variables()
+
+  def draw(scale):
+    return jax.tree.map(
+        lambda x: jnp.asarray(scale * rng.random(x.shape), x.dtype),
+        variables)
+
+  big, small = draw(1e8), draw(1.0)
+  for a, p in zip(jax.tree.leaves(big), jax.tree.leaves(small)):
+    a, p = np.asarray(a), np.asarray(p)
+    assert np.any(a - (a - p) != p)  # arithmetic would not give p back
+  return big, small
+
+
+def schedule_zero(count):
+  return jnp.where(count >= 0, 0.0, 0.5)  # 0, but traced through the count
+
+
+def copy_step(big, small, make):
+  """Averages start at ``big``; one step to ``small``: the new averages."""
+  state = make(big)
+  state = state.replace(params=small['params'])
+  zeros = jax.tree.map(jnp.zeros_like, small['params'])  # sgd: p + (-0.0)
+  state = state.apply_gradients(grads=zeros,
+                                batch_stats=small['batch_stats'])
+  return state.params, state.eval_variables()
+
+
+@pytest.mark.parametrize('route,decay', [
+    ('with_ema', 'constant'), ('with_ema', 'schedule'), ('with_ema', 'traced'),
+    ('ema', 'constant'), ('ema', 'schedule'), ('ema', 'traced'),
+    ('pack', 'traced'), ('offload', 'traced'),
+])
+def test_decay_zero_is_a_bitwise_copy(route, decay):
+  big, small = big_and_small()
+
+  def make(variables, d):
+    kw = dict(apply_fn=SMALL.apply, params=variables['params'],
+              batch_stats=variables['batch_stats'])
+    if route == 'with_ema':
+      return emax.flax.EmaTrainState.create(
+          tx=emax.with_ema(optax.sgd(1.0), d), batch_stats_policy='copy',
+          **kw)
+    ema = emax.ema(d, pack=route == 'pack', offload=route == 'offload')
+    return emax.flax.EmaTrainState.create(tx=optax.sgd(1.0), ema=ema, **kw)
+
+  if decay == 'traced':
+    params, got = jax.jit(
+        lambda d, b, s: copy_step(b, s, lambda v: make(v, d)))(
+            jnp.float32(0.0), big, small)
+  else:
+    d = 0.0 if decay == 'constant' else schedule_zero
+    params, got = jax.jit(
+        lambda b, s: copy_step(b, s, lambda v: make(v, d)))(big, small)
+  assert_bitwise(params, small['params'])  # sgd: p + (-0.0) == p
+  assert_bitwise(got['params'], small['params'])
+  assert_bitwise(got['batch_stats'], small['batch_stats'])
+
+
+# --- recompute_batch_stats ---------------------------------------------------
 
 
 class TinyBN(nn.Module):
@@ -221,17 +639,47 @@ def test_recompute_batch_stats_matches_hand_computation():
                                     jnp.asarray(batches), train=True)
 
 
-def test_recompute_batch_stats_on_the_cnn_with_dropout(trained):
-  x, _ = data()
-  variables = trained['state'].eval_variables()
-  new = emax.flax.recompute_batch_stats(
-      MODEL.apply, variables, x, train=True,
-      rngs={'dropout': jax.random.key(3)})
-  # BatchNorm comes before Dropout: the mean is the mean of the conv outputs
-  # over all batches, computed here with the model's own conv.
-  conv = nn.Conv(4, (3, 3))
-  h = conv.apply({'params': variables['params']['Conv_0']},
-                 x.reshape(-1, 6, 6, 1))
-  np.testing.assert_allclose(new['batch_stats']['BatchNorm_0']['mean'],
-                             np.asarray(h).mean(axis=(0, 1, 2)), rtol=1e-4,
-                             atol=1e-5)
+class DropoutThenBN(nn.Module):
+  """Dropout BEFORE BatchNorm: the statistics depend on each batch's mask."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(3)(x)
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+
+
+def test_recompute_batch_stats_gives_each_batch_its_own_dropout_key():
+  """Issue item 29, against a non-jitted loop that computes BN by hand."""
+  model = DropoutThenBN()
+  rng = np.random.default_rng(2)
+  batches = jnp.asarray(rng.normal(size=(4, 16, 2)) + 1.0, jnp.float32)
+  variables = model.init(jax.random.key(0), batches[0], train=False)
+  key = jax.random.key(11)
+  new = emax.flax.recompute_batch_stats(model.apply, variables, batches,
+                                        train=True, rngs={'dropout': key})
+
+  @jax.jit
+  def dropout_output(x, key):
+    _, inter = model.apply(
+        variables, x, train=True, rngs={'dropout': key},
+        mutable=['batch_stats', 'intermediates'], capture_intermediates=True)
+    return inter['intermediates']['Dropout_0']['__call__'][0]
+
+  def reference(key_of):
+    """Mean over batches of each batch's mean/var of the dropout output."""
+    means, variances = [], []
+    for i in range(batches.shape[0]):  # one call per batch, no scan
+      h = np.asarray(dropout_output(batches[i], key_of(i)), np.float64)
+      means.append(h.mean(axis=0))
+      variances.append(((h - h.mean(axis=0)) ** 2).mean(axis=0))
+    return np.mean(means, axis=0), np.mean(variances, axis=0)
+
+  mean, var = reference(lambda i: jax.random.fold_in(key, i))
+  stats = new['batch_stats']['BatchNorm_0']
+  np.testing.assert_allclose(stats['mean'], mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats['var'], var, rtol=1e-4, atol=1e-6)
+  # One key for every batch gives other statistics: the key matters here.
+  same_mean, same_var = reference(lambda i: jax.random.fold_in(key, 0))
+  assert np.max(np.abs(same_mean - mean)) + np.max(
+      np.abs(same_var - var)) > 1e-2
