@@ -13,7 +13,10 @@ average matches to the bit:
   into one multiply-add where XLA fuses it): what a hand-written jitted EMA,
   timm's ``ModelEmaV3`` and ema-pytorch compute, to a few ulp;
 * ``rounding='optax'``: ``c * p + (1 - c) * old`` with both weights computed
-  in float64 on the host for a constant, as ``optax.incremental_update``.
+  in float64 on the host for a constant, as ``optax.incremental_update``;
+* ``rounding='nnx'``: ``d * old + (1 - d) * p``, the decay's product first, as
+  ``flax.nnx.EMA`` and Keras write it (XLA fuses the first product it meets
+  into a multiply-add, so the order of the two products matters under jit).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from emax._options import Rate
 
@@ -44,9 +48,11 @@ def _host_coefficients(rate: Rate, rounding: str,
                        power: int) -> tuple[np.float32, np.float32]:
   """``(step, keep)`` for a Python float rate, computed on the host."""
   value = rate.value
-  if rate.kind == 'decay' and rounding == 'tensorflow' and power == 1:
+  if rate.kind == 'decay' and power == 1:
     decay = np.float32(value)
-    return np.float32(1.0) - decay, decay  # TensorFlow's order, in float32
+    if rounding == 'tensorflow':
+      return np.float32(1.0) - decay, decay  # TensorFlow's order, in float32
+    return np.float32(1.0 - value), decay  # 1 - d in float64, as Python does
   tau = 1.0 - value if rate.kind == 'decay' else value
   if power > 1:
     # 1 - (1 - tau) ** power, without cancellation.
@@ -93,47 +99,77 @@ def coefficients(rate: Rate, count: jax.Array, rounding: str,
   return step, keep
 
 
-def _unfused(product: jax.Array, diff: jax.Array) -> jax.Array:
-  """``product`` (``c * diff``) in a form XLA cannot fuse into an add.
+def runtime_zero(count: jax.Array) -> jax.Array:
+  """``+0.0`` as float32, computed from the step count at run time.
 
-  XLA's CPU and GPU backends contract ``a - c * d`` into one fused
-  multiply-add, which rounds once where TensorFlow rounds twice. This select
-  is an identity (``c * d`` is NaN whenever ``d`` is) that the contraction
-  cannot see through; it costs no memory traffic.
+  A zero the compiler cannot see as a constant: see :func:`average`.
   """
-  return jnp.where(jnp.isnan(diff), diff, product)
+  return jnp.copysign(jnp.zeros([], F32), jnp.asarray(count).astype(F32))
 
 
 def average(old: jax.Array, new: jax.Array, step: jax.typing.ArrayLike,
-            keep: jax.typing.ArrayLike, rounding: str) -> jax.Array:
+            keep: jax.typing.ArrayLike, rounding: str,
+            zero: jax.typing.ArrayLike = 0.0) -> jax.Array:
   """One averaging step of ``old`` toward ``new``, in ``old``'s dtype.
 
   ``step`` and ``keep`` are float32 (scalars, or arrays that broadcast
   against ``old``); they are cast to ``old``'s dtype, as TensorFlow casts
   ``1 - decay`` to the variable's dtype.
+
+  For ``'tensorflow'``, ``zero`` must be a ``+0.0`` the compiler cannot
+  constant-fold (:func:`runtime_zero`). XLA's CPU and GPU backends contract
+  ``old - c * d`` into one fused multiply-add, which rounds once where
+  TensorFlow rounds twice; ``old - (c * d - zero)`` cannot be contracted that
+  way (at most ``c * d - zero`` becomes ``fma(c, d, -0)``, which rounds exactly
+  as ``c * d`` does), so both roundings stay, at the cost of one vector
+  subtraction.
   """
   dtype = old.dtype
   new = new.astype(dtype)
   c = jnp.asarray(step).astype(dtype)
   if rounding == 'tensorflow':
-    diff = old - new
-    return old - _unfused(c * diff, diff)
+    return old - (c * (old - new) - jnp.asarray(zero).astype(dtype))
   if rounding == 'lerp':
     return old + c * (new - old)
-  return c * new + jnp.asarray(keep).astype(dtype) * old
+  k = jnp.asarray(keep).astype(dtype)
+  if rounding == 'nnx':
+    return k * old + c * new
+  return c * new + k * old
+
+
+def _total(sums: list[jax.Array]) -> jax.Array:
+  """The sum of per-array scalar sums, as float32 (the real and imaginary
+  parts of complex ones added: a non-finite part stays non-finite)."""
+  total = jnp.zeros([], F32)
+  for x in sums:
+    if jnp.iscomplexobj(x):
+      x = jnp.real(x) + jnp.imag(x)
+    total = total + x.astype(F32)
+  return total
 
 
 def all_finite(arrays: list[jax.Array]) -> jax.Array:
   """Whether every array is free of NaN and Inf (a bool scalar).
 
-  ``x - x`` is exactly zero for a finite ``x`` and NaN otherwise, so the sum
-  of ``x - x`` is finite exactly when all of ``x`` is; it cannot overflow.
-  XLA on CPU reduces a float sum about twice as fast as ``all(isfinite)``.
+  First the sum of every array's sum: finite means every element is finite
+  (a NaN or Inf anywhere makes it NaN or Inf), and a plain sum is the fastest
+  reduction XLA has on CPU. Only when that total is not finite (a NaN or Inf,
+  or finite values whose sum overflows) the exact check runs: the total of
+  ``sum(x - x)``, zero for finite arrays and NaN otherwise, which cannot
+  overflow. The per-array sums are added as a chain of scalars: stacking
+  thousands of flags made XLA's compile time grow much faster than the
+  number of leaves.
   """
-  flags = [jnp.isfinite(jnp.sum(x - x)) for x in arrays]
-  if not flags:
+  if not arrays:
     return jnp.asarray(True)
-  return jnp.stack(flags).all()
+  fast = jnp.isfinite(_total([jnp.sum(x) for x in arrays]))
+
+  def exact() -> jax.Array:
+    return jnp.isfinite(_total([jnp.sum(x - x) for x in arrays]))
+
+  if not isinstance(fast, jax.core.Tracer):  # eager: decide on the host
+    return fast if bool(fast) else exact()
+  return lax.cond(fast, lambda: jnp.asarray(True), exact)
 
 
 def debias(stored: jax.Array, weight: jax.Array) -> jax.Array:

@@ -26,7 +26,7 @@ import numpy as np
 
 MAX_INT32 = int(np.iinfo(np.int32).max)
 
-ROUNDINGS = ('tensorflow', 'lerp', 'optax')
+ROUNDINGS = ('tensorflow', 'lerp', 'optax', 'nnx')
 """The arithmetic of one averaging step (see :func:`emax.ema`)."""
 
 PACK_MAX_SIZE = 1 << 15
@@ -106,7 +106,8 @@ def check_rounding(rounding: Any) -> str:
         f'rounding must be one of {ROUNDINGS}, got {rounding!r} instead.'
         " 'tensorflow' (the default) rounds as tf.train.ExponentialMovingAverage"
         " does, 'lerp' as a jitted `ema + (1 - d) * (p - ema)`, 'optax' as"
-        ' optax.incremental_update.')
+        " optax.incremental_update, 'nnx' as flax.nnx.EMA and Keras"
+        ' (`d * ema + (1 - d) * p`).')
   return rounding
 
 

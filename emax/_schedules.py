@@ -305,7 +305,7 @@ def scale_decay(decay: Any, factor: float) -> Any:
     >>> round(emax.scale_decay(0.999, 4), 6)
     0.996006
     >>> float(emax.scale_decay(emax.half_life_decay(10.0), 2)(0))
-    0.8705505132675171
+    0.8705505728721619
   """
   factor = _options.finite_positive(factor, 'factor')
   if not callable(decay):

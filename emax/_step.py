@@ -43,13 +43,16 @@ def scheduled_mode(options: _options.StepOptions, count: jax.Array) -> Any:
   """
   if options.every_step:
     return np.int32(AVERAGE)
+  if not isinstance(count, jax.core.Tracer):  # eager: decide on the host
+    count = np.asarray(count)
+  xp = np if isinstance(count, np.ndarray) else jnp
   saturated = count == _options.MAX_INT32
-  number = jnp.where(saturated, count, count + 1)
+  number = xp.where(saturated, count, count + 1)
   first, every = options.first_update, options.update_every
   on_grid = (number >= first) & ((number - first) % every == 0)
-  mode = jnp.where(number <= options.start_step, COPY,
-                   jnp.where(on_grid, AVERAGE, KEEP))
-  return jnp.where(saturated, AVERAGE, mode).astype(jnp.int32)
+  mode = xp.where(number <= options.start_step, COPY,
+                  xp.where(on_grid, AVERAGE, KEEP))
+  return xp.where(saturated, AVERAGE, mode).astype(np.int32)
 
 
 def _is_constant(x: Any) -> bool:
@@ -83,7 +86,8 @@ def _ordered_rates(options: _options.StepOptions,
 
 
 def step(options: _options.StepOptions, state: Any, params: Params,
-         updates: Optional[Params] = None, *, where: str) -> EmaState:
+         updates: Optional[Params] = None, *, where: str,
+         finite: Any = None) -> EmaState:
   """One step of every average in ``state`` toward ``params + updates``.
 
   Args:
@@ -94,6 +98,9 @@ def step(options: _options.StepOptions, state: Any, params: Params,
     updates: optional updates; the averages then move toward
       ``params + updates``, computed as ``optax.apply_updates`` does.
     where: the public name of the caller, for error messages.
+    finite: optional, a bool scalar the caller vouches for: whether the new
+      params are free of NaN and Inf. Given, it replaces the guard's own
+      check (a pass over the params); the rates are still checked.
 
   Returns:
     The new state.
@@ -123,14 +130,18 @@ def step(options: _options.StepOptions, state: Any, params: Params,
 
   scheduled = scheduled_mode(options, count)
   # A step size of exactly one is a copy (a select, never arithmetic).
-  mode = (np.where(steps == 1, COPY, scheduled).astype(np.int32)
+  mode = (np.where((scheduled == AVERAGE) & (steps == 1), COPY,
+                   scheduled).astype(np.int32)
           if _is_constant(steps) and _is_constant(scheduled) else
           jnp.where((scheduled == AVERAGE) & (steps == 1), COPY, scheduled))
 
   ok: Any = True
   if options.skip_nonfinite:
     def check() -> jax.Array:
-      flags = _numerics.all_finite(_layout.float_values(values))
+      if finite is None:
+        flags = _numerics.all_finite(_layout.float_values(values))
+      else:
+        flags = jnp.asarray(finite, bool).reshape(())
       if not _is_constant(steps):
         flags &= jnp.all(jnp.isfinite(steps) & jnp.isfinite(keeps))
       return flags
@@ -144,6 +155,8 @@ def step(options: _options.StepOptions, state: Any, params: Params,
     return value if ok is True else jnp.where(ok, value, old)
 
   weight = state.weight
+  zero = (_numerics.runtime_zero(count) if options.rounding == 'tensorflow'
+          else 0.0)
 
   def per_name(x: Any, ndim: int) -> Any:
     """``x`` (one value per name) shaped to broadcast over stored arrays."""
@@ -151,24 +164,39 @@ def step(options: _options.StepOptions, state: Any, params: Params,
       return x
     return x.reshape((-1,) + (1,) * (ndim - 1))
 
+  # A form with two products is fused by XLA into one multiply-add, and which
+  # product it fuses depends on what surrounds the sum. For 'nnx'
+  # (`d * old + (1 - d) * new`) a select on the result (the guard) changes
+  # the choice, so that form takes the guard on its inputs (weights 1 and 0,
+  # the old value for the new: exactly the old value) and compiles as the
+  # hand-written expression does; the others select on the result. Both
+  # choices are pinned by bitwise tests against the peers (tests/test_peers).
+  on_inputs = options.rounding == 'nnx' and ok is not True
+
   def leaf(old: jax.Array, new: jax.Array) -> jax.Array:
     n = old.ndim
     start = old
     if info.debias:  # a zero-weight average starts from zero, not its copy
       start = jnp.where(per_name(weight == 0, n), jnp.zeros((), old.dtype),
                         old)
-    return guarded(_select(
+    c, k = per_name(steps, n), per_name(keeps, n)
+    moving = new
+    if on_inputs:  # 0 * old + 1 * old is old, to the bit
+      c, k = jnp.where(ok, c, 0.0), jnp.where(ok, k, 1.0)
+      moving = jnp.where(ok, new.astype(old.dtype), old)
+    value = _select(
         per_name(mode, n),
-        lambda: _numerics.average(start, new, per_name(steps, n),
-                                  per_name(keeps, n), options.rounding),
+        lambda: _numerics.average(start, moving, c, k, options.rounding,
+                                  zero),
         lambda: jnp.broadcast_to(new.astype(old.dtype), old.shape),
-        lambda: old), old)
+        lambda: old)
+    return value if on_inputs and _is_constant(mode) else guarded(value, old)
 
   average = _layout.map_leaves(leaf, stored, values)
   one = jnp.ones([], jnp.float32)
   new_weight = guarded(_select(
       mode, lambda: _numerics.average(weight, one, steps, keeps,
-                                      'tensorflow'),
+                                      'tensorflow', zero),
       lambda: jnp.broadcast_to(one, weight.shape), lambda: weight), weight)
 
   new_step_size = guarded(_select(
@@ -222,7 +250,7 @@ def update(state: EmaState, params: Params,
            step_size: _options.RateArg = None, skip_nonfinite: bool = True,
            rounding: str = 'tensorflow', update_every: int = 1,
            first_update: Optional[int] = None, start_step: int = 0,
-           per_update: bool = False) -> EmaState:
+           per_update: bool = False, finite: Any = None) -> EmaState:
   r"""One pure step of the moving average(s) toward ``params``.
 
   Computes, in each float leaf's accumulator dtype, exactly what
@@ -252,6 +280,10 @@ def update(state: EmaState, params: Params,
     first_update: see :func:`emax.ema`.
     start_step: see :func:`emax.ema`.
     per_update: see :func:`emax.ema`.
+    finite: optional bool scalar: whether ``params`` are free of NaN and Inf,
+      a signal the caller already has (e.g. ``jnp.isfinite(grad_norm)``
+      when the previous params were finite). Given, the NaN guard uses it
+      instead of reading every param again.
 
   Returns:
     The new :class:`EmaState`.
@@ -279,4 +311,4 @@ def update(state: EmaState, params: Params,
       decay, step_size, update_every=update_every, first_update=first_update,
       start_step=start_step, per_update=per_update,
       skip_nonfinite=skip_nonfinite, rounding=rounding)
-  return step(options, state, params, where='emax.update')
+  return step(options, state, params, where='emax.update', finite=finite)

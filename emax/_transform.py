@@ -52,7 +52,8 @@ def ema(decay: _options.RateArg = None, *, step_size: _options.RateArg = None,
         skip_nonfinite: bool = True, offload: bool = False,
         pack: bool | int = False, rounding: str = 'tensorflow',
         write_back_every: Optional[int] = None,
-        write_back: Optional[str] = None) -> optax.GradientTransformation:
+        write_back: Optional[str] = None
+        ) -> optax.GradientTransformationExtraArgs:
   r"""Track exponential moving averages of the parameters.
 
   Place it last in an ``optax.chain`` (or use :func:`emax.with_ema`, which
@@ -111,7 +112,8 @@ def ema(decay: _options.RateArg = None, *, step_size: _options.RateArg = None,
       ``'lerp'`` (``average + (1 - d) * (params - average)`` as XLA compiles
       it: hand-written jitted code, timm, ema-pytorch), ``'optax'``
       (``step_size * params + (1 - step_size) * average``, as
-      ``optax.incremental_update``).
+      ``optax.incremental_update``), ``'nnx'`` (``decay * average + (1 -
+      decay) * params``, as ``flax.nnx.EMA`` and Keras).
     write_back_every: every this many steps, the updates returned move the
       params onto the average (Switch-EMA): ``params + updates`` then equals
       the average in the params' dtype (exactly when the two are within a
@@ -120,8 +122,12 @@ def ema(decay: _options.RateArg = None, *, step_size: _options.RateArg = None,
     write_back: with named averages, the name of the one to write back.
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is an
-    :class:`emax.EmaState`. Its ``update`` requires ``params``.
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`emax.EmaState`. Its ``update(updates, state, params, *,
+    finite=None)`` requires ``params``; ``finite``, an optional bool scalar
+    the caller vouches for (are ``params + updates`` free of NaN and Inf?),
+    replaces the NaN guard's own pass over the params (optax passes it
+    through ``optax.chain`` as an extra argument).
 
   Raises:
     ValueError: if a rate is outside ``[0, 1]``, an int option is out of
@@ -161,20 +167,22 @@ def ema(decay: _options.RateArg = None, *, step_size: _options.RateArg = None,
                        accumulator_dtype=acc, offload=offload, pack=pack)
 
   def update_fn(updates: optax.Updates, state: EmaState,
-                params: Optional[Params] = None
-                ) -> tuple[optax.Updates, EmaState]:
+                params: Optional[Params] = None, *, finite: Any = None,
+                **extra_args: Any) -> tuple[optax.Updates, EmaState]:
+    del extra_args  # other transformations' extra arguments
     if params is None:
       raise ValueError(
           'emax.ema needs the params: call tx.update(updates, opt_state,'
           ' params). It averages the params after this step, params +'
           ' updates, so it cannot work from the updates alone.')
-    state = _step.step(options, state, params, updates, where='emax.ema')
+    state = _step.step(options, state, params, updates, where='emax.ema',
+                       finite=finite)
     if write_back_every is not None:
       updates = _write_back(updates, state, params, write_back_every,
                             write_back)
     return updates, state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _is_transformation(x: Any) -> bool:
@@ -290,7 +298,8 @@ def with_ema(optimizer: optax.GradientTransformation,
     _tree.check_updates(params, updates)  # before the optimizer's own error
     updates, inner_state = inner.update(updates, state.inner_state, params,
                                         **extra_args)
-    updates, ema_state = average.update(updates, state.ema_state, params)
+    updates, ema_state = optax.with_extra_args_support(average).update(
+        updates, state.ema_state, params, **extra_args)
     return updates, WithEmaState(inner_state, ema_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

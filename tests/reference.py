@@ -37,9 +37,11 @@ def coefficients(rate, kind='decay', rounding='tensorflow', power=1):
       c = np.float32(1.0 - (1.0 - np.float64(c)) ** power)
       keep = np.float32(np.float32(1) - c)
     return np.float32(c), np.float32(keep)
-  if kind == 'decay' and rounding == 'tensorflow' and power == 1:
+  if kind == 'decay' and power == 1:
     d = np.float32(rate)
-    return np.float32(np.float32(1) - d), d
+    if rounding == 'tensorflow':
+      return np.float32(np.float32(1) - d), d
+    return np.float32(1.0 - rate), d
   tau = 1.0 - rate if kind == 'decay' else float(rate)
   tau = 1.0 - (1.0 - tau) ** power
   return np.float32(tau), np.float32(1.0 - tau)
@@ -105,6 +107,8 @@ class NumpyEma:
             out = start - (cc * (start - pp)).astype(a.dtype)
           elif rounding == 'optax':
             out = cc * pp + np.asarray(keep).astype(a.dtype) * start
+          elif rounding == 'nnx':
+            out = np.asarray(keep).astype(a.dtype) * start + cc * pp
           else:
             out = start + cc * (pp - start)
           new.append(np.asarray(out).astype(a.dtype))
