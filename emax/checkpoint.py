@@ -51,6 +51,7 @@ from optax import Params
 __all__ = (
     'abstract_state',
     'average',
+    'read_average',
     'restore',
     'save',
 )
@@ -119,8 +120,8 @@ def abstract_state(state: Params) -> Params:
   return jax.tree.map(leaf, state)
 
 
-def save(manager: Any, step: int, state: Params, *, wait: bool = True,
-         **kwargs) -> bool:
+def save(manager: Any, step: int, state: Params, *,
+         sigma_rels: Any = None, wait: bool = True, **kwargs) -> bool:
   """Saves ``state`` at ``step``; by default returns once it is on disk.
 
   Runs ``manager.save(step, args=ocp.args.StandardSave(state), **kwargs)``
@@ -131,11 +132,27 @@ def save(manager: Any, step: int, state: Params, *, wait: bool = True,
   (an exception, a kill) leaves the earlier checkpoints as they were; see the
   module docstring for what Orbax guarantees.
 
+  What a checkpoint cannot hold, it records. The static parts of every
+  :class:`emax.EmaState` in ``state`` (where it sits in the tree, the names
+  of its averages, the params' dtypes, ``debias``, its layout) and the
+  ``sigma_rels`` given here go into the step's custom metadata, under the
+  key ``'emax'`` (JSON, a few hundred bytes, next to any
+  ``custom_metadata`` you pass). :func:`read_average` and
+  :func:`emax.posthoc.from_checkpoints` read it; Orbax's own restores, and
+  :func:`restore` and :func:`average`, ignore it. A state without an
+  average saves exactly as before.
+
   Args:
     manager: an ``orbax.checkpoint.CheckpointManager``.
     step: the step to save under.
     state: any pytree of arrays: a train state, ``{'params': ...,
       'opt_state': ...}``, an :class:`emax.EmaState`.
+    sigma_rels: the widths of the power-function averages in ``state``, for
+      post-hoc EMA (:mod:`emax.posthoc`): the mapping given to
+      :func:`emax.ema` (``{name: emax.power_function_decay(sigma_rel=...)}``:
+      each schedule knows its ``sigma_rel``), or ``{name: sigma_rel}`` (a
+      subset of the names is fine: other averages get none); for a single
+      unnamed average, one number or schedule. ``None``: record none.
     wait: ``True`` (the default): block until the checkpoint is written and
       committed, also when the manager saves asynchronously (Orbax's
       default); earlier asynchronous saves of the manager finish too.
@@ -147,7 +164,7 @@ def save(manager: Any, step: int, state: Params, *, wait: bool = True,
       process exits, or the checkpoint is lost, and expect an interrupted
       background save to leave only a temporary directory.
     **kwargs: passed on to ``manager.save``: ``metrics``, ``force``,
-      ``custom_metadata``.
+      ``custom_metadata`` (a dict; the key ``'emax'`` is emax's).
 
   Returns:
     Whether the manager saved: ``False`` when its policy skips ``step``
@@ -155,7 +172,12 @@ def save(manager: Any, step: int, state: Params, *, wait: bool = True,
     ``wait=True`` the pending saves are written even then.
 
   Raises:
-    TypeError: if ``wait`` is not a bool.
+    TypeError: if ``wait`` is not a bool, or ``sigma_rels`` holds a schedule
+      without a ``sigma_rel`` (only :func:`emax.power_function_decay` has
+      one) or something that is not a number.
+    ValueError: if ``sigma_rels`` names an average ``state`` does not hold,
+      a width is outside ``(0, 1/sqrt(12))``, or ``custom_metadata`` already
+      has the key ``'emax'``.
     ImportError: if orbax-checkpoint is not installed.
 
   Examples:
@@ -167,6 +189,22 @@ def save(manager: Any, step: int, state: Params, *, wait: bool = True,
     ...   ocp.CheckpointManager(directory).latest_step()
     True
     1
+
+    With two power-function averages, record their widths for
+    :func:`emax.posthoc.from_checkpoints`:
+
+    >>> import optax, emax
+    >>> decays = {'s05': emax.power_function_decay(sigma_rel=0.05),
+    ...           's10': emax.power_function_decay(sigma_rel=0.10)}
+    >>> tx = emax.with_ema(optax.sgd(0.1), decays)
+    >>> state = {'params': {'w': jnp.ones(2)}}
+    >>> state['opt_state'] = tx.init(state['params'])
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   with ocp.CheckpointManager(directory) as manager:
+    ...     _ = emax.checkpoint.save(manager, 1, state, sigma_rels=decays)
+    ...     record = manager.metadata(1).custom_metadata['emax']
+    >>> [(a['path'], a['names'], a['sigma_rels']) for a in record['averages']]
+    [(['opt_state', 'ema_state'], ['s05', 's10'], [0.05, 0.1])]
   """
   ocp = _ocp()
   if not isinstance(wait, bool):
@@ -175,6 +213,20 @@ def save(manager: Any, step: int, state: Params, *, wait: bool = True,
         ' Pass wait=False only to keep training while the checkpoint is'
         ' written, and then call manager.wait_until_finished() before the'
         ' process exits.')
+  record = _record(state, sigma_rels)
+  if record is not None:
+    custom = kwargs.get('custom_metadata')
+    if custom is None:
+      custom = {}
+    if not isinstance(custom, dict):
+      raise TypeError(
+          f'custom_metadata must be a dict, got {type(custom).__name__}.')
+    if METADATA_KEY in custom:
+      raise ValueError(
+          f'custom_metadata has the key {METADATA_KEY!r}, which'
+          ' emax.checkpoint.save fills with what it records about the'
+          ' averages. Use another key for your own metadata.')
+    kwargs['custom_metadata'] = {**custom, METADATA_KEY: record}
   saved = manager.save(step, args=ocp.args.StandardSave(state), **kwargs)
   if wait:
     manager.wait_until_finished()
@@ -738,3 +790,601 @@ def _finish(total, total_weight, dtype):
     return _divide_on_device(total, total_weight).astype(dtype)
   total /= total_weight
   return total.astype(dtype, copy=False)
+
+
+# --- what training records, and states restored without a target ------------
+
+METADATA_KEY = 'emax'
+"""The key of emax's record in a step's ``custom_metadata``."""
+
+_FORMAT = 1
+_STATE_KEYS = ('count', 'average', 'weight', 'step_size', 'skipped')
+_SIGMA_REL_MAX = 1 / np.sqrt(12)
+_TARGET_HINT = (
+    ' Pass like= the abstract state, e.g. like=jax.eval_shape(tx.init,'
+    ' params) or emax.checkpoint.abstract_state(a freshly built state), or'
+    ' restore with a target: emax.checkpoint.restore(manager, like).')
+
+
+def _is_ema_state(x):
+  from emax import EmaState  # pylint: disable=g-import-not-at-top
+  return isinstance(x, EmaState)
+
+
+def _stored_key(key):
+  """A ``jax.tree_util`` path entry as Orbax names it in a stored tree."""
+  tu = jax.tree_util
+  if isinstance(key, tu.DictKey):
+    key = key.key
+  elif isinstance(key, tu.GetAttrKey):
+    key = key.name
+  elif isinstance(key, tu.SequenceKey):
+    key = key.idx
+  elif isinstance(key, tu.FlattenedIndexKey):
+    key = key.key
+  if isinstance(key, (str, int)) and not isinstance(key, bool):
+    return key
+  return str(key)
+
+
+def _same_path(a, b):
+  """Whether two stored paths name the same place (``1`` and ``'1'`` alike)."""
+  return (a is not None and b is not None and len(a) == len(b)
+          and all(str(x) == str(y) for x, y in zip(a, b)))
+
+
+def _layout_name(average):
+  """``'plain'``, ``'packed'`` (``pack=True``) or ``'offloaded'``."""
+  from emax import _layout, _offload  # pylint: disable=g-import-not-at-top
+  if isinstance(average, _offload.OffloadedTree):
+    return 'offloaded'
+  if isinstance(average, _layout.PackedTree):
+    return 'packed'
+  return 'plain'
+
+
+def _sigma_rel(value, where):
+  """A width as a float: a number, or a schedule's ``sigma_rel``."""
+  if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
+    if not isinstance(getattr(value, 'sigma_rel', None), numbers.Real):
+      raise TypeError(
+          f'{where}: {value!r} has no sigma_rel; only'
+          ' emax.power_function_decay schedules do (post-hoc EMA needs'
+          ' power-function averages). Give the width as a number, or leave'
+          ' this average out.')
+    value = value.sigma_rel
+  if isinstance(value, bool) or not isinstance(
+      value, (numbers.Real, np.number, np.ndarray, jax.Array)) or np.ndim(
+          value) != 0:
+    raise TypeError(f'{where} must be a number or a power_function_decay'
+                    f' schedule, got {value!r}.')
+  value = float(value)
+  if not 0 < value < _SIGMA_REL_MAX:
+    raise ValueError(
+        f'{where} is {value}, but a power-function average has sigma_rel in'
+        f' (0, {_SIGMA_REL_MAX:.4f}); typical values are 0.05 to 0.15.')
+  return value
+
+
+def _widths(names, sigma_rels, where):
+  """One width (or None) per average of a state, and the keys used."""
+  count = 1 if names is None else len(names)
+  if sigma_rels is None:
+    return [None] * count, set()
+  if isinstance(sigma_rels, dict) or hasattr(sigma_rels, 'keys'):
+    if names is None:
+      return [None], set()
+    used = [n for n in names if n in sigma_rels]
+    return ([_sigma_rel(sigma_rels[n], f'{where}[{n!r}]') if n in sigma_rels
+             else None for n in names], set(used))
+  if isinstance(sigma_rels, (list, tuple)):
+    if names is None or len(sigma_rels) != count:
+      return [None] * count, set()
+    return [None if s is None else _sigma_rel(s, f'{where}[{i}]')
+            for i, s in enumerate(sigma_rels)], {'*'}
+  if names is not None:
+    return [None] * count, set()
+  return [_sigma_rel(sigma_rels, where)], {'*'}
+
+
+def _record(state, sigma_rels):
+  """What :func:`save` records about the averages in ``state`` (or None)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(state,
+                                                 is_leaf=_is_ema_state)
+  averages, used = [], set()
+  for path, x in flat:
+    if not _is_ema_state(x):
+      continue
+    info = x.info
+    names = None if info.names is None else list(info.names)
+    widths, keys = _widths(info.names, sigma_rels, 'sigma_rels')
+    used |= keys
+    layout = _layout_name(x.average)
+    param_paths = None
+    if layout == 'plain':
+      param_paths = [[_stored_key(k) for k in p] for p, _ in
+                     jax.tree_util.tree_flatten_with_path(x.average)[0]]
+    averages.append({
+        'path': [_stored_key(k) for k in path],
+        'names': names,
+        'debias': bool(info.debias),
+        'layout': layout,
+        'param_dtypes': [str(np.dtype(d)) for d in info.param_dtypes],
+        'param_paths': param_paths,
+        'sigma_rels': widths if any(w is not None for w in widths) else None,
+    })
+  if sigma_rels is not None:
+    if not averages:
+      raise ValueError(
+          'sigma_rels was given, but the state holds no emax.EmaState to'
+          ' record it for. Save the state that holds the averages (e.g.'
+          ' {"params": params, "opt_state": opt_state}).')
+    named = [a['names'] for a in averages if a['names'] is not None]
+    if isinstance(sigma_rels, dict) or hasattr(sigma_rels, 'keys'):
+      unknown = sorted(set(map(str, sigma_rels)) - used)
+      if unknown:
+        raise ValueError(
+            f'sigma_rels names {unknown}, but the averages in the state are'
+            f' named {named or "nothing (a single unnamed average)"}. Give'
+            ' one entry per named average, e.g. the mapping given to'
+            ' emax.ema.')
+    elif not used:
+      raise ValueError(
+          f'sigma_rels={sigma_rels!r} fits no average in the state: a single'
+          ' number or schedule is for a single unnamed average, a sequence'
+          ' for named ones (one per name, in order); these are named'
+          f' {named}. Give a mapping {{name: sigma_rel}}.')
+  if not averages:
+    return None
+  return {'format': _FORMAT, 'averages': averages}
+
+
+def _recorded(metadata):
+  """The list of recorded averages in ``metadata``, or None."""
+  if metadata is None:
+    return None
+  metadata = getattr(metadata, 'custom_metadata', metadata)
+  if not isinstance(metadata, dict):
+    raise TypeError(
+        'metadata must be what Orbax gives for a step:'
+        ' manager.metadata(step) or its .custom_metadata dict; got'
+        f' {type(metadata).__name__}.')
+  record = metadata.get(METADATA_KEY, metadata)
+  if not isinstance(record, dict) or 'averages' not in record:
+    return None
+  if record.get('format') != _FORMAT:
+    raise ValueError(
+        f'The checkpoint\'s emax record has format {record.get("format")!r};'
+        f' this emax reads format {_FORMAT}. Upgrade emax.')
+  return record['averages']
+
+
+def _found_states(tree):
+  """``[(path, node)]``: every dict shaped like an EmaState, or EmaState."""
+  found = []
+
+  def walk(node, path):
+    if _is_ema_state(node):
+      found.append((path, node))
+    elif isinstance(node, dict):
+      if set(_STATE_KEYS) <= set(node):
+        found.append((path, node))
+        return
+      for key, child in node.items():
+        walk(child, path + (key,))
+    elif isinstance(node, (list, tuple)):
+      for i, child in enumerate(node):
+        walk(child, path + (i,))
+
+  walk(tree, ())
+  return found
+
+
+def _describe_top(tree):
+  if isinstance(tree, dict):
+    return f'its top-level keys were {sorted(map(str, tree))}'
+  if isinstance(tree, (list, tuple)):
+    return f'it was a {type(tree).__name__} of length {len(tree)}'
+  return f'it was {_describe(tree)}'
+
+
+def _pick(found, path, tree, where):
+  """The one found state at ``path`` (or the only one)."""
+  if not found:
+    raise ValueError(
+        f'{where}: found no dict with keys {"/".join(_STATE_KEYS)} (an'
+        f' emax.EmaState restored without a target); {_describe_top(tree)}.'
+        ' Pass the state that holds the average (the whole restored'
+        ' checkpoint, or its opt_state).')
+  if path is not None:
+    path = (path,) if isinstance(path, (str, int)) else tuple(path)
+    for p, node in found:
+      if _same_path(p, path):
+        return p, node
+    raise ValueError(
+        f'{where}: no average at path {list(path)}; the averages are at'
+        f' {[list(p) for p, _ in found]}.')
+  if len(found) > 1:
+    raise ValueError(
+        f'{where}: found {len(found)} averages, at'
+        f' {[list(p) for p, _ in found]}; pass path= the one to read, e.g.'
+        f' path={list(found[0][0])}.')
+  return found[0]
+
+
+def _entry_at(recorded, path):
+  for entry in recorded or ():
+    if _same_path(entry.get('path'), path):
+      return entry
+  return None
+
+
+def _digits(node):
+  """Whether a dict's keys are '0'..'n-1' (how flax serializes a sequence)."""
+  keys = list(node)
+  return bool(keys) and all(isinstance(k, str) and k.isdigit() for k in keys
+                            ) and sorted(map(int, keys)) == list(
+                                range(len(keys)))
+
+
+def _children_in_order(node):
+  if isinstance(node, dict):
+    keys = (sorted(node, key=int) if _digits(node)
+            else sorted(node, key=lambda k: (str(type(k)), k)))
+    return [(k, node[k]) for k in keys]
+  return list(enumerate(node))
+
+
+def _flatten(tree, path=()):
+  """``[(path, leaf)]`` of a restored tree, in the params' order.
+
+  Dicts by sorted key, as ``jax.tree`` flattens them, except dicts keyed
+  ``'0'..'n-1'`` (flax serialization's sequences), by number.
+  """
+  if isinstance(tree, (dict, list, tuple)):
+    out = []
+    for key, child in _children_in_order(tree):
+      out.extend(_flatten(child, path + (key,)))
+    return out
+  return [] if tree is None else [(path, tree)]
+
+
+def _rebuild(tree, leaves):
+  """``tree``'s dicts and lists, its leaves replaced (in ``_flatten`` order)."""
+  it = iter(leaves)
+
+  def go(node):
+    if isinstance(node, dict):
+      new = {k: go(child) for k, child in _children_in_order(node)}
+      return {k: new[k] for k in node}  # the stored key order
+    if isinstance(node, (list, tuple)):
+      return type(node)(go(child) for child in node)
+    return None if node is None else next(it)
+
+  return go(tree)
+
+
+def _is_inexact(x):
+  return jnp.issubdtype(getattr(x, 'dtype', np.asarray(x).dtype), jnp.inexact)
+
+
+def _stored_layout(average):
+  """The layout a restored ``average`` dict looks like it was stored in."""
+  if isinstance(average, dict):
+    keys = set(average)
+    if keys == {'buffers', 'rest'}:
+      return 'packed'
+    if keys == {'leaves'} and any(
+        jnp.issubdtype(getattr(x, 'dtype', np.int8), jnp.unsignedinteger)
+        for _, x in _flatten(average)):
+      return 'offloaded'
+  return 'plain'
+
+
+class _Plan:
+  """How to read the averages of one restored EmaState dict.
+
+  Attributes:
+    names: the names of the averages, or None (unknown, or a single one).
+    count: how many averages it holds (1 for a single, unstacked one).
+    stacked: whether float leaves have a leading axis, one per average.
+    dtypes: per stored leaf of the average (``_flatten`` order), the params'
+      dtype; None where unknown (the stored dtype is kept).
+    treedef: the params' treedef to return, or None (the stored structure).
+    like_state: the abstract EmaState to pour the stored leaves into
+      (packed, offloaded, or ``like`` given as a state), or None.
+  """
+
+  def __init__(self, node, path, *, like, recorded, where):
+    self.path = path
+    self.treedef = None
+    self.like_state = None
+    entry = _entry_at(recorded, path)
+    info = node.get('info') if isinstance(node.get('info'), dict) else None
+    weight = node['weight']
+    shape = tuple(getattr(weight, 'shape', np.shape(weight)))
+    count_shape = tuple(getattr(node['count'], 'shape', ()))
+    if count_shape:
+      raise ValueError(
+          f'{where}: the average at {list(path)} has a count of shape'
+          f' {count_shape}: it was saved replicated (jax.pmap), one copy per'
+          ' device. Read one replica:'
+          ' jax.tree.map(lambda x: x[0], restored).')
+    self.stacked = len(shape) == 1
+    self.count = shape[0] if self.stacked else 1
+    names = None
+    if info is not None and info.get('names') is not None:
+      names = tuple(info['names'])
+    elif entry is not None and entry.get('names') is not None:
+      names = tuple(entry['names'])
+    layout = entry['layout'] if entry else _stored_layout(node['average'])
+    like_state, params_like = _like_parts(like, path, where)
+    if like_state is not None:
+      self.like_state = like_state
+      names = like_state.info.names
+    elif layout != 'plain':
+      raise ValueError(
+          f'{where}: the average at {list(path)} was stored {layout}'
+          f' ({"pack=True" if layout == "packed" else "offload=True"}): where'
+          ' each param sits in it is static and is not in the checkpoint.'
+          + _TARGET_HINT)
+    if names is not None and len(names) != self.count:
+      raise ValueError(
+          f'{where}: the average at {list(path)} holds {self.count}'
+          f' averages but its names are {list(names)}.')
+    self.names = names
+    stored = _flatten(node['average'])
+    self.dtypes = [None] * len(stored)
+    if params_like is not None:
+      leaves, treedef = jax.tree.flatten(params_like)
+      if len(leaves) != len(stored):
+        raise ValueError(
+            f'{where}: like has {len(leaves)} leaves but the average at'
+            f' {list(path)} has {len(stored)}. Pass the params the average'
+            ' was made of (or their jax.eval_shape), or the abstract state.')
+      self.dtypes = [np.dtype(getattr(x, 'dtype', np.asarray(x).dtype))
+                     for x in leaves]
+      self.treedef = treedef
+    elif entry is not None and entry.get('param_paths') is not None:
+      by_path = {tuple(map(str, p)): d for p, d in zip(
+          entry['param_paths'], entry['param_dtypes'])}
+      self.dtypes = [_dtype(by_path.get(tuple(map(str, p))))
+                     for p, _ in stored]
+    elif info is not None and info.get('param_dtypes') is not None:
+      dtypes = info['param_dtypes']
+      if len(dtypes) == len(stored):
+        self.dtypes = [_dtype(d) for d in dtypes]
+
+  def index(self, name, where):
+    """The position of average ``name`` (None for a single, unstacked one)."""
+    if not self.stacked:
+      if name is not None and name != 0:
+        raise ValueError(
+            f'{where}: the average at {list(self.path)} is a single, unnamed'
+            f' average; got name={name!r}. Read it without a name.')
+      return None
+    if isinstance(name, (int, np.integer)) and not isinstance(name, bool):
+      if not 0 <= name < self.count:
+        raise ValueError(
+            f'{where}: name={name} is out of range: the state holds'
+            f' {self.count} averages (indices 0 to {self.count - 1}).')
+      return int(name)
+    if name is None:
+      if self.count == 1:
+        return 0
+      listed = (f'named {list(self.names)}' if self.names is not None else
+                f'whose names were not saved (pass an index 0 to'
+                f' {self.count - 1}, in the order given to emax.ema)')
+      raise ValueError(
+          f'{where}: the state holds {self.count} averages, {listed}; say'
+          f' which one with name=.')
+    if self.names is None:
+      raise ValueError(
+          f'{where}: got name={name!r}, but the names of the'
+          f' {self.count} averages were not saved (Orbax drops them; save'
+          ' with emax.checkpoint.save to record them). Pass an index 0 to'
+          f' {self.count - 1} instead: the averages are in the order given'
+          ' to emax.ema.')
+    if name not in self.names:
+      raise ValueError(
+          f'{where}: no average named {name!r}; the state holds'
+          f' {list(self.names)}.')
+    return self.names.index(name)
+
+
+def _dtype(name):
+  return None if name is None else jnp.dtype(name)
+
+
+def _like_parts(like, path, where):
+  """``(abstract EmaState or None, params-like tree or None)`` of ``like``."""
+  if like is None:
+    return None, None
+  flat, _ = jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_ema_state)
+  states = [(tuple(_stored_key(k) for k in p), x) for p, x in flat
+            if _is_ema_state(x)]
+  if not states:
+    return None, like
+  if len(states) == 1:
+    return states[0][1], None
+  for p, x in states:
+    if _same_path(p, path):
+      return x, None
+  raise ValueError(
+      f'{where}: like holds {len(states)} averages, at'
+      f' {[list(p) for p, _ in states]}, none at {list(path)}.')
+
+
+def _pour(node, like_state, where):
+  """The stored leaves of ``node`` as an EmaState shaped like ``like_state``."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(like_state)
+  leaves = []
+  for keypath, spec in flat:
+    value = node
+    for key in map(_stored_key, keypath):
+      children = dict(_children(value) or ())
+      if key not in children:
+        children = {str(k): v for k, v in children.items()}
+        key = str(key)
+      if key not in children:
+        raise ValueError(
+            f'{where}: the restored average has no'
+            f' {jax.tree_util.keystr(keypath)}, which like has: like is not'
+            ' the state that was saved (check pack=, offload=, the names and'
+            ' the params).')
+      value = children[key]
+    shape = tuple(getattr(spec, 'shape', np.shape(spec)))
+    if tuple(np.shape(value)) != shape:
+      raise ValueError(
+          f'{where}: {jax.tree_util.keystr(keypath)} has shape'
+          f' {tuple(np.shape(value))} in the checkpoint but {shape} in like:'
+          ' like is not the state that was saved.')
+    leaves.append(jnp.asarray(value))
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def _debias(x, weight):
+  """The rule of :func:`emax.bias_correction`: ``average / weight``.
+
+  A weight of 1 (an average that started as a copy) or 0 (``debias=True``
+  before its first averaging step, which still holds the initial params)
+  leaves the stored value as it is, to the bit; any other weight divides,
+  in the stored (accumulator) dtype.
+  """
+  weight = float(weight)
+  if weight in (0.0, 1.0):
+    return x
+  if isinstance(x, jax.Array):
+    return x / jnp.asarray(weight, x.dtype)
+  x = np.asarray(x)
+  return x / np.asarray(weight, x.dtype)
+
+
+def _accumulated(node, plan, index):
+  """One average of ``node``, debiased, as ``[(path, leaf)]`` (acc dtypes)."""
+  weight = node['weight'] if index is None else node['weight'][index]
+  out = []
+  for path, x in _flatten(node['average']):
+    if _is_inexact(x):
+      x = _debias(x if index is None else x[index], weight)
+    out.append((path, x))
+  return out
+
+
+def _cast(x, dtype):
+  if dtype is None or not _is_inexact(x):
+    return x
+  return x.astype(dtype)
+
+
+def _read(node, plan, name, where):
+  """One average of a found state dict, debiased, in the params' dtypes."""
+  from emax import ema_params  # pylint: disable=g-import-not-at-top
+  if plan.like_state is not None:
+    state = _pour(node, plan.like_state, where)
+    index = plan.index(name, where)
+    return ema_params(state, None if index is None or plan.names is None
+                      else plan.names[index])
+  leaves = [_cast(x, d) for (_, x), d in zip(
+      _accumulated(node, plan, plan.index(name, where)), plan.dtypes)]
+  if plan.treedef is not None:
+    return jax.tree.unflatten(plan.treedef, leaves)
+  return _rebuild(node['average'], leaves)
+
+
+def read_average(restored: Any, *, name: Optional[Union[str, int]] = None,
+                 like: Any = None,
+                 path: Optional[Sequence[Union[str, int]]] = None,
+                 metadata: Any = None) -> Params:
+  """The average in a checkpoint restored without a target, to evaluate with.
+
+  A checkpoint restored without a target (``manager.restore(step)`` with no
+  ``args``, ``ocp.args.StandardRestore()``, or
+  ``flax.serialization.msgpack_restore``) gives plain dicts and lists: the
+  :class:`emax.EmaState` is a dict with the keys ``count``, ``average``,
+  ``weight``, ``step_size`` and ``skipped``, wherever it sat (in an optax
+  chain's list, under ``opt_state``, under ``ema_state`` of
+  :func:`emax.with_ema`). This finds it and returns the average as
+  :func:`emax.ema_params` would have: debiased and in the params' dtypes.
+
+  Debiasing follows :func:`emax.bias_correction`: the stored average divided
+  by its ``weight``, in the stored dtype; a weight of exactly 1 (an average
+  that started as a copy) or 0 (``debias=True`` before its first averaging
+  step, which still holds the initial params) gives the stored value itself.
+  The division happens where the arrays are: NumPy arrays (flax
+  serialization) are divided by NumPy, correctly rounded; ``jax.Array``
+  leaves (Orbax) on their devices, as :func:`emax.bias_correction` divides
+  (XLA on CPU rounds about a third of the quotients one ulp away from the
+  correctly rounded one).
+
+  What the dicts lose, and where it comes back from:
+
+  * the params' dtypes (a bf16 param is averaged in float32): from the
+    ``'info'`` entry that flax serialization writes, from what
+    :func:`save` recorded (``metadata``), or from ``like``; without any of
+    them the average comes back in its stored dtype (float32 for bf16
+    params).
+  * the names of named averages: from ``'info'``, ``metadata`` or ``like``;
+    without them pick an average by its index, ``name=0``, ``1``..., in the
+    order the mapping given to :func:`emax.ema` listed them.
+  * the layout of ``pack=True`` and ``offload=True`` averages (which leaf
+    sits where) is saved nowhere: those need ``like``.
+
+  Args:
+    restored: the restored tree (or any part of it holding the average), or
+      an already typed state (then this is :func:`emax.ema_params`).
+    name: which named average: a name, or an index into the names.
+    like: the abstract state, such as ``jax.eval_shape(tx.init, params)`` or
+      :func:`abstract_state` of a freshly built state (needed for packed and
+      offloaded averages; it gives names, dtypes and the params' own tree
+      types); or a tree shaped like the params (arrays or
+      ``jax.ShapeDtypeStruct``), for their dtypes and tree types.
+    path: where the average sits in ``restored`` (keys from the root, e.g.
+      ``('opt_state', 1)``), when it holds several (an ``EmaTrainState`` that
+      also averages ``batch_stats``).
+    metadata: what Orbax gives for the step, ``manager.metadata(step)`` or
+      its ``custom_metadata``: the names and dtypes :func:`save` recorded.
+
+  Returns:
+    A tree shaped like the params: the stored dicts and lists (flax
+    serialization's ``'0'``, ``'1'``... keys for tuples stay), or ``like``'s
+    tree types when ``like`` is given; arrays of the restored kind (NumPy
+    for flax serialization, ``jax.Array`` for Orbax), or what
+    :func:`emax.ema_params` returns when ``like`` is a state.
+
+  Raises:
+    ValueError: if no (or more than one, without ``path``) average is found
+      (the message says what the tree held), ``name`` is missing, unknown
+      or out of range, the average is packed or offloaded and ``like`` is
+      missing, or ``like`` does not fit the checkpoint.
+
+  Examples:
+    A flax-serialized state, restored without a target; the names and bf16
+    dtype come back from the saved ``'info'``:
+
+    >>> import flax.serialization, jax.numpy as jnp, optax, emax
+    >>> import emax.checkpoint
+    >>> params = {'w': jnp.ones(2, jnp.bfloat16)}
+    >>> tx = emax.with_ema(optax.sgd(0.1), {'fast': 0.5, 'slow': 0.9})
+    >>> opt_state = tx.init(params)
+    >>> _, opt_state = tx.update({'w': jnp.ones(2, jnp.bfloat16)}, opt_state,
+    ...                          params)
+    >>> raw = flax.serialization.msgpack_restore(
+    ...     flax.serialization.to_bytes({'params': params,
+    ...                                  'opt_state': opt_state}))
+    >>> fast = emax.checkpoint.read_average(raw, name='fast')
+    >>> print(type(raw), fast['w'].dtype, fast['w'])
+    <class 'dict'> bfloat16 [0.949219 0.949219]
+  """
+  where = 'emax.checkpoint.read_average'
+  found = _found_states(restored)
+  chosen_path, node = _pick(found, path, restored, where)
+  if _is_ema_state(node):
+    from emax import ema_params  # pylint: disable=g-import-not-at-top
+    if isinstance(name, (int, np.integer)) and not isinstance(name, bool):
+      names = node.info.names or ()
+      name = names[name] if 0 <= name < len(names) else name
+    return ema_params(node, name)
+  plan = _Plan(node, chosen_path, like=like, recorded=_recorded(metadata),
+               where=where)
+  return _read(node, plan, name, where)

@@ -44,8 +44,12 @@ number of snapshots.
 
 from __future__ import annotations
 
+import argparse
+import gc
 import math
 import numbers
+import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Union
 
@@ -55,7 +59,7 @@ import optax
 
 import emax
 
-__all__ = ('coefficients', 'reconstruct')
+__all__ = ('coefficients', 'from_checkpoints', 'reconstruct')
 
 Snapshot = tuple[Any, Any, Union[optax.Params, Callable[[], optax.Params]]]
 
@@ -339,10 +343,18 @@ class _Sum:
       else:
         self.totals[j] += term
 
-  def result(self) -> Any:
+  def result(self, dtypes: Sequence[Any] | None = None) -> Any:
+    """The sum, each float leaf rounded once to its snapshots' dtype.
+
+    ``dtypes``: one per leaf, the dtype to round to instead (None: keep).
+    """
     leaves = []
-    for total, kept, (_, _, dtype, sharding) in zip(self.totals, self.latest,
-                                                    self.specs):
+    if dtypes is None:
+      dtypes = [None] * len(self.specs)
+    for total, kept, (_, _, dtype, sharding), wanted in zip(
+        self.totals, self.latest, self.specs, dtypes):
+      if wanted is not None:
+        dtype = wanted
       leaf = kept if total is None else total.astype(dtype)
       if sharding is not None:
         leaf = jax.device_put(leaf, sharding)
@@ -440,3 +452,418 @@ def reconstruct(snapshots: Iterable[Snapshot], target_sigma_rel: float,
     total.add(_load(entries[k][2], where), float(weights[k]), k == latest,
               where)
   return total.result()
+
+
+# --- snapshots that training saved with Orbax -------------------------------
+
+
+def _targets(target_sigma_rel: Any) -> tuple[list[float], bool]:
+  """The target widths as floats, and whether a single one was given."""
+  if isinstance(target_sigma_rel, (list, tuple, np.ndarray)):
+    targets = [_scalar(t, f'target_sigma_rel[{i}]')
+               for i, t in enumerate(target_sigma_rel)]
+    if not targets:
+      raise ValueError('target_sigma_rel is empty; give a width, e.g. 0.1,'
+                       ' or a list of them.')
+    for i, t in enumerate(targets):
+      _check_sigma_rel(t, f'target_sigma_rel[{i}]')
+    return targets, False
+  target = _scalar(target_sigma_rel, 'target_sigma_rel')
+  _check_sigma_rel(target, 'target_sigma_rel')
+  return [target], True
+
+
+def _snapshot_widths(ckpt: Any, plan: Any, entry: Any, sigma_rels: Any,
+                     where: str) -> list[float | None]:
+  """The width of each average of one checkpoint (None: not a snapshot)."""
+  names = (f', named {list(plan.names)}' if plan.names is not None else '')
+  if sigma_rels is None:
+    widths = entry.get('sigma_rels') if entry else None
+    if not widths or all(w is None for w in widths):
+      raise ValueError(
+          f'{where}: no sigma_rel is recorded for the {plan.count}'
+          f' average{"s" if plan.count > 1 else ""} at {list(plan.path)}'
+          f'{names}. Save them with emax.checkpoint.save(manager, step,'
+          ' state, sigma_rels=decays) (decays: the mapping given to'
+          ' emax.ema), or pass sigma_rels= here: {name: sigma_rel}, or one'
+          ' per average in the order given to emax.ema.')
+    if len(widths) != plan.count:
+      raise ValueError(
+          f'{where}: the record lists {len(widths)} sigma_rels for'
+          f' {plan.count} averages; the checkpoint is not what emax saved.')
+    return [None if w is None else float(w) for w in widths]
+  if hasattr(sigma_rels, 'keys'):
+    if plan.names is None:
+      raise ValueError(
+          f'{where}: sigma_rels is a mapping, but the names of the'
+          f' {plan.count} averages at {list(plan.path)} were not saved. Give'
+          ' a sequence instead, one sigma_rel per average in the order given'
+          ' to emax.ema (None for an average to leave out).')
+    unknown = [k for k in sigma_rels if k not in plan.names]
+    if unknown:
+      raise ValueError(f'{where}: sigma_rels names {unknown}; the averages'
+                       f' at {list(plan.path)} are named {list(plan.names)}.')
+    widths = [ckpt._sigma_rel(sigma_rels[n], f'sigma_rels[{n!r}]')
+              if n in sigma_rels else None for n in plan.names]
+  elif isinstance(sigma_rels, (list, tuple, np.ndarray)):
+    if len(sigma_rels) != plan.count:
+      raise ValueError(
+          f'{where}: sigma_rels has {len(sigma_rels)} entries, but the'
+          f' checkpoint holds {plan.count} averages at {list(plan.path)}'
+          f'{names}; give one per average (None for one to leave out).')
+    widths = [None if s is None else ckpt._sigma_rel(s, f'sigma_rels[{i}]')
+              for i, s in enumerate(sigma_rels)]
+  else:
+    if plan.count != 1:
+      raise ValueError(
+          f'{where}: one sigma_rel for {plan.count} averages{names}; give'
+          ' one per average: {name: sigma_rel}, or a sequence.')
+    widths = [ckpt._sigma_rel(sigma_rels, 'sigma_rels')]
+  if all(w is None for w in widths):
+    raise ValueError(f'{where}: sigma_rels gives no average a width.')
+  return widths
+
+
+def _restore_leaves(ocp: Any, ckpt: Any, checkpointer: Any, item_dir: Any,
+                    stored: Any, keypaths: list[tuple]) -> list[Any]:
+  """The arrays at ``keypaths`` of one checkpoint, read alone (NumPy)."""
+  specs = [(tuple(ckpt._at(stored, k).shape),
+            np.dtype(ckpt._at(stored, k).dtype)) for k in keypaths]
+  target, restore_args = ckpt._partial_target(ocp, stored, keypaths, specs,
+                                              [None] * len(keypaths))
+  restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=restore_args, partial_restore=True))
+  return [ckpt._at(restored, k) for k in keypaths]
+
+
+class _Checkpoint:
+  """What one checkpoint holds: where its average is and how to read it."""
+
+  def __init__(self, ocp, ckpt, handler, step, step_dir, *, item, path, like,
+               sigma_rels, where):
+    self.step = step
+    self.item_dir = ckpt._item_directory(step_dir, item, step)
+    stored = handler.metadata(self.item_dir)
+    self.stored = getattr(stored, 'tree', stored)
+    try:
+      custom = ocp.metadata.get_step_metadata(step_dir).custom_metadata
+    except (ValueError, FileNotFoundError):  # written without a manager
+      custom = None
+    recorded = ckpt._recorded(custom or {})
+    where = f'{where} (checkpoint step {step})'
+    self.path, self.node = ckpt._pick(ckpt._found_states(self.stored), path,
+                                      self.stored, where)
+    self.plan = ckpt._Plan(self.node, self.path, like=like,
+                           recorded=recorded, where=where)
+    self.widths = _snapshot_widths(ckpt, self.plan,
+                                   ckpt._entry_at(recorded, self.path),
+                                   sigma_rels, where)
+    self.leaves = [(p, tuple(m.shape), np.dtype(m.dtype))
+                   for p, m in ckpt._flatten(self.node)]
+    self.nbytes = sum(int(np.prod(s)) * d.itemsize for _, s, d in self.leaves)
+
+  def same_as(self, other: '_Checkpoint') -> None:
+    for what, a, b in (('where the average sits', self.path, other.path),
+                       ('the names', self.plan.names, other.plan.names),
+                       ('the sigma_rels', self.widths, other.widths),
+                       ('the arrays (paths, shapes, dtypes)', self.leaves,
+                        other.leaves)):
+      if a != b:
+        raise ValueError(
+            f'Checkpoints {other.step} and {self.step} differ in {what}:'
+            f' {b} against {a}. Reconstruct from the checkpoints of one run.')
+
+
+def from_checkpoints(directory: Any, target_sigma_rel: Any, *,
+                     target_step: int | None = None, sigma_rels: Any = None,
+                     path: Sequence[str | int] | None = None, like: Any = None,
+                     item: str | None = None,
+                     progress: Callable[[list[int]], Iterable[int]] | None
+                     = None) -> Any:
+  """Post-hoc EMA from the Orbax checkpoints that training wrote.
+
+  Each checkpoint step up to ``target_step`` gives one snapshot per
+  power-function average in it: its step is the :attr:`emax.EmaState.count`
+  saved with it (not the checkpoint's step number), its width the
+  ``sigma_rel`` that :func:`emax.checkpoint.save` recorded (or that
+  ``sigma_rels`` gives). The weights come from :func:`coefficients`, for each
+  target; then the checkpoints are read one at a time, each by a partial
+  restore of its average alone (the params and the optimizer state are not
+  read), and every snapshot is added, debiased as
+  :func:`emax.bias_correction` reads it, into a float64 sum per target, as
+  :func:`reconstruct` does. Host memory holds one float64 sum per target (8
+  bytes per param) plus one checkpoint's averages, whatever the number of
+  checkpoints; several targets cost one read of the checkpoints.
+
+  Checkpoints whose average has seen no step (``count`` 0, e.g. saved
+  before training) hold no snapshot and are skipped.
+
+  Args:
+    directory: the checkpoint directory of an ``orbax.checkpoint``
+      ``CheckpointManager`` (or the manager; its saves in flight are waited
+      for first).
+    target_sigma_rel: the width to reconstruct, or a sequence of widths.
+    target_step: the checkpoint step to reconstruct at (its ``count`` is the
+      target time; later checkpoints are not read); the latest by default.
+    sigma_rels: the widths of the saved averages, when the checkpoints do
+      not record them or to override the record: ``{name: sigma_rel}`` (or
+      the mapping given to :func:`emax.ema`: power-function schedules know
+      their ``sigma_rel``), a sequence with one entry per average in the
+      order given to :func:`emax.ema` (``None`` leaves one out), or one
+      number for a single average.
+    path: where the average sits in the saved tree (keys from the root,
+      e.g. ``('opt_state', 'ema_state')``), when it holds several.
+    like: the abstract state (``jax.eval_shape(tx.init, params)``), needed
+      for ``pack=True`` and ``offload=True`` averages, or a tree shaped like
+      the params (for their dtypes and tree types); see
+      :func:`emax.checkpoint.read_average`.
+    item: the item of a manager that saves several (``item_names``).
+    progress: wraps the list of checkpoint steps read in the summing pass,
+      e.g. ``tqdm.tqdm``, to show progress.
+
+  Returns:
+    The reconstructed params in the params' dtypes (as recorded, or from
+    ``like``; else the stored dtypes), NumPy arrays on the host, in the
+    stored dicts and lists (``like``'s tree types when given); a list of
+    them, one per target, when ``target_sigma_rel`` is a sequence.
+
+  Raises:
+    FileNotFoundError: if the directory holds no finished checkpoint or none
+      at ``target_step`` (the message lists the steps).
+    ValueError: for anything :func:`coefficients` rejects; if no average or
+      no width is found (the message says what to save or pass), two
+      checkpoints hold the same ``count``, or the checkpoints differ in what
+      they hold.
+
+  Examples:
+    Train with two power-function averages and save them now and then,
+    recording their widths; after training, rebuild other widths:
+
+    >>> import tempfile, jax, jax.numpy as jnp, optax, orbax.checkpoint as ocp
+    >>> import emax, emax.checkpoint, emax.posthoc
+    >>> decays = {'s05': emax.power_function_decay(sigma_rel=0.05),
+    ...           's10': emax.power_function_decay(sigma_rel=0.10)}
+    >>> tx = emax.with_ema(optax.sgd(1.0), decays)
+    >>> params = {'w': jnp.zeros(2)}
+    >>> opt_state = tx.init(params)
+    >>> @jax.jit
+    ... def train_step(params, opt_state):  # params['w'] becomes the step
+    ...   updates, opt_state = tx.update({'w': -jnp.ones(2)}, opt_state, params)
+    ...   return optax.apply_updates(params, updates), opt_state
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   with ocp.CheckpointManager(directory) as manager:
+    ...     for step in range(1, 101):
+    ...       params, opt_state = train_step(params, opt_state)
+    ...       if step % 20 == 0:
+    ...         _ = emax.checkpoint.save(manager, step, {'params': params,
+    ...             'opt_state': opt_state}, sigma_rels=decays)
+    ...   s10, s07 = emax.posthoc.from_checkpoints(directory, [0.10, 0.07])
+    >>> print(s10['w'], emax.ema_params(opt_state, 's10')['w'], s07['w'])
+    [89.30 89.30] [89.30 89.30] [92.81 92.81]
+
+  A tracked width comes back as itself; a 0.07 average tracked during
+  training would have been 92.94 (from ten snapshots, the reconstruction is
+  close, not exact).
+  """
+  from emax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  ocp = ckpt._ocp()  # pylint: disable=protected-access
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  where = 'emax.posthoc.from_checkpoints'
+  targets, single = _targets(target_sigma_rel)
+  root = epath.Path(ckpt._directory_of(directory))
+  found = ckpt._finished_steps(ocp, root)
+  if target_step is None:
+    target_step = max(found)
+  elif isinstance(target_step, bool) or not isinstance(
+      target_step, (numbers.Integral, np.integer)):
+    raise TypeError(f'target_step must be an int (a checkpoint step), got'
+                    f' {target_step!r}.')
+  elif target_step not in found:
+    raise FileNotFoundError(
+        f'No checkpoint for target_step {target_step} in {root}; the saved'
+        f' steps are {sorted(found)}. Pass one of them, or None for the'
+        ' latest.')
+  chosen = sorted(s for s in found if s <= target_step)
+  handler = ocp.PyTreeCheckpointHandler()
+  checkpointer = ocp.Checkpointer(handler)
+  try:
+    # Metadata first (no arrays): a mismatch fails before anything is read.
+    checkpoints = []
+    for step in chosen:
+      checkpoints.append(_Checkpoint(
+          ocp, ckpt, handler, step, found[step], item=item,
+          path=path, like=like, sigma_rels=sigma_rels, where=where))
+      checkpoints[-1].same_as(checkpoints[0])
+    first = checkpoints[0]
+    counts = [int(np.asarray(_restore_leaves(
+        ocp, ckpt, checkpointer, c.item_dir, c.stored,
+        [c.path + ('count',)])[0])) for c in checkpoints]
+    seen = {}
+    for c, n in zip(checkpoints, counts):
+      if n > 0 and n in seen:
+        raise ValueError(
+            f'Checkpoints {seen[n]} and {c.step} both hold averages after'
+            f' {n} steps (EmaState.count): one snapshot twice. Reconstruct'
+            ' from one run, or pass target_step= before the repeat.')
+      seen[n] = c.step
+    if counts[-1] <= 0:
+      raise ValueError(
+          f'{where}: the checkpoint at step {chosen[-1]} holds an average of'
+          ' no step yet (count 0); reconstruct at a later checkpoint.')
+    snapshots = [(i, j, counts[i], w) for i, c in enumerate(checkpoints)
+                 if counts[i] > 0 for j, w in enumerate(c.widths)
+                 if w is not None]
+    steps = np.array([s[2] for s in snapshots], np.float64)
+    widths = np.array([s[3] for s in snapshots], np.float64)
+    weights, used = [], set()
+    for target in targets:
+      w, u = _solve(steps, widths, target, float(counts[-1]),
+                    ('snapshot steps (EmaState.count)', 'snapshot sigma_rels'))
+      weights.append(w)
+      used |= set(u.tolist())
+    latest = max(used, key=lambda k: (steps[k], -k))
+    sums = [_Sum() for _ in targets]
+    to_read = sorted({snapshots[k][0] for k in used})
+    read_steps = [chosen[i] for i in to_read]
+    index_of = {chosen[i]: i for i in to_read}
+    out_treedef = None
+    for step in (progress(read_steps) if progress else read_steps):
+      i = index_of[step]
+      c = checkpoints[i]
+      values = _restore_leaves(ocp, ckpt, checkpointer, c.item_dir, c.stored,
+                               [c.path + p for p, _, _ in c.leaves])
+      node = ckpt._rebuild(c.node, values)
+      del values
+      for k in (k for k in sorted(used) if snapshots[k][0] == i):
+        j = snapshots[k][1]
+        snapshot = f'checkpoint step {step}, average {j}'
+        if c.plan.like_state is not None:
+          name = None if c.plan.names is None else c.plan.names[j]
+          tree = emax.bias_correction(
+              ckpt._pour(node, c.plan.like_state, where), name)
+          leaves, out_treedef = jax.tree.flatten(tree)
+          leaves = [np.asarray(x) for x in leaves]
+          del tree
+        else:
+          leaves = [x for _, x in ckpt._accumulated(
+              node, c.plan, j if c.plan.stacked else None)]
+        for total, w in zip(sums, weights):
+          total.add(leaves, float(w[k]), k == latest, snapshot)
+        del leaves
+      del node
+      if c.nbytes >= ckpt._COLLECT_ABOVE_BYTES:
+        gc.collect()  # Orbax's reference cycles hold restored arrays
+  finally:
+    checkpointer.close()
+  plan = first.plan
+  if plan.like_state is not None:
+    dtypes = list(plan.like_state.info.param_dtypes)
+    results = [out_treedef.unflatten(s.result(dtypes)) for s in sums]
+  else:
+    results = [s.result(plan.dtypes) for s in sums]
+    if plan.treedef is not None:
+      results = [plan.treedef.unflatten(r) for r in results]
+    else:
+      results = [ckpt._rebuild(first.node['average'], r) for r in results]
+  return results[0] if single else results
+
+
+# --- the command line ---------------------------------------------------------
+
+_CLI = '''\
+Post-hoc EMA from the Orbax checkpoints of a training run.
+
+Reads the checkpoints in CHECKPOINT_DIR (an orbax.checkpoint.CheckpointManager
+directory whose states hold emax power-function averages, saved with
+emax.checkpoint.save(..., sigma_rels=...) or described with --tracked),
+reconstructs the average of each --sigma-rel at checkpoint --step (the latest
+by default), and writes, for each, an Orbax checkpoint of the params:
+
+  OUT_DIR/sigma_rel_<S>/<STEP>/   a CheckpointManager directory; restore with
+      orbax.checkpoint.CheckpointManager("OUT_DIR/sigma_rel_<S>").restore(STEP)
+'''
+
+
+def _parse_tracked(values: list[str] | None) -> Any:
+  """``--tracked``: ``NAME=S ...`` (a mapping) or ``S ...`` (in order)."""
+  if not values:
+    return None
+  if all('=' in v for v in values):
+    return {k: float(v) for k, v in (x.split('=', 1) for x in values)}
+  if any('=' in v for v in values):
+    raise ValueError('--tracked takes either NAME=SIGMA_REL entries or plain'
+                     f' SIGMA_REL values, not both: {values}.')
+  return [None if v.lower() == 'none' else float(v) for v in values]
+
+
+def _print_progress(steps: list[int]) -> Iterable[int]:
+  for k, step in enumerate(steps, 1):
+    print(f'checkpoint {k}/{len(steps)} (step {step})', file=sys.stderr,
+          flush=True)
+    yield step
+
+
+def _progress_bar(quiet: bool) -> Callable[[list[int]], Iterable[int]] | None:
+  if quiet:
+    return None
+  try:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return _print_progress
+  return lambda steps: tqdm(steps, desc='checkpoints', unit='ckpt')
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``python -m emax.posthoc``: see ``python -m emax.posthoc --help``."""
+  parser = argparse.ArgumentParser(
+      prog='python -m emax.posthoc', description=_CLI,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('checkpoint_dir', metavar='CHECKPOINT_DIR')
+  parser.add_argument('--sigma-rel', type=float, nargs='+', required=True,
+                      metavar='S', help='the widths to reconstruct')
+  parser.add_argument('--out', required=True, metavar='OUT_DIR',
+                      help='where to write one checkpoint per width')
+  parser.add_argument('--step', type=int, default=None,
+                      help='the checkpoint step to reconstruct at (default:'
+                      ' the latest)')
+  parser.add_argument('--tracked', nargs='+', metavar='NAME=S',
+                      help='the widths of the saved averages, when the'
+                      ' checkpoints do not record them: NAME=S per named'
+                      ' average, or one S per average in order')
+  parser.add_argument('--path', nargs='+', metavar='KEY',
+                      help='keys from the root to the average, when the'
+                      ' saved state holds several')
+  parser.add_argument('--item', default=None,
+                      help='the item, for managers that save several')
+  parser.add_argument('--quiet', action='store_true',
+                      help='no progress bar')
+  args = parser.parse_args(argv)
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from emax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  outs = [os.path.join(args.out, f'sigma_rel_{s:g}') for s in args.sigma_rel]
+  taken = [o for o in outs if os.path.isdir(o) and os.listdir(o)]
+  if taken:
+    parser.error(f'{", ".join(taken)} already exist{"s" * (len(taken) == 1)};'
+                 ' remove them or choose another --out.')
+  try:
+    results = from_checkpoints(
+        args.checkpoint_dir, list(args.sigma_rel), target_step=args.step,
+        sigma_rels=_parse_tracked(args.tracked), path=args.path,
+        item=args.item, progress=_progress_bar(args.quiet))
+  except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
+    parser.exit(1, f'{parser.prog}: error: {e}\n')
+  step = args.step
+  if step is None:  # from_checkpoints found them: the latest
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    step = max(ckpt._finished_steps(ocp, epath.Path(args.checkpoint_dir)))
+  for sigma_rel, out, params in zip(args.sigma_rel, outs, results):
+    with ocp.CheckpointManager(os.path.abspath(out)) as manager:
+      ckpt.save(manager, step, params, custom_metadata={'posthoc': {
+          'sigma_rel': sigma_rel, 'step': step,
+          'checkpoints': os.path.abspath(args.checkpoint_dir)}})
+    print(f'sigma_rel {sigma_rel:g}: wrote {out}/{step}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

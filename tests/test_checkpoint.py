@@ -641,3 +641,373 @@ def test_average_of_checkpoints_of_different_models(tmp_path):
                      match=r"\['dense'\]\['bias'\] has shape \(16,\) and dtype"
                            r' float32 in checkpoint 1 but shape \(17,\)'):
     emax.checkpoint.average(tmp_path)
+
+
+# --- what save records, and reading states restored without a target ---------
+
+DECAYS = {'s05': emax.power_function_decay(sigma_rel=0.05),
+          's10': emax.power_function_decay(sigma_rel=0.10)}
+
+
+def _mixed_params(seed=0):
+  """float32, bf16 and int leaves, a tuple among them."""
+  rng = np.random.default_rng(seed)
+  return {'dense': {'kernel': jnp.asarray(rng.standard_normal((5, 4)),
+                                          jnp.float32),
+                    'bias': jnp.asarray(rng.standard_normal(4), jnp.bfloat16)},
+          'head': (jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),),
+          'seen': jnp.asarray(7, jnp.int32)}
+
+
+def _ema_run(decay, steps=3, seed=0, **options):
+  """``steps`` updates of optax.chain(identity, emax.ema(decay, ...))."""
+  params = _mixed_params(seed)
+  tx = optax.chain(optax.identity(), emax.ema(decay, **options))
+  opt_state = tx.init(params)
+  update = jax.jit(tx.update)
+  rng = np.random.default_rng(seed + 1)
+  history = []
+  for _ in range(steps):
+    updates = jax.tree.map(
+        lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype)
+        if jnp.issubdtype(p.dtype, jnp.floating) else jnp.ones_like(p),
+        params)
+    _, opt_state = update(updates, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    history.append(params)
+  return tx, params, opt_state, history
+
+
+def _save_and_restore_raw(directory, state, **save_kwargs):
+  """Saves with emax.checkpoint.save; restores with no target."""
+  with ocp.CheckpointManager(directory) as manager:
+    emax.checkpoint.save(manager, 1, state, **save_kwargs)
+  with ocp.CheckpointManager(directory) as manager:
+    raw = manager.restore(1, args=ocp.args.StandardRestore())
+    metadata = manager.metadata(1)
+  return raw, metadata
+
+
+def _flax_serialization():
+  """Imports flax.serialization, as a program that uses it does first.
+
+  emax teaches flax its static parts when flax is already imported as a
+  state is built (emax never imports flax itself): import it first.
+  """
+  import flax.serialization  # pylint: disable=g-import-not-at-top
+  return flax.serialization
+
+
+def _flax_raw(state):
+  serialization = _flax_serialization()
+  return serialization.msgpack_restore(serialization.to_bytes(state))
+
+
+def test_save_records_where_the_averages_are_and_their_widths(tmp_path):
+  params = _mixed_params()
+  tx = emax.with_ema(optax.adam(1e-3), DECAYS)
+  bs_state = emax.init({'mean': jnp.zeros(3)})  # a second, unnamed average
+  state = {'params': params, 'opt_state': tx.init(params),
+           'batch_stats_ema': bs_state}
+  raw, metadata = _save_and_restore_raw(
+      tmp_path, state, sigma_rels={'s10': DECAYS['s10'], 's05': 0.05},
+      custom_metadata={'run': 'mine'})
+  assert metadata.custom_metadata['run'] == 'mine'  # the user's stays
+  record = metadata.custom_metadata['emax']
+  assert record['format'] == 1
+  by_path = {tuple(a['path']): a for a in record['averages']}
+  assert set(by_path) == {('opt_state', 'ema_state'), ('batch_stats_ema',)}
+  named = by_path['opt_state', 'ema_state']
+  assert named['names'] == ['s05', 's10'] and named['layout'] == 'plain'
+  assert named['debias'] is False
+  np.testing.assert_allclose(named['sigma_rels'], [0.05, 0.10], rtol=1e-12)
+  # One dtype per param leaf, in the params' order, with the stored path.
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  assert named['param_dtypes'] == [str(x.dtype) for _, x in flat]
+  assert [tuple(p) for p in named['param_paths']] == [
+      ('dense', 'bias'), ('dense', 'kernel'), ('head', 0), ('seen',)]
+  assert by_path['batch_stats_ema',]['names'] is None
+  assert by_path['batch_stats_ema',]['sigma_rels'] is None
+  # The recorded paths are where Orbax put the averages.
+  assert set(raw['opt_state']['ema_state']) >= {'count', 'average', 'weight'}
+  # restore() with a target and average() do not see the record.
+  with ocp.CheckpointManager(tmp_path) as manager:
+    back = emax.checkpoint.restore(manager, state)
+  _assert_trees_identical(back, state)
+  soup = emax.checkpoint.average(tmp_path, path=('params', 'dense'))
+  np.testing.assert_array_equal(soup['kernel'], params['dense']['kernel'])
+
+
+def test_save_without_an_average_records_nothing(tmp_path):
+  _, metadata = _save_and_restore_raw(tmp_path, {'w': jnp.ones(2)})
+  assert 'emax' not in (metadata.custom_metadata or {})
+
+
+def test_save_records_packed_offloaded_and_single_averages(tmp_path):
+  for k, options in enumerate([{'pack': True}, {'offload': True}]):
+    _, _, opt_state, _ = _ema_run(DECAYS, steps=1, **options)
+    _, metadata = _save_and_restore_raw(tmp_path / str(k), opt_state,
+                                        sigma_rels=DECAYS)
+    [entry] = metadata.custom_metadata['emax']['averages']
+    assert entry['path'] == [1]
+    assert entry['layout'] == ('packed' if 'pack' in options else 'offloaded')
+    assert entry['param_paths'] is None  # the layout is not the params'
+  _, _, opt_state, _ = _ema_run(emax.power_function_decay(sigma_rel=0.2),
+                                steps=1, debias=True)
+  _, metadata = _save_and_restore_raw(
+      tmp_path / 'single', opt_state,
+      sigma_rels=emax.power_function_decay(sigma_rel=0.2))
+  [entry] = metadata.custom_metadata['emax']['averages']
+  assert entry['names'] is None and entry['debias'] is True
+  assert entry['sigma_rels'] == [pytest.approx(0.2, rel=1e-12)]
+
+
+@pytest.mark.parametrize('state, kwargs, error, message', [
+    ('named', {'sigma_rels': {'s05': emax.tf_decay(0.99)}}, TypeError,
+     r"sigma_rels\['s05'\]: emax.tf_decay.* has no sigma_rel; only"
+     r' emax.power_function_decay'),
+    ('named', {'sigma_rels': {'s07': 0.07}}, ValueError,
+     r"sigma_rels names \['s07'\], but the averages in the state are named"
+     r" \[\['s05', 's10'\]\]"),
+    ('named', {'sigma_rels': {'s05': 0.5}}, ValueError,
+     r"sigma_rels\['s05'\] is 0.5, but a power-function average has"
+     r' sigma_rel in \(0, 0.2887\)'),
+    ('named', {'sigma_rels': 0.05}, ValueError,
+     r'sigma_rels=0.05 fits no average in the state'),
+    ('named', {'sigma_rels': {'s05': 'wide'}}, TypeError,
+     r"sigma_rels\['s05'\] must be a number"),
+    ('named', {'custom_metadata': {'emax': 1}}, ValueError,
+     r"custom_metadata has the key 'emax'"),
+    ('plain', {'sigma_rels': 0.05}, ValueError,
+     'sigma_rels was given, but the state holds no emax.EmaState'),
+])
+def test_save_rejects_bad_sigma_rels(tmp_path, state, kwargs, error, message):
+  if state == 'named':
+    params = {'w': jnp.ones(2)}
+    state = {'params': params,
+             'opt_state': emax.with_ema(optax.sgd(0.1), DECAYS).init(params)}
+  else:
+    state = {'w': jnp.ones(2)}
+  with ocp.CheckpointManager(tmp_path) as manager:
+    with pytest.raises(error, match=message):
+      emax.checkpoint.save(manager, 1, state, **kwargs)
+    assert manager.all_steps() == []  # nothing was written
+
+
+def _reference_debiased(history, decay, initial):
+  """float64 transcription: sum_i (1-d) d^(t-i) p_i / (1 - d^t), leafwise.
+
+  A debias=True average (Adam-style): zero weight at first, each step adds
+  (1 - d) p_i and multiplies what was there by d.
+  """
+  t = len(history)
+  if t == 0:
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), initial)
+  weights = [(1 - decay) * decay ** (t - i) for i in range(1, t + 1)]
+  total = 1 - decay ** t
+  return jax.tree.map(
+      lambda *xs: sum(w * np.asarray(x, np.float64)
+                      for w, x in zip(weights, xs)) / total, *history)
+
+
+@pytest.mark.parametrize('source', ['orbax', 'flax'])
+def test_read_average_of_named_debiased_bf16_averages(tmp_path, source):
+  _flax_serialization()
+  decays = {'fast': 0.5, 'slow': 0.9}
+  _, params, opt_state, history = _ema_run(decays, steps=3, debias=True)
+  state = {'params': params, 'opt_state': opt_state}
+  if source == 'orbax':
+    raw, metadata = _save_and_restore_raw(tmp_path, state)
+  else:
+    raw, metadata = _flax_raw(state), None
+  stored = raw['opt_state'][1] if source == 'orbax' else raw['opt_state']['1']
+  for k, (name, decay) in enumerate(decays.items()):
+    weight = np.float32(np.asarray(opt_state[1].weight)[k])
+    assert weight not in (0.0, 1.0)  # the division is exercised
+    want = emax.ema_params(opt_state, name)  # the peer reader
+    for key in (name, k):  # a name, or its index
+      got = emax.checkpoint.read_average(raw, name=key, metadata=metadata)
+      assert jax.tree.structure(got) == jax.tree.structure(
+          _as_stored(want, source))
+      for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        g, w = np.asarray(g), np.asarray(w)
+        assert g.dtype == w.dtype  # bf16 params come back as bf16
+        if source == 'orbax':  # jax.Arrays: divided on the device, as emax
+          np.testing.assert_array_equal(g, w)
+        else:  # NumPy divides correctly rounded; XLA on CPU may not (1 ulp)
+          ulp = np.spacing(np.abs(w)).astype(np.float64) if (
+              jnp.issubdtype(w.dtype, jnp.floating)) else 0
+          assert np.all(np.abs(g.astype(np.float64) - w) <= ulp)
+    # The stored average divided by the weight, correctly rounded (a float64
+    # quotient of float32 numbers rounds to the nearest float32 quotient).
+    got = emax.checkpoint.read_average(raw, name=name, metadata=metadata)
+    for path, stored_leaf in (('kernel', stored['average']['dense']['kernel']),
+                              ('bias', stored['average']['dense']['bias'])):
+      quotient = (np.asarray(stored_leaf[k], np.float64) / np.float64(weight)
+                  ).astype(np.float32)
+      dtype = params['dense'][path].dtype
+      if source == 'flax':
+        np.testing.assert_array_equal(
+            got['dense'][path], quotient.astype(dtype))
+    # And against the debiasing formula in float64: the stored float32 sum and
+    # the quotient each round once (a few float32 ulps), then the params'
+    # dtype rounds once more (one ulp of it).
+    reference = _reference_debiased(history, decay, None)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(reference)):
+      g = np.asarray(g)
+      if g.dtype == np.int32:
+        np.testing.assert_array_equal(g, np.asarray(params['seen']))
+        continue
+      ulp = np.spacing(np.abs(r).astype(g.dtype)).astype(np.float64)
+      assert np.all(np.abs(g.astype(np.float64) - r)
+                    <= ulp + 8 * U32 * np.abs(r)), (g, r)
+
+
+def _as_stored(tree, source):
+  """``tree`` with tuples as Orbax (lists) or flax ('0', '1'...) store them."""
+  def convert(x):
+    if isinstance(x, tuple):
+      items = [convert(v) for v in x]
+      return items if source == 'orbax' else {str(i): v for i, v in
+                                              enumerate(items)}
+    if isinstance(x, dict):
+      return {k: convert(v) for k, v in x.items()}
+    return x
+  return convert(tree)
+
+
+def test_read_average_without_names_or_dtypes(tmp_path):
+  decays = {'fast': 0.5, 'slow': 0.9}
+  _, params, opt_state, _ = _ema_run(decays, steps=2)
+  with ocp.CheckpointManager(tmp_path) as manager:  # plain Orbax: no record
+    manager.save(1, args=ocp.args.StandardSave(opt_state))
+    manager.wait_until_finished()
+    raw = manager.restore(1, args=ocp.args.StandardRestore())
+  assert isinstance(raw, list)
+  stored = raw[1]['average']
+  # Index 1 is 'slow'; without dtypes the stored float32 comes back, as is
+  # (weight 1: no division), bit for bit.
+  got = emax.checkpoint.read_average(raw, name=1)
+  assert got['dense']['bias'].dtype == jnp.float32
+  np.testing.assert_array_equal(got['dense']['bias'],
+                                stored['dense']['bias'][1])
+  np.testing.assert_array_equal(
+      got['dense']['bias'],
+      emax.bias_correction(opt_state, 'slow')['dense']['bias'])
+  with pytest.raises(ValueError, match=r"got name='slow', but the names of"
+                     r' the 2 averages were not saved .* Pass an index 0 to'
+                     ' 1 instead'):
+    emax.checkpoint.read_average(raw, name='slow')
+  with pytest.raises(ValueError, match=r'holds 2 averages, whose names were'
+                     ' not saved'):
+    emax.checkpoint.read_average(raw)
+  with pytest.raises(ValueError, match='name=2 is out of range'):
+    emax.checkpoint.read_average(raw, name=2)
+  # like= a params tree gives the dtypes and the tree types (the tuple).
+  got = emax.checkpoint.read_average(raw, name=1, like=params)
+  want = emax.ema_params(opt_state, 'slow')
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  jax.tree.map(lambda g, w: np.testing.assert_array_equal(
+      np.asarray(g), np.asarray(w)), got, want)
+  assert got['dense']['bias'].dtype == jnp.bfloat16
+
+
+def test_read_average_of_weights_zero_and_one(tmp_path):
+  _flax_serialization()
+  # debias=True before any step: weight 0, the stored initial params.
+  _, params, opt_state, _ = _ema_run(0.9, steps=0, debias=True)
+  raw = _flax_raw(opt_state)
+  assert float(raw['1']['weight']) == 0.0
+  got = emax.checkpoint.read_average(raw)
+  for g, p in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+    assert g.dtype == p.dtype
+    np.testing.assert_array_equal(g, np.asarray(p))
+  # Without debias: weight 1, the stored value itself.
+  _, _, opt_state, _ = _ema_run(0.9, steps=2)
+  raw, metadata = _save_and_restore_raw(tmp_path, {'opt_state': opt_state})
+  got = emax.checkpoint.read_average(raw, metadata=metadata)
+  np.testing.assert_array_equal(
+      got['dense']['kernel'], raw['opt_state'][1]['average']['dense']['kernel'])
+  jax.tree.map(lambda g, w: np.testing.assert_array_equal(
+      np.asarray(g), np.asarray(w)), got,
+               _as_stored(emax.ema_params(opt_state), 'orbax'))
+
+
+@pytest.mark.parametrize('layout', ['pack', 'offload'])
+@pytest.mark.parametrize('source', ['orbax', 'flax'])
+def test_read_average_of_packed_and_offloaded_needs_like(tmp_path, layout,
+                                                         source):
+  _flax_serialization()
+  tx, params, opt_state, _ = _ema_run({'fast': 0.5, 'slow': 0.9}, steps=2,
+                                      debias=True, **{layout: True})
+  if source == 'orbax':
+    raw, metadata = _save_and_restore_raw(tmp_path, opt_state)
+  else:
+    raw, metadata = _flax_raw(opt_state), None
+  stored = 'packed' if layout == 'pack' else 'offloaded'
+  with pytest.raises(ValueError, match=rf'was stored {stored} \({layout}=True'
+                     r'\).* Pass like= the abstract state'):
+    emax.checkpoint.read_average(raw, name='slow', metadata=metadata)
+  like = jax.eval_shape(tx.init, params)
+  for name in ('fast', 'slow', 1):
+    got = emax.checkpoint.read_average(raw, name=name, like=like)
+    want = emax.ema_params(opt_state, ('fast', 'slow')[name] if isinstance(
+        name, int) else name)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    jax.tree.map(lambda g, w: np.testing.assert_array_equal(
+        np.asarray(g), np.asarray(w)), got, want)
+    assert got['dense']['bias'].dtype == jnp.bfloat16
+  other = jax.eval_shape(optax.chain(optax.identity(), emax.ema(
+      {'fast': 0.5, 'slow': 0.9})).init, params)  # plain, not packed
+  with pytest.raises(ValueError, match='like is not the state that was saved'):
+    emax.checkpoint.read_average(raw, name='slow', like=other)
+
+
+def test_read_average_of_a_train_state_with_two_averages(saved):
+  """EmaTrainState averages params and batch_stats: path= picks one."""
+  from flax_testlib import make_state
+  path, _ = saved
+  with ocp.CheckpointManager(path) as manager:
+    raw = manager.restore(SAVE_AT, args=ocp.args.StandardRestore())
+    typed = emax.checkpoint.restore(manager, make_state(), SAVE_AT)
+  with pytest.raises(ValueError, match=(
+      r"found 2 averages, at \[\['batch_stats_ema'\], \['opt_state',"
+      r" 'ema_state'\]\]; pass path=")):
+    emax.checkpoint.read_average(raw)
+  got = emax.checkpoint.read_average(raw, path=('opt_state', 'ema_state'))
+  want = typed.ema_params
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  jax.tree.map(lambda g, w: np.testing.assert_array_equal(
+      np.asarray(g), np.asarray(w)), got, want)
+  stats = emax.checkpoint.read_average(raw, path=['batch_stats_ema'])
+  jax.tree.map(lambda g, w: np.testing.assert_array_equal(
+      np.asarray(g), np.asarray(w)), stats,
+               typed.eval_variables()['batch_stats'])
+  with pytest.raises(ValueError, match=r"no average at path \['nowhere'\]"):
+    emax.checkpoint.read_average(raw, path='nowhere')
+  # A typed state is read as emax.ema_params reads it.
+  jax.tree.map(np.testing.assert_array_equal,
+               emax.checkpoint.read_average(typed.opt_state), want)
+
+
+def test_read_average_names_what_it_could_not_find():
+  _flax_serialization()
+  with pytest.raises(ValueError, match=r'found no dict with keys'
+                     r' count/average/weight/step_size/skipped .*; its'
+                     r" top-level keys were \['opt_state', 'params'\]"):
+    emax.checkpoint.read_average({'params': {'w': np.ones(2)},
+                                  'opt_state': [{'mu': np.ones(2)}]})
+  with pytest.raises(ValueError, match='it was a list of length 0'):
+    emax.checkpoint.read_average([])
+  single = _flax_raw(emax.init({'w': jnp.ones(2)}))
+  with pytest.raises(ValueError, match=r"a single, unnamed average; got"
+                     r" name='fast'"):
+    emax.checkpoint.read_average(single, name='fast')
+  named = _flax_raw(emax.init({'w': jnp.ones(2)}, names=('a', 'b')))
+  with pytest.raises(ValueError, match=r"no average named 'c'; the state"
+                     r" holds \['a', 'b'\]"):
+    emax.checkpoint.read_average(named, name='c')
+  replicated = jax.tree.map(lambda x: np.stack([x, x]), named)
+  with pytest.raises(ValueError, match=r'count of shape \(2,\): it was saved'
+                     r' replicated \(jax.pmap\)'):
+    emax.checkpoint.read_average(replicated, name='a')

@@ -1,14 +1,20 @@
 """Tests of emax.posthoc against an independent float64 reference of EDM2."""
 
+import functools
+import shutil
+import tracemalloc
 import weakref
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 
 import emax
+import emax.checkpoint
 from emax import posthoc
 import reference_posthoc as ref
 
@@ -425,6 +431,297 @@ def test_reconstruct_rejects_bad_inputs(snapshots, match):
 
 
 def test_public_names():
-  assert posthoc.__all__ == ('coefficients', 'reconstruct')
+  assert posthoc.__all__ == ('coefficients', 'from_checkpoints',
+                             'reconstruct')
   for name in posthoc.__all__:
     assert getattr(posthoc, name).__doc__
+
+
+# --- from_checkpoints: snapshots that training saved with Orbax -------------
+
+DECAYS = {'s05': emax.power_function_decay(sigma_rel=0.05),
+          's10': emax.power_function_decay(sigma_rel=0.10)}
+WIDTHS = tuple(d.sigma_rel for d in DECAYS.values())  # as recorded
+
+
+def _small_params(dtype=jnp.float32):
+  return {'a': jnp.zeros((16, 8), dtype), 'b': [jnp.zeros(5, jnp.float32)],
+          'n': jnp.zeros((), jnp.int32)}
+
+
+@functools.cache
+def _tx(decays, options):
+  """The optimizer for ``dict(decays)``, built once (its step compiles once)."""
+  return emax.with_ema(optax.identity(), dict(decays), **dict(options))
+
+
+@functools.cache
+def _step_fn(tx):
+  @jax.jit
+  def step(params, opt_state, key):
+    def noise(p, k):
+      if not jnp.issubdtype(p.dtype, jnp.floating):
+        return jnp.ones_like(p)  # an int param: follows the params
+      return (0.1 * jax.random.normal(k, p.shape) + 0.02).astype(p.dtype)
+
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    updates = treedef.unflatten([noise(p, k) for p, k in zip(leaves, keys)])
+    updates, opt_state = tx.update(updates, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
+def _train_and_save(directory, *, steps=120, every=20, decays=DECAYS,
+                    record=DECAYS, params=None, options=(), plain=False,
+                    save_at=()):
+  """Trains with named averages and saves every ``every`` steps.
+
+  Returns the final state and the snapshots as emax reads them in memory:
+  ``(count, sigma_rel, emax.bias_correction(opt_state, name))`` for every
+  saved step and every name of ``record``, in that order.
+  """
+  params = _small_params() if params is None else params
+  tx = _tx(tuple(decays.items()), tuple(dict(options).items()))
+  opt_state = tx.init(params)
+  step = _step_fn(tx)
+  snapshots = []
+  with ocp.CheckpointManager(directory) as manager:
+    for t in range(steps + 1):
+      if t:
+        params, opt_state = step(params, opt_state, jax.random.key(t))
+      if (t and t % every == 0) or t in save_at:
+        state = {'params': params, 'opt_state': opt_state}
+        if plain:
+          manager.save(t, args=ocp.args.StandardSave(state))
+        else:
+          emax.checkpoint.save(manager, t, state, sigma_rels=record)
+        count = int(emax.get_ema_state(opt_state).count)
+        assert count == t
+        for name in (record or ()):
+          if t:
+            snapshots.append((count, record[name].sigma_rel, jax.tree.map(
+                np.asarray, emax.bias_correction(opt_state, name))))
+  return tx, params, opt_state, snapshots
+
+
+def _assert_same(got, want):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert isinstance(g, np.ndarray) and g.dtype == np.asarray(w).dtype
+    np.testing.assert_array_equal(g, np.asarray(w))
+
+
+@pytest.fixture(scope='module')
+def saved_run(tmp_path_factory):
+  directory = tmp_path_factory.mktemp('run')
+  return (directory,) + _train_and_save(directory)
+
+
+def test_from_checkpoints_equals_reconstruct_of_the_same_snapshots(saved_run):
+  directory, _, params, _, snapshots = saved_run
+  assert len(snapshots) == 12  # 6 checkpoints x 2 averages
+  got = posthoc.from_checkpoints(directory, 0.08)
+  # The same weights, the same float64 sums in the same order: to the bit.
+  want = posthoc.reconstruct(snapshots, 0.08)
+  _assert_same(got, want)
+  # Orbax stored the params' list as a list, and the int leaf follows the
+  # params (the target checkpoint's).
+  assert isinstance(got['b'], list) and int(got['n']) == int(params['n'])
+  # Several targets in one pass: the same as one at a time.
+  several = posthoc.from_checkpoints(directory, [0.03, 0.08, 0.2])
+  assert isinstance(several, list) and len(several) == 3
+  _assert_same(several[1], got)
+  _assert_same(several[2], posthoc.reconstruct(snapshots, 0.2))
+  # An earlier target step: only the snapshots up to it.
+  early = posthoc.from_checkpoints(directory, 0.08, target_step=60)
+  _assert_same(early, posthoc.reconstruct(
+      [s for s in snapshots if s[0] <= 60], 0.08))
+
+
+def test_from_checkpoints_reads_one_average_at_a_time(tmp_path, monkeypatch):
+  leaves, size = 8, 64 * 1024  # 8 leaves of 256 KiB: 2 MiB of params
+  params = {f'w{i}': jnp.zeros(size, jnp.float32) for i in range(leaves)}
+  _train_and_save(tmp_path, steps=4, every=1, params=params)
+  average_bytes = 2 * leaves * size * 4  # two averages per checkpoint
+
+  alive_at_read, read_leaves, refs, targets = [], [], [], []
+  real_restore = ocp.Checkpointer.restore
+
+  def counting_restore(self, directory, *args, **kwargs):
+    alive_at_read.append(sum(r() is not None for r in refs))
+    targets.append(directory.parent.name)
+    out = real_restore(self, directory, *args, **kwargs)
+    arrays = [x for x in jax.tree.leaves(out) if isinstance(x, np.ndarray)]
+    read_leaves.append(len(arrays))
+    refs.extend(weakref.ref(x) for x in arrays if x.size > 1)
+    return out
+
+  monkeypatch.setattr(ocp.Checkpointer, 'restore', counting_restore)
+  monkeypatch.setattr(emax.checkpoint, '_COLLECT_ABOVE_BYTES', 0)
+  tracemalloc.start()
+  try:
+    got = posthoc.from_checkpoints(tmp_path, 0.08)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  # First the counts (one scalar per checkpoint), then each checkpoint's
+  # average alone: its leaves and the four scalars, never the params.
+  assert read_leaves == [1] * 4 + [leaves + 4] * 4
+  assert targets == [str(s) for s in range(1, 5)] * 2
+  # At each read no array of an earlier checkpoint is alive.
+  assert alive_at_read == [0] * 8
+  # What from_checkpoints allocates (NumPy, seen by tracemalloc): the float64
+  # sum (8 bytes per param), one checkpoint's two averages and one leaf's
+  # temporaries; all four checkpoints would be 4 * average_bytes.
+  sum_bytes = leaves * size * 8
+  print(f'peak {peak / 2**20:.1f} MiB; sum {sum_bytes / 2**20:.0f} MiB, one'
+        f' checkpoint\'s averages {average_bytes / 2**20:.0f} MiB')
+  assert peak < sum_bytes + average_bytes + 4 * size * 8 + (1 << 20)
+  assert set(got) == set(params)
+
+
+def test_from_checkpoints_matches_a_tracked_average(tmp_path):
+  """EDM2's check, through Orbax: snapshots of 0.05 and 0.10 every 100 steps
+  over 1,200 steps rebuild a directly tracked 0.08 average to within 1% of
+  its distance to the final params. The 0.08 average is saved too, but has
+  no recorded width, so it is no snapshot."""
+  decays = dict(DECAYS, s08=emax.power_function_decay(sigma_rel=0.08))
+  _, params, opt_state, _ = _train_and_save(
+      tmp_path, steps=1200, every=100, decays=decays, record=DECAYS)
+  got = posthoc.from_checkpoints(tmp_path, 0.08)
+  tracked = emax.ema_params(opt_state, 's08')
+  error = _global_norm(jax.tree.map(np.subtract, got, tracked))
+  distance = _global_norm(jax.tree.map(np.subtract, tracked, params))
+  print(f'|rebuilt - tracked| / |tracked - final params| ='
+        f' {error / distance:.2e}')
+  assert error <= 0.01 * distance
+  for name in ('s05', 's10'):  # not vacuous: the snapshots are far
+    other = emax.ema_params(opt_state, name)
+    assert _global_norm(jax.tree.map(np.subtract, other, tracked)) > (
+        20 * error)
+
+
+def test_from_checkpoints_of_bf16_params_and_unrecorded_widths(tmp_path):
+  params = _small_params(jnp.bfloat16)
+  _, _, _, snapshots = _train_and_save(tmp_path / 'recorded', steps=60,
+                                       params=params)
+  got = posthoc.from_checkpoints(tmp_path / 'recorded', 0.08)
+  assert got['a'].dtype == jnp.bfloat16 and got['b'][0].dtype == np.float32
+  # Summed from the float32 accumulators, rounded once to bf16.
+  want = posthoc.reconstruct(snapshots, 0.08)  # float32 snapshots
+  np.testing.assert_array_equal(got['b'][0], want['b'][0])
+  exact = np.asarray(want['a'], np.float64)
+  ulp = np.spacing(np.abs(got['a'])).astype(np.float64)
+  assert np.all(np.abs(got['a'].astype(np.float64) - exact) <= ulp / 2 + (
+      1e-6 * np.abs(exact)))
+
+  # Saved by plain Orbax: no record, so the widths must be given.
+  _train_and_save(tmp_path / 'plain', steps=60, params=params, plain=True)
+  with pytest.raises(ValueError, match=r'no sigma_rel is recorded for the 2'
+                     r" averages at \['opt_state', 'ema_state'\].*"
+                     r'sigma_rels=decays'):
+    posthoc.from_checkpoints(tmp_path / 'plain', 0.08)
+  with pytest.raises(ValueError, match='sigma_rels is a mapping, but the names'
+                     ' of the 2 averages .* were not saved'):
+    posthoc.from_checkpoints(tmp_path / 'plain', 0.08, sigma_rels=DECAYS)
+  plain = posthoc.from_checkpoints(tmp_path / 'plain', 0.08,
+                                   sigma_rels=list(DECAYS.values()))
+  assert plain['a'].dtype == np.float32  # the stored dtype: no record
+  np.testing.assert_array_equal(plain['a'], want['a'])
+  typed = posthoc.from_checkpoints(tmp_path / 'plain', 0.08,
+                                   sigma_rels=list(DECAYS.values()),
+                                   like=params)
+  _assert_same(typed, got)
+  # Leaving one average out: the 0.10 average alone rebuilds only itself.
+  alone = posthoc.from_checkpoints(tmp_path / 'plain', 0.10,
+                                   sigma_rels=[None, WIDTHS[1]])
+  np.testing.assert_array_equal(alone['a'], snapshots[-1][2]['a'])
+
+
+def test_from_checkpoints_of_packed_averages_needs_like(tmp_path):
+  tx, params, _, snapshots = _train_and_save(tmp_path,
+                                             options={'pack': True})
+  with pytest.raises(ValueError, match=r'was stored packed \(pack=True\).*'
+                     'Pass like= the abstract state'):
+    posthoc.from_checkpoints(tmp_path, 0.08)
+  got = posthoc.from_checkpoints(tmp_path, 0.08,
+                                 like=jax.eval_shape(tx.init, params))
+  _assert_same(got, posthoc.reconstruct(snapshots, 0.08))
+  assert isinstance(got['b'], list)  # like's tree types
+
+
+def test_from_checkpoints_skips_unaveraged_checkpoints_and_shows_progress(
+    tmp_path):
+  _, _, _, snapshots = _train_and_save(tmp_path, steps=60, save_at=(0,))
+  seen = []
+
+  def progress(steps):
+    seen.append(list(steps))
+    return steps
+
+  got = posthoc.from_checkpoints(tmp_path, 0.08, progress=progress)
+  assert seen == [[20, 40, 60]]  # step 0 (count 0) holds no snapshot
+  _assert_same(got, posthoc.reconstruct(snapshots, 0.08))
+
+
+def test_from_checkpoints_rejects_bad_input_clearly(saved_run, tmp_path):
+  directory = saved_run[0]
+  cases = [
+      ({'target_step': 70}, FileNotFoundError,
+       r'No checkpoint for target_step 70 in .*; the saved steps are'
+       r' \[20, 40, 60, 80, 100, 120\]'),
+      ({'target_step': 60.0}, TypeError, 'target_step must be an int'),
+      ({'sigma_rels': {'s07': 0.07}}, ValueError,
+       r"sigma_rels names \['s07'\]; the averages at \['opt_state',"
+       r" 'ema_state'\] are named \['s05', 's10'\]"),
+      ({'sigma_rels': [0.05]}, ValueError,
+       r'sigma_rels has 1 entries, but the checkpoint holds 2 averages'),
+      ({'sigma_rels': 0.05}, ValueError, r'one sigma_rel for 2 averages'),
+      ({'sigma_rels': [None, None]}, ValueError,
+       'sigma_rels gives no average a width'),
+      ({'sigma_rels': [0.05, emax.tf_decay(0.9)]}, TypeError,
+       r'has no sigma_rel; only emax.power_function_decay'),
+      ({'path': ('params',)}, ValueError,
+       r"no average at path \['params'\]; the averages are at"
+       r" \[\['opt_state', 'ema_state'\]\]"),
+  ]
+  for kwargs, error, message in cases:
+    with pytest.raises(error, match=message):
+      posthoc.from_checkpoints(directory, 0.08, **kwargs)
+  for target, message in ((0.3, r'target_sigma_rel must be in'),
+                          ([0.1, 0.5], r'target_sigma_rel\[1\] must be in'),
+                          ([], 'target_sigma_rel is empty')):
+    with pytest.raises(ValueError, match=message):
+      posthoc.from_checkpoints(directory, target)
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    posthoc.from_checkpoints(tmp_path / 'nowhere', 0.08)
+
+  # Checkpoints of two runs in one directory: the same count twice.
+  shutil.copytree(directory, tmp_path / 'two', dirs_exist_ok=True)
+  shutil.copytree(directory / '20', tmp_path / 'two' / '130')
+  with pytest.raises(ValueError, match=r'Checkpoints 20 and 130 both hold'
+                     r' averages after 20 steps'):
+    posthoc.from_checkpoints(tmp_path / 'two', 0.08)
+
+
+def test_from_checkpoints_with_two_averages_in_the_state(tmp_path):
+  params = {'w': jnp.arange(4.0)}
+  tx = emax.with_ema(optax.identity(), DECAYS)
+  opt_state = tx.init(params)
+  other = emax.init(params, names=('s05', 's10'))
+  update = jax.jit(tx.update)
+  update_other = jax.jit(lambda s, p: emax.update(
+      s, p, {n: d(s.count) for n, d in DECAYS.items()}))
+  with ocp.CheckpointManager(tmp_path) as manager:
+    for t in (1, 2):
+      _, opt_state = update({'w': jnp.full(4, float(t))}, opt_state, params)
+      other = update_other(other, {'w': jnp.full(4, -1.0)})
+      emax.checkpoint.save(manager, t, {'opt_state': opt_state,
+                                        'extra': other}, sigma_rels=DECAYS)
+  with pytest.raises(ValueError, match=r"found 2 averages, at \[\['extra'\],"
+                     r" \['opt_state', 'ema_state'\]\]; pass path="):
+    posthoc.from_checkpoints(tmp_path, 0.08)
+  got = posthoc.from_checkpoints(tmp_path, 0.08, path=['extra'])
+  np.testing.assert_allclose(got['w'], -1.0, rtol=1e-6)
