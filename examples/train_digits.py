@@ -2,16 +2,21 @@
 
 The data are scikit-learn's bundled digits (1797 real 8x8 images of the
 digits 0-9, no download), split into train and test sets with a fixed seed.
-An MLP with dropout trains with SGD; ``emax.flax.EmaTrainState`` keeps an
-exponential moving average of its weights. After every epoch both the raw
-weights and the averaged ones are evaluated on the test set.
+An MLP with dropout trains with SGD wrapped by ``emax.with_ema`` in an
+``emax.flax.EmaTrainState``, which keeps an exponential moving average of its
+weights. After every epoch both the raw weights and the averaged ones are
+evaluated on the test set, and ``emax.metrics`` reports what the average is
+doing (its decay, its window, its distance to the weights).
 
 At the end it prints a table (test accuracy and loss, raw vs EMA: the final
 epoch, the mean over the last epochs, and the epoch-to-epoch standard
 deviation of test accuracy, which shows how much steadier the average is),
 and writes into ``--out``:
 
-  train_digits.png  test accuracy per epoch, raw vs EMA
+  train_digits.png  test accuracy per epoch, raw vs EMA (zoomed, and the
+                    first epochs on a log axis, where schedules and bias
+                    correction differ), and the average's distance to the
+                    weights
   train_digits.csv  the numbers behind it, one row per epoch
 
 Runs are deterministic for a given ``--seed``.
@@ -115,9 +120,12 @@ def make_train_epoch(batch_size: int, steps_per_epoch: int):
         state, {'params': state.params}, x_test, y_test)
     ema_loss, ema_acc = test_metrics(
         state, state.eval_variables(), x_test, y_test)
+    average = emax.metrics(state.opt_state, state.params)
     metrics = {'train_loss': losses.mean(),
                'raw_test_loss': raw_loss, 'raw_test_acc': raw_acc,
-               'ema_test_loss': ema_loss, 'ema_test_acc': ema_acc}
+               'ema_test_loss': ema_loss, 'ema_test_acc': ema_acc,
+               'ema_decay': average['decay'], 'ema_window': average['window'],
+               'ema_distance': average['distance']}
     return state, metrics
 
   return train_epoch
@@ -133,15 +141,14 @@ def build(hidden: int, dropout: float, lr: float, schedule: str,
   same setting in one process (a notebook, the tests) compiles nothing.
   """
   model = MLP(hidden=hidden, dropout=dropout)
-  tx = optax.sgd(lr)
-  ema = emax.ema(make_decay(schedule, decay, sigma_rel), debias=debias)
+  tx = emax.with_ema(optax.sgd(lr), make_decay(schedule, decay, sigma_rel),
+                     debias=debias)
 
   @jax.jit
   def create_state(key):
     params = model.init(key, jnp.zeros((1, 64), jnp.float32),
                         train=False)['params']
-    return EmaTrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                ema=ema)
+    return EmaTrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
   return create_state, make_train_epoch(batch_size, steps_per_epoch)
 
@@ -197,6 +204,7 @@ def write_csv(path: str, history: list[dict]) -> None:
 
 
 def write_plot(path: str, history: list[dict], title: str) -> None:
+  """Three panels: accuracy (zoomed), the first epochs (log x), distance."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -204,7 +212,9 @@ def write_plot(path: str, history: list[dict], title: str) -> None:
   epochs = [row['epoch'] for row in history]
   raw = [row['raw_test_acc'] for row in history]
   ema = [row['ema_test_acc'] for row in history]
-  fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+  fig, axes = plt.subplots(1, 3, figsize=(13, 4), dpi=100,
+                           gridspec_kw={'width_ratios': [2.2, 1, 1]})
+  ax = axes[0]
   ax.plot(epochs, raw, label='raw weights', color='tab:gray', lw=1.2,
           marker='.', ms=4)
   ax.plot(epochs, ema, label='EMA weights (emax)', color='tab:blue', lw=2)
@@ -215,9 +225,27 @@ def write_plot(path: str, history: list[dict], title: str) -> None:
   ax.set_xlim(0.5, max(epochs) + 0.5)
   ax.set_xlabel('epoch')
   ax.set_ylabel('test accuracy (y axis zoomed)')
-  ax.set_title(title, fontsize=10)
+  ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(loc='lower right')
+
+  ax = axes[1]  # where warm-ups and bias correction differ: the start
+  ax.plot(epochs, raw, color='tab:gray', lw=1.2, marker='.', ms=4)
+  ax.plot(epochs, ema, color='tab:blue', lw=2, marker='.', ms=4)
+  ax.set_xscale('log')
+  ax.set_xlabel('epoch (log scale)')
+  ax.set_ylabel('test accuracy')
+  ax.set_title('the first epochs', fontsize=9)
+  ax.grid(alpha=0.3, which='both')
+
+  ax = axes[2]
+  ax.plot(epochs, [row['ema_distance'] for row in history], color='tab:blue',
+          lw=2)
+  ax.set_yscale('log')
+  ax.set_xlabel('epoch')
+  ax.set_ylabel('||average - weights|| / ||weights||')
+  ax.set_title('emax.metrics: distance to the weights', fontsize=9)
+  ax.grid(alpha=0.3, which='both')
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
@@ -309,7 +337,8 @@ def main(argv=None) -> dict:
            **{k: float(v) for k, v in jax.device_get(metrics).items()}}
     history.append(row)
     bar.set_postfix(raw=f'{row["raw_test_acc"]:.3f}',
-                    ema=f'{row["ema_test_acc"]:.3f}')
+                    ema=f'{row["ema_test_acc"]:.3f}',
+                    window=f'{row["ema_window"]:.0f}')
   bar.close()
   seconds = time.perf_counter() - start
 
@@ -325,6 +354,12 @@ def main(argv=None) -> dict:
         f'{", debiased" if args.debias else ""}; seed {args.seed};'
         f' {seconds:.1f} s.\n')
   print_table(summary, last)
+  early = ', '.join(f'{row["ema_test_acc"]:.4f}' for row in history[:3])
+  final = history[-1]
+  print(f'EMA test accuracy after epochs 1-3 (where schedules and --debias'
+        f' differ most): {early}. At the end the average spans'
+        f' {final["ema_window"]:.0f} steps (decay {final["ema_decay"]:.4f})'
+        f' and sits {final["ema_distance"]:.2e} from the weights, relative.')
 
   os.makedirs(args.out, exist_ok=True)
   csv_path = os.path.join(args.out, 'train_digits.csv')

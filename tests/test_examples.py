@@ -121,7 +121,14 @@ def test_train_digits_writes_plot_and_table(tmp_path, capsys):
   rows = read_csv(result['csv'])
   assert [int(r['epoch']) for r in rows] == [1, 2, 3]
   assert set(rows[0]) == {'epoch', 'train_loss', 'raw_test_loss',
-                          'raw_test_acc', 'ema_test_loss', 'ema_test_acc'}
+                          'raw_test_acc', 'ema_test_loss', 'ema_test_acc',
+                          'ema_decay', 'ema_window', 'ema_distance'}
+  # emax.metrics: tf_decay(0.99) after 3 epochs of 42 steps is still warming
+  # up: the last step used (1 + n) / (10 + n) at n = 125.
+  assert float(rows[-1]['ema_decay']) == pytest.approx(126 / 135, abs=1e-6)
+  assert float(rows[-1]['ema_window']) == pytest.approx(135 / 9, rel=1e-5)
+  assert 0.0 < float(rows[-1]['ema_distance']) < 0.5
+  assert 'EMA test accuracy after epochs 1-3' in out
   for row in rows:
     for kind in ('raw', 'ema'):
       assert 0.0 <= float(row[f'{kind}_test_acc']) <= 1.0
