@@ -1,108 +1,107 @@
-"""What host offload costs: one jitted EMA step with the average on the device
-versus in pinned host memory (``emax.ema(..., offload=True)``).
+"""What host offload costs: the offload section of the suite.
 
-    python benchmarks/offload.py [--sizes 1e6 16e6] [--repeats 20]
+For each param count (a few leaves of unequal size, like a small network's),
+timed together with the suite's one timer, per step:
 
-For each param count it times, per step (median over ``--repeats``):
-
-* ``device``: ``tx.update`` with the average in device memory;
+* ``device``: ``emax.ema`` ``tx.update`` with the average in device memory;
 * ``offload``: the same with ``offload=True`` (the average goes device-ward
   and back inside the step);
-* ``offload, every 4``: ``offload=True, update_every=4`` (the transfers
-  still happen every step; only the arithmetic is skipped);
+* ``offload, update_every=4``: the transfers still happen every step; only
+  the arithmetic is skipped on three steps of four;
 * ``round trip``: ``device_put`` of the average to the device and back to
-  host, outside any step: the transfer cost on its own.
+  pinned host memory, outside any step: the transfer cost on its own.
 
-On CPU "device" and "pinned_host" are the same RAM, so the offload columns
+On CPU "device" and "pinned_host" are the same RAM, so the offload rows
 measure a memcpy, not a bus. On a GPU expect the round trip to cost about
 ``2 * bytes / host-link bandwidth`` (e.g. 2 x 4 GB / ~50 GB/s = ~160 ms per
-step for 1e9 float32 params over PCIe 5); nothing here was measured on a GPU.
+step for 1e9 float32 params over PCIe 5).
+
+The steps are not donated: a donated pinned-host buffer can be paired with
+a device output of the same shape unless ``jit`` is given both shardings
+(see the docs' scaling page).
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
-import optax
 
 import emax
-
-
-def _time(fn, repeats):
-  out = fn()  # compile and warm up
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+from benchmarks import peers
+from benchmarks import timing
+from benchmarks import trees
 
 
 def _params(n):
-  # A few leaves of unequal size, like a small network's.
   sizes = [n // 2, n // 4, n // 8, n - n // 2 - n // 4 - n // 8]
   return {f'w{i}': jnp.full((s,), 0.5, jnp.float32)
           for i, s in enumerate(sizes)}
 
 
-def _step_time(params, repeats, **kw):
-  tx = emax.ema(0.999, **kw)
+def _step_runner(name, params, **kw):
+  tx = emax.ema(peers.DECAY, **kw)
   grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), params)
-  # Not donated: with jax 0.10.2 a donated host buffer can be paired with a
-  # device output of the same shape (the updates) unless jit is given both
-  # in_shardings and out_shardings; see the README's Scaling section.
-  step = jax.jit(tx.update)
-  state = [tx.init(params)]
-
-  def run():
-    _, state[0] = step(grads, state[0], params)
-    return state[0]
-
-  return _time(run, repeats)
+  return peers.jax_runner(name, lambda s, g, p: tx.update(g, s, p)[1],
+                          tx.init(params), grads, params,
+                          unit=trees.tree_bytes(params), donate=False)
 
 
-def _round_trip_time(params, repeats):
+def _round_trip_runner(params):
   host = jax.device_put(params, jax.memory.Space.Host)
 
-  def run():
+  def step():
     on_device = jax.device_put(host, jax.memory.Space.Device)
     return jax.device_put(on_device, jax.memory.Space.Host)
 
-  return _time(run, repeats)
+  return timing.Runner('round trip (device_put there and back)', step,
+                       info=dict(compile_s=0.0))
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--sizes', type=float, nargs='+', default=[1e6, 16e6])
-  parser.add_argument('--repeats', type=int, default=20)
-  args = parser.parse_args(argv)
+def offload(ctx) -> dict:
+  """The offload table: one block of rows per param count."""
   device = jax.devices()[0]
-  print(f'jax {jax.__version__}, {device.platform} ({device.device_kind}),'
-        f' memories: {[m.kind for m in device.addressable_memories()]}')
-  print('| params | MB | device | offload | offload, every 4 | round trip |')
-  print('|---:|---:|---:|---:|---:|---:|')
-  rows = []
-  for n in (int(s) for s in args.sizes):
+  kinds = [m.kind for m in device.addressable_memories()]
+  out = dict(device=f'{device.platform} ({device.device_kind})',
+             memories=kinds, sizes=[])
+  if 'pinned_host' not in kinds:
+    ctx.skip('offload', 'offload', '(whole section)',
+             f'{device.platform} has no pinned_host memory (has {kinds})')
+    return out
+  ctx.log(f'\noffload: {out["device"]}, memories {kinds}')
+  for n in ctx.mode['offload_sizes']:
+    n = int(n)
     params = _params(n)
-    row = {
-        'params': n,
-        'device_ms': 1e3 * _step_time(params, args.repeats),
-        'offload_ms': 1e3 * _step_time(params, args.repeats, offload=True),
-        'offload_every4_ms': 1e3 * _step_time(
-            params, args.repeats, offload=True, update_every=4),
-        'round_trip_ms': 1e3 * _round_trip_time(params, args.repeats),
-    }
-    rows.append(row)
-    print(f'| {n:,} | {4 * n / 1e6:.0f} | {row["device_ms"]:.2f} ms |'
-          f' {row["offload_ms"]:.2f} ms | {row["offload_every4_ms"]:.2f} ms |'
-          f' {row["round_trip_ms"]:.2f} ms |')
-  return rows
+    table = f'offload, {n:,} params'
+    builders = [
+        ('device', lambda p=params: _step_runner('device', p)),
+        ('offload', lambda p=params: _step_runner('offload', p,
+                                                  offload=True)),
+        ('offload, update_every=4', lambda p=params: _step_runner(
+            'offload, update_every=4', p, offload=True, update_every=4)),
+        ('round trip', lambda p=params: _round_trip_runner(p)),
+    ]
+    runners = []
+    for row, build in builders:
+      r = ctx.build('offload', table, peers.Impl(row, build))
+      if r is not None:
+        runners.append(r)
+    times = ctx.measure(runners)
+    rows = []
+    nbytes = 4 * n
+    for r in runners:
+      row = dict(impl=r.name, **timing.summary(times[r.name]),
+                 compile_s=r.info.get('compile_s'))
+      if r.name.startswith('round trip'):
+        row['transfer_gbps'] = 2 * nbytes / (row['median_ms'] / 1e3) / 1e9
+      if 'device' in times and r.name != 'device':
+        row['added'] = timing.paired_diff(times[r.name], times['device'])
+      rows.append(row)
+      ctx.log(f"  {n:>12,} {r.name:<40} {row['median_ms']:9.3f} ms")
+    out['sizes'].append(dict(params=n, mbytes=nbytes / 1e6, rows=rows))
+    del runners, times, params, builders
+  return out
 
 
-if __name__ == '__main__':
-  main()
+if __name__ == '__main__':  # the offload section alone
+  from benchmarks import run  # pylint: disable=g-import-not-at-top
+  run.main(['--only', 'ceiling,offload'])

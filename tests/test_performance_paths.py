@@ -225,23 +225,165 @@ def test_pack_without_small_leaves_is_the_plain_tree():
   assert isinstance(state.average, dict)
 
 
+# --- the benchmark suite (benchmarks/): structure, never timings -------------
+
+_BENCH_STATUSES = {'yes', 'NO', 'noise', 'skipped'}
+_BENCH_UPDATE_ROWS = {  # the smoke run's trees and the rows each must show
+    'ResNet-50-like': {
+        'emax.update', 'emax.update pack=True', 'emax.ema tx.update',
+        'emax.ema(skip_nonfinite=False) tx.update',
+        'optax.apply_updates + incremental_update', 'tree.map lerp, donated',
+        'tree.map lerp, not donated', 'optax.incremental_update',
+        'optax.ema on params', 'torch._foreach_lerp_',
+        "emax.update rounding='lerp'"},
+    '16 leaves x 256': {
+        'emax.update pack=True', 'torch._foreach_lerp_',
+        'jitted identity over the leaves',
+        'stacked into one array: emax.update'},
+    'ResNet-50-like, bf16 params': {
+        'emax.update', 'optax.incremental_update', 'torch._foreach_lerp_'},
+}
+
+
+def _bench_feature(row):
+  """Whether a row can run here (False: it may be skipped, with a reason)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import inspect  # pylint: disable=g-import-not-at-top
+  checks = {
+      'torch': lambda: importlib.util.find_spec('torch') is not None,
+      'rounding': lambda: 'rounding' in inspect.signature(emax.ema).parameters,
+      'step_size': lambda: 'step_size' in inspect.signature(
+          emax.ema).parameters,
+      'with_ema': lambda: hasattr(emax, 'with_ema'),
+      'named': lambda: 'names' in inspect.signature(emax.init).parameters,
+  }
+  return all(check() for key, check in checks.items() if key in row)
+
+
+def _bench_check_rows(data, section, table, rows, expected):
+  """Each expected row is there, or skipped with a reason when it may be."""
+  skipped = {s['row']: s for s in data['skipped']
+             if s['section'] == section and s['table'] == table}
+  for name in expected:
+    present = [r for r in rows if r['impl'] == name
+               or r.get('row') == name or r['impl'].startswith(name + ' (')]
+    if _bench_feature(name):
+      assert present, f'{table}: row {name!r} missing ({skipped.get(name)})'
+    else:
+      assert present or skipped[name]['reason'], (table, name)
+
+
+def _bench_times(node, key=''):
+  """Every number stored under a time key (``*_ms``, ``*_s``)."""
+  if isinstance(node, dict):
+    for k, v in node.items():
+      yield from _bench_times(v, k)
+  elif isinstance(node, list):
+    for v in node:
+      yield from _bench_times(v, key)
+  elif key.endswith(('_ms', '_s')) and node is not None:
+    yield key, node
+
+
+def _bench_load(path):
+  def no_nan(word):
+    raise AssertionError(f'{path.name} holds {word}: not valid JSON')
+  return json.loads(path.read_text(), parse_constant=no_nan)
+
+
+def _bench_common(data):
+  assert not [s for s in data['skipped'] if s['error']], data['skipped']
+  assert all(s['reason'] for s in data['skipped'])
+  for key, value in _bench_times(data):
+    assert isinstance(value, (int, float)) and value >= 0, (key, value)
+  for t in data['targets']:
+    assert t['status'] in _BENCH_STATUSES, t
+    assert t['measured'] or t['note'], t  # a value, or why there is none
+    if t['status'] == 'yes':  # met: measured, and the value clears it
+      assert t['value'] is not None and t['value'] <= t['threshold'], t
+
+
 def test_benchmark_smoke(tmp_path, monkeypatch):
+  """`python -m benchmarks.run --smoke --docs`: every table, row and target."""
+  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1]))
+  from benchmarks import peers, run  # pylint: disable=g-import-not-at-top
+  out, docs = tmp_path / 'results', tmp_path / 'docs'
+  run.main(['--smoke', '--out', str(out), '--docs', '--docs-dir', str(docs)])
+  data = _bench_load(out / 'smoke.json')
+  _bench_common(data)
+  assert data['ceiling']['gbps'] > 0
+  trees = {t['case']: t for t in data['updates']}
+  assert set(trees) == set(_BENCH_UPDATE_ROWS)
+  for case, expected in _BENCH_UPDATE_ROWS.items():
+    _bench_check_rows(data, 'updates', case, trees[case]['rows'], expected)
+    for r in trees[case]['rows']:
+      assert r['min_ms'] <= r['median_ms'] <= r['max_ms'], r
+      assert r['ci_ms'][0] <= r['median_ms'] <= r['ci_ms'][1], r
+      assert len(r['samples_ms']) == data['config']['rounds'], r
+  train = data['train']
+  assert [b['batch'] for b in train['batches']] == [32]
+  for b in train['batches']:
+    _bench_check_rows(data, 'train', f"train step, batch {b['batch']}",
+                      b['rows'], {i.name for i in peers.TRAIN})
+    for r in b['rows']:
+      if r['impl'] != train['baseline']:  # "added": a time, or noise
+        a = r['added']
+        assert (a['median_ms'] is None) == (not a['resolved']), r
+  _bench_check_rows(data, 'options', 'options', data['options']['rows'],
+                    {i.name for i in peers.OPTIONS})
+  (table,) = data['averages']['tables']
+  _bench_check_rows(data, 'averages', 'K=2', table['rows'],
+                    {i.name for i in peers.AVERAGES})
+  groups = {t['group'] for t in data['targets']}
+  assert len(groups) == 4 and not any('GPU' in g for g in groups), groups
+  names = ' '.join(t['target'] for t in data['targets'])
+  for phrase in ('ResNet-50-like: `emax.ema(d)` default',
+                 'batch 32: default `emax.ema` adds <= 1.05x',
+                 'batch 32: default `emax.ema` adds <= 1.25x',
+                 '16 leaves x 256: fastest emax', 'compiles in < 10 s',
+                 'jitted identity over the 4 buffers', 'the stacked route',
+                 'K=2: named averages <= 1.1x', 'faster than K separate',
+                 'hold 1 + K param trees',
+                 'ResNet-50-like, bf16 params: `emax.update` <= 1.05x'):
+    assert phrase in names, phrase
+  page = (docs / 'performance.md').read_text()
+  assert page.startswith('<!-- Generated by `python -m benchmarks.run`')
+  assert 'do not edit by hand' in page.splitlines()[0]
+  for heading in ('# Performance', '## What the numbers mean',
+                  '## How to rerun', '## Targets', '## Update step, per tree',
+                  *(f'### {case}' for case in trees), '## Train step',
+                  '### Batch 32', '## Options', '## K averages',
+                  '![GB/s per implementation and tree](performance.png)'):
+    assert f'\n{heading}\n' in page, heading
+  assert (out / 'smoke.md').read_text().replace(
+      'smoke.png', 'performance.png') == page
+  for png in (out / 'smoke.png', docs / 'performance.png'):
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_benchmark_gpu_suite_code_path_on_cpu(tmp_path, monkeypatch):
+  """`--gpu` (with the smoke run's sizes), on CPU by the documented switch."""
   monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1]))
   from benchmarks import run  # pylint: disable=g-import-not-at-top
-  result = run.main(['--smoke', '--no-torch', '--out', str(tmp_path)])
-  data = json.loads((tmp_path / 'smoke.json').read_text())
-  cases = {r['case'] for r in data['updates']}
-  assert len(cases) == 6
-  impls = {r['impl'] for r in data['updates']}
-  assert {'emax.update', 'emax.update pack=True', 'tree.map lerp, donated',
-          'tree.map lerp, not donated', 'optax.incremental_update',
-          'optax.ema on params'} <= impls
-  for r in data['updates']:
-    assert r['min_ms'] <= r['median_ms'] <= r['max_ms']
-    assert r['steady_units'] >= 2
-  assert {r['impl'] for r in data['options']} >= {
-      'skip_nonfinite=False', 'debias=True', 'update_every=4'}
-  assert len(data['train']) == 4
-  md = (tmp_path / 'smoke.md').read_text()
-  assert '| tree | implementation |' in md and 'Targets:' in md
-  assert result['ceiling']['gbps'] > 0
+  monkeypatch.delenv(run.GPU_ON_CPU, raising=False)
+  with pytest.raises(SystemExit, match=run.GPU_ON_CPU):
+    run.main(['--gpu', '--out', str(tmp_path)])  # refuses CPU, says how
+  monkeypatch.setenv(run.GPU_ON_CPU, '1')
+  run.main(['--gpu', '--smoke', '--only', 'updates,offload', '--tree',
+            'ResNet-50-like, bf16', '--out', str(tmp_path)])
+  data = _bench_load(tmp_path / 'smoke-gpu.json')
+  _bench_common(data)
+  assert data['gpu'] and data['config']['min_sample_s'] > 0
+  assert data['train'] is None and data['options'] is None  # not asked for
+  (tree,) = data['updates']
+  _bench_check_rows(data, 'updates', tree['case'], tree['rows'],
+                    _BENCH_UPDATE_ROWS[tree['case']])
+  (size,) = data['offload']['sizes']
+  assert [r['impl'] for r in size['rows']] == [
+      'device', 'offload', 'offload, update_every=4',
+      'round trip (device_put there and back)']
+  assert size['rows'][-1]['transfer_gbps'] > 0
+  (gpu_target,) = [t for t in data['targets'] if 'GPU' in t['group']]
+  assert gpu_target['status'] in {'yes', 'NO'}
+  page = (tmp_path / 'smoke-gpu.md').read_text()
+  assert '\n## Host offload\n' in page and '(--smoke --gpu)' in page

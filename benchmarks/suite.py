@@ -1,0 +1,402 @@
+"""What the suite measures, section by section, and the run modes.
+
+Each section builds the registered rows of :mod:`benchmarks.peers`, times
+them together with the one timer of :mod:`benchmarks.timing`, and returns
+plain rows (dicts) for :mod:`benchmarks.targets` and
+:mod:`benchmarks.report`. A row that cannot run is recorded in ``skipped``
+with its reason, and printed; a row that fails with an unexpected error is
+recorded there too, with ``error: True`` (the smoke test fails on those), so
+that one broken row never costs a long run its other tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import peers
+from benchmarks import timing
+from benchmarks import trees
+
+# Sizes and repetitions per mode. `limits`: trees with at least that many
+# leaves run only the listed rows (each other jitted row compiles for about
+# a minute on 20,000 separate leaves); the rest are listed as skipped.
+_FEW_ON_MANY = ('emax.update', 'emax.update pack=True', 'torch._foreach_lerp_',
+                'optax.incremental_update',
+                'jitted identity over the leaves',
+                'stacked into one array: emax.update')
+MODES = {
+    # Seconds: every table and every registered row at least once, on tiny
+    # trees (compiling dominates: the other trees run a few rows).
+    'smoke': dict(shrink=4000.0, small_leaves=16, vector=1 << 16,
+                  max_leaves=4, rounds=7, warmup=1, ceiling=1 << 16,
+                  mlp=(8, 10), batches=(32,), cooldown_s=0.0,
+                  min_sample_s=0.0, averages_k=(2,),
+                  trees=('ResNet-50-like', '16 leaves',
+                         'ResNet-50-like, bf16'),
+                  rows={'ResNet-50-like, bf16': ('emax.update',
+                                                 'optax.incremental_update',
+                                                 'torch._foreach_lerp_'),
+                        '16 leaves': ('emax.update pack=True',
+                                      'torch._foreach_lerp_',
+                                      'jitted identity over the leaves',
+                                      'stacked into one array: emax.update')},
+                  offload_sizes=(4096,), limits=()),
+    'quick': dict(shrink=8.0, small_leaves=2000, vector=25_000_000,
+                  rounds=9, warmup=2, ceiling=25_000_000,
+                  mlp=(784, 2048, 2048, 10), batches=(32, 256),
+                  cooldown_s=0.05, min_sample_s=0.0, averages_k=(1, 2, 4),
+                  offload_sizes=(1_000_000, 16_000_000), limits=()),
+    'full': dict(shrink=1.0, small_leaves=20000, vector=100_000_000,
+                 rounds=15, warmup=2, ceiling=100_000_000,
+                 mlp=(784, 2048, 2048, 10), batches=(32, 256),
+                 cooldown_s=0.05, min_sample_s=0.0, averages_k=(1, 2, 4),
+                 offload_sizes=(1_000_000, 16_000_000),
+                 limits=((10_000, _FEW_ON_MANY),)),
+    # One H100/H200-class GPU, under 5 minutes: real tree sizes, a 2 GB
+    # vector, an MLP big enough that the EMA's share of a step is measurable,
+    # samples of at least 2 ms (launch and sync latency amortized). XLA:GPU
+    # compiles many-leaf programs slowly: those trees run fewer rows.
+    'gpu': dict(shrink=1.0, small_leaves=20000, vector=500_000_000,
+                rounds=21, warmup=3, ceiling=500_000_000,
+                mlp=(4096, 8192, 8192, 4096), batches=(32, 256),
+                cooldown_s=0.0, min_sample_s=2e-3, averages_k=(1, 2, 4),
+                offload_sizes=(100_000_000, 500_000_000),
+                limits=((1_000, _FEW_ON_MANY[:4]),
+                        (10_000, _FEW_ON_MANY[1:3] + _FEW_ON_MANY[4:]))),
+}
+SECTIONS = ('ceiling', 'updates', 'train', 'options', 'averages', 'offload')
+
+
+@dataclasses.dataclass
+class Context:
+  """What every section needs: the mode, the machine, where skips go."""
+  mode: dict
+  backend: str
+  threads: int
+  log: Callable[[str], None]
+  ceiling_gbps: float = 0.0
+  xla_add_gbps: float = 0.0
+  skipped: list = dataclasses.field(default_factory=list)
+
+  def skip(self, section, table, row, reason, error=False):
+    self.skipped.append(dict(section=section, table=table, row=row,
+                             reason=reason, error=error))
+    self.log(f'  {"ERROR" if error else "skipped"}: {row}: {reason}')
+
+  def build(self, section, table, impl, *args):
+    """``impl.build(*args)``, or None with the reason recorded."""
+    reason = impl.requires()
+    if reason is not None:
+      self.skip(section, table, impl.name, reason)
+      return None
+    try:
+      return impl.build(*args)
+    except peers.Skip as e:
+      self.skip(section, table, impl.name, str(e))
+    except Exception as e:  # noqa: BLE001 (one broken row: keep the run)
+      traceback.print_exc()
+      self.skip(section, table, impl.name, f'{type(e).__name__}: {e}',
+                error=True)
+    return None
+
+  def measure(self, runners):
+    return timing.measure(runners, self.mode['rounds'],
+                          warmup=self.mode['warmup'],
+                          min_sample_s=self.mode['min_sample_s'])
+
+
+def traffic(kind: str, n: int, pbytes: int, abytes: int, k: int = 1):
+  """Minimal bytes moved by one step of a row of ``kind`` (None: none)."""
+  return {'update': n * (pbytes + 2 * abytes),
+          'transform': n * (2 * pbytes + 2 * abytes),
+          'averages': n * (pbytes + 2 * k * abytes)}.get(kind)
+
+
+def _free():
+  gc.collect()
+
+
+# ---------------------------------------------------------------- ceiling
+
+
+def ceiling(ctx: Context) -> dict:
+  """The bandwidth ceiling: 12 bytes per float32 of ``a += b``.
+
+  A jitted, donated ``a + b`` (what XLA reaches on this backend) and, on
+  CPU, NumPy's ``np.add(a, b, out=a)`` split over the threads.
+  """
+  n = int(ctx.mode['ceiling'])
+  b = jnp.full(n, 0.5, jnp.float32)  # an argument, not a foldable constant
+  add = jax.jit(lambda a, b: a + b, donate_argnums=0)
+  holder = [jnp.zeros(n, jnp.float32)]
+
+  def xla_step():
+    holder[0] = add(holder[0], b)
+    return holder[0]
+
+  runners = [timing.Runner('jitted donated add', xla_step)]
+  if ctx.backend == 'cpu':
+    na = np.ones(n, np.float32)
+    nb = np.ones(n, np.float32)
+    bounds = np.linspace(0, n, ctx.threads + 1).astype(np.int64)
+
+    def work(lo, hi):
+      np.add(na[lo:hi], nb[lo:hi], out=na[lo:hi])
+
+    def np_step():
+      ts = [threading.Thread(target=work, args=(bounds[i], bounds[i + 1]))
+            for i in range(ctx.threads)]
+      for t in ts:
+        t.start()
+      for t in ts:
+        t.join()
+
+    runners.append(timing.Runner('NumPy in-place add', np_step,
+                                 sync=lambda x: x))
+  times = ctx.measure(runners)
+  out = {name: 12 * n / float(np.median(t)) / 1e9
+         for name, t in times.items()}
+  ctx.xla_add_gbps = out['jitted donated add']
+  ctx.ceiling_gbps = max(out.values())
+  ctx.log(f'ceiling: {out} GB/s on {n / 1e6:g}M float32')
+  return dict(elements=n, gbps=ctx.ceiling_gbps, sources=out,
+              xla_add_gbps=ctx.xla_add_gbps)
+
+
+# ------------------------------------------------------- per-tree updates
+
+
+def _tree(ctx, name, shapes, dtype, many_leaves=False):
+  return trees.Tree.make(name, shapes, dtype, backend=ctx.backend,
+                         threads=ctx.threads,
+                         cooldown_s=ctx.mode['cooldown_s'],
+                         many_leaves=many_leaves)
+
+
+def _allowed(ctx, name, leaves):
+  """The rows a tree runs in this mode (None: all), and why not the rest."""
+  for prefix, names in ctx.mode.get('rows', {}).items():
+    if name.startswith(prefix):  # the longest prefix first (dict order)
+      return names, (f"--{ctx.mode['name']} times fewer rows on this tree"
+                     ' (compile time)')
+  allowed = None
+  for threshold, names in ctx.mode['limits']:
+    if leaves >= threshold:
+      allowed = names
+  return allowed, (f"not run on {leaves:,} leaves in --{ctx.mode['name']}"
+                   ' (compile time); --quick runs it on fewer leaves')
+
+
+def _row(ctx, runner, times, nbytes):
+  r = dict(impl=runner.name, **timing.summary(times))
+  r.update({k: v for k, v in runner.info.items() if k != 'row'})
+  med_s = r['median_ms'] / 1e3
+  r['bytes'] = nbytes
+  if nbytes:
+    r['gbps'] = nbytes / med_s / 1e9
+    r['pct_ceiling'] = 100.0 * r['gbps'] / ctx.ceiling_gbps
+    r['pct_xla_add'] = 100.0 * r['gbps'] / ctx.xla_add_gbps
+  else:
+    r['gbps'] = r['pct_ceiling'] = r['pct_xla_add'] = None
+  return r
+
+
+REFERENCES = {'update': 'optax.incremental_update',
+              'transform': 'optax.apply_updates + incremental_update'}
+
+
+def updates(ctx: Context) -> list[dict]:
+  """One table per tree: every UPDATES row, timed together."""
+  m = ctx.mode
+  out = []
+  for name, shapes, dtype in trees.cases(
+      shrink=m['shrink'], small_leaves=m['small_leaves'],
+      vector_size=m['vector'], max_leaves=m.get('max_leaves'),
+      only=m.get('trees')):
+    many = 'leaves x 256' in name
+    tree = _tree(ctx, name, shapes, dtype, many_leaves=many)
+    ctx.log(f'\n{name}: {len(shapes)} leaves, {tree.n / 1e6:.3f}M params,'
+            f' {np.dtype(dtype).name}')
+    allowed, why = _allowed(ctx, name, len(shapes))
+    runners, kinds = [], {}
+    for impl in peers.UPDATES:
+      if not impl.where(tree):
+        continue
+      if allowed is not None and impl.name not in allowed:
+        ctx.skip('updates', name, impl.name, why)
+        continue
+      r = ctx.build('updates', name, impl, tree)
+      if r is not None:
+        runners.append(r)
+        kinds[r.name] = (impl.kind, impl.name)
+    times = ctx.measure(runners)
+    rows = []
+    for r in runners:
+      kind, row_id = kinds[r.name]
+      row = _row(ctx, r, times[r.name],
+                 traffic(kind, tree.n, tree.pbytes, tree.abytes))
+      row.update(kind=kind, row=row_id)
+      ref = REFERENCES.get(kind)
+      if ref in times and ref != r.name:
+        row['vs_ref'] = dict(ref=ref, **timing.paired_ratio(
+            times[r.name], times[ref]))
+      rows.append(row)
+      ctx.log(_fmt(row))
+    out.append(dict(case=name, leaves=len(shapes), params=tree.n,
+                    dtype=np.dtype(dtype).name, rows=rows))
+    del runners, tree, times
+    _free()
+  return out
+
+
+def _fmt(r):
+  gb = '-' if r.get('gbps') is None else f"{r['gbps']:7.2f} GB/s"
+  vs = (f"  x{r['vs_ref']['median']:.3f} vs ref" if 'vs_ref' in r else '')
+  return (f"  {r['impl']:<44} {r['median_ms']:9.3f} ms"
+          f" [{r['ci_ms'][0]:.3f}, {r['ci_ms'][1]:.3f}] {gb}"
+          f"  compile {r.get('compile_s') or 0:.2f} s{vs}")
+
+
+# ------------------------------------------------------------- train step
+
+
+def train(ctx: Context) -> dict:
+  """A jitted, donated Adam step with and without an EMA, per batch size.
+
+  "added" is the median over rounds of (variant - adam) from the same round,
+  with its 95% CI; inside the noise it is None, never negative.
+  """
+  sizes = ctx.mode['mlp']
+  n = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+  ideal_ms = 12 * n / (ctx.ceiling_gbps * 1e9) * 1e3
+  ctx.log(f'\ntrain step: MLP {sizes}, {n / 1e6:.2f}M params; 12 B/param at'
+          f' the ceiling = {ideal_ms:.4f} ms')
+  batches = []
+  base_name = next(i.name for i in peers.TRAIN if i.extra.get('baseline'))
+  for batch in ctx.mode['batches']:
+    problem = trees.TrainProblem.make(sizes, batch)
+    table = f'train step, batch {batch}'
+    runners = [r for r in (ctx.build('train', table, impl, problem)
+                           for impl in peers.TRAIN) if r is not None]
+    times = ctx.measure(runners)
+    rows = []
+    for r in runners:
+      row = dict(impl=r.name, **timing.summary(times[r.name]), **r.info)
+      if r.name != base_name and base_name in times:
+        added = timing.paired_diff(times[r.name], times[base_name])
+        row['added'] = added
+        row['added_vs_ideal'] = (None if not added['resolved'] else
+                                 added['median_ms'] / ideal_ms)
+        row['added_vs_ideal_ci'] = [c / ideal_ms for c in added['ci_ms']]
+      rows.append(row)
+      ctx.log(f"  batch {batch:4d} {r.name:<44} {row['median_ms']:8.3f} ms"
+              + _fmt_added(row))
+    batches.append(dict(batch=batch, rows=rows))
+    del runners, times
+    _free()
+  return dict(mlp=list(sizes), params=n, ideal_ms=ideal_ms,
+              baseline=base_name, batches=batches)
+
+
+def _fmt_added(row):
+  a = row.get('added')
+  if a is None:
+    return ''
+  if not a['resolved']:
+    return f"  added: noise (<= {a['ci_ms'][1]:.3f} ms)"
+  return (f"  added {a['median_ms']:.3f} ms [{a['ci_ms'][0]:.3f},"
+          f" {a['ci_ms'][1]:.3f}] = {row['added_vs_ideal']:.2f}x ideal")
+
+
+# ---------------------------------------------------------------- options
+
+
+def _resnet_tree(ctx):
+  m = ctx.mode
+  (name, shapes, dtype), = trees.cases(
+      shrink=m['shrink'], small_leaves=1, vector_size=1,
+      max_leaves=m.get('max_leaves'), only=('ResNet-50-like',))[:1]
+  return _tree(ctx, name, shapes, dtype)
+
+
+def options(ctx: Context) -> dict:
+  """``emax.ema`` options, standalone ``tx.update`` on ResNet-50-like."""
+  tree = _resnet_tree(ctx)
+  ctx.log(f'\noptions: emax.ema, standalone tx.update, ResNet-50-like'
+          f' ({tree.n / 1e6:.3f}M params)')
+  runners = [r for r in (ctx.build('options', 'options', impl, tree)
+                         for impl in peers.OPTIONS) if r is not None]
+  base = next(i.name for i in peers.OPTIONS if i.extra.get('baseline'))
+  times = ctx.measure(runners)
+  rows = []
+  for r in runners:
+    row = _row(ctx, r, times[r.name],
+               traffic('transform', tree.n, tree.pbytes, tree.abytes))
+    if base in times and r.name != base:
+      row['vs_baseline'] = timing.paired_ratio(times[r.name], times[base])
+    rows.append(row)
+    ctx.log(_fmt(row) + (f"  x{row['vs_baseline']['median']:.2f} vs {base}"
+                         if 'vs_baseline' in row else ''))
+  return dict(case=tree.name, params=tree.n, baseline=base, rows=rows)
+
+
+# --------------------------------------------------------------- averages
+
+
+def averages(ctx: Context) -> dict:
+  """K averages of GPT-2-small-like: one named state vs K separate ones."""
+  m = ctx.mode
+  (name, shapes, dtype), = trees.cases(
+      shrink=m['shrink'], small_leaves=1, vector_size=1,
+      max_leaves=m.get('max_leaves'), only=('GPT-2-small-like',))
+  tree = _tree(ctx, name, shapes, dtype)
+  ctx.log(f'\nK averages of {name} ({tree.n / 1e6:.3f}M params), pure'
+          ' update form')
+  out = []
+  base = next(i.name for i in peers.AVERAGES if i.extra.get('baseline'))
+  for k in m['averages_k']:
+    table = f'K={k}'
+    built = [(impl, ctx.build('averages', table, impl, tree, k))
+             for impl in peers.AVERAGES]
+    built = [(i, r) for i, r in built if r is not None]
+    times = ctx.measure([r for _, r in built])
+    nbytes = traffic('averages', tree.n, tree.pbytes, tree.abytes, k)
+    roof_ms = nbytes / (ctx.ceiling_gbps * 1e9) * 1e3
+    base_r = next((r for i, r in built if i.name == base), None)
+    rows = []
+    for impl, r in built:
+      row = _row(ctx, r, times[r.name], nbytes)
+      row.update(row=impl.name, k=k, roofline_ms=roof_ms,
+                 vs_roofline=row['median_ms'] / roof_ms,
+                 expected_units=1 + k)
+      if base_r is not None and r is not base_r:
+        row['vs_separate'] = timing.paired_ratio(times[r.name],
+                                                 times[base_r.name])
+      rows.append(row)
+      ctx.log(_fmt(row) + f"  {row['vs_roofline']:.2f}x roofline")
+    out.append(dict(k=k, roofline_ms=roof_ms, rows=rows))
+    del built, times
+    _free()
+  return dict(case=name, params=tree.n, tables=out)
+
+
+def run_section(ctx: Context, name: str, fn: Callable[[Context], Any]):
+  """Runs one section; times it; an unexpected error skips the section."""
+  t = time.perf_counter()
+  try:
+    result = fn(ctx)
+  except Exception as e:  # noqa: BLE001 (keep the other sections)
+    traceback.print_exc()
+    ctx.skip(name, name, '(whole section)', f'{type(e).__name__}: {e}',
+             error=True)
+    result = None
+  return result, time.perf_counter() - t

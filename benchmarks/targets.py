@@ -1,0 +1,284 @@
+"""The performance targets (issue 14), read off one run's results.
+
+Each target row says what is wanted, what was measured (with its 95% CI)
+and a status:
+
+* ``yes``: the measured value clears the threshold;
+* ``NO``: it does not;
+* ``noise``: the quantity the target is about cannot be told from zero in
+  this run (an "added" time whose CI reaches 0): no verdict, and never a
+  "yes";
+* ``skipped``: not measured in this run; the row says why.
+
+Ratios of two implementations are medians of per-round ratios (the two were
+timed in the same rounds, see :mod:`benchmarks.timing`).
+"""
+
+from __future__ import annotations
+
+from benchmarks import timing
+
+_LARGE_TREES = ('ResNet-50-like', 'GPT-2-small-like')
+_NOT_RUN = 'the tree is not in this run (see the run\'s --tree and mode)'
+
+
+def _target(target, status, measured='', value=None, threshold=None, note=''):
+  return dict(target=target, status=status, measured=measured, value=value,
+              threshold=threshold, note=note)
+
+
+def _verdict(value, threshold):
+  return 'yes' if value <= threshold else 'NO'
+
+
+def _ratio_text(r):
+  return f"{r['median']:.3f}x [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
+
+
+def _skip_reason(result, row_prefix, table=None):
+  for s in result.get('skipped', []):
+    if s['row'].startswith(row_prefix) and (table is None
+                                            or s['table'] == table):
+      return s['reason']
+  return 'not measured in this run'
+
+
+def _find(rows, prefix):
+  return next((r for r in rows if r['impl'].startswith(prefix)), None)
+
+
+def _get(rows, name):
+  return next((r for r in rows if r['impl'] == name), None)
+
+
+def _paired(a, b):
+  return timing.paired_ratio(a['samples_ms'], b['samples_ms'])
+
+
+def guard(result):
+  """Target 1: the NaN guard for free (standalone and in a train step)."""
+  out = []
+  trees = {t['case']: t for t in result.get('updates') or []}
+  for case in _LARGE_TREES:
+    name = (f"{case}: `emax.ema(d)` default tx.update <= 1.15x"
+            ' `optax.apply_updates` + `optax.incremental_update` (donated)')
+    tree = trees.get(case)
+    if tree is None:
+      out.append(_target(name, 'skipped', note=_NOT_RUN))
+      continue
+    mine = _get(tree['rows'], 'emax.ema tx.update')
+    ref = _get(tree['rows'], 'optax.apply_updates + incremental_update')
+    if mine is None or ref is None:
+      out.append(_target(name, 'skipped', note=_skip_reason(
+          result, 'emax.ema tx.update' if mine is None else 'optax.apply',
+          tree['case'])))
+      continue
+    r = _paired(mine, ref)
+    out.append(_target(
+        name, _verdict(r['median'], 1.15),
+        f"{_ratio_text(r)} ({mine['median_ms']:.3f} vs"
+        f" {ref['median_ms']:.3f} ms)", r['median'], 1.15))
+  train = result.get('train')
+  if not train:
+    out.append(_target('train step: default `emax.ema` adds <= 1.05x what'
+                       ' `skip_nonfinite=False` adds, and <= 1.25x the ideal',
+                       'skipped', note='the train section did not run'))
+  for b in (train or {}).get('batches', []):
+    rows = b['rows']
+    dflt = next((r for r in rows if r['impl'] == 'adam + emax.ema'), None)
+    off = next((r for r in rows
+                if r['impl'] == 'adam + emax.ema(skip_nonfinite=False)'),
+               None)
+    name = (f"train step, batch {b['batch']}: default `emax.ema` adds <="
+            ' 1.05x what `skip_nonfinite=False` adds')
+    name2 = (f"train step, batch {b['batch']}: default `emax.ema` adds <="
+             ' 1.25x the 12 bytes/param ideal')
+    if dflt is None or off is None:
+      out.append(_target(name, 'skipped', note='a train-step row is missing'))
+      out.append(_target(name2, 'skipped',
+                         note='a train-step row is missing'))
+      continue
+    da, do = dflt['added'], off['added']
+    text = f'default {_added_text(da)}; guard off {_added_text(do)}'
+    if not (da['resolved'] and do['resolved']):
+      out.append(_target(name, 'noise', text, note='an added time is inside'
+                         ' the noise: no verdict'))
+    else:
+      v = da['median_ms'] / do['median_ms']
+      out.append(_target(name, _verdict(v, 1.05), f'{v:.2f}x ({text})', v,
+                         1.05))
+    if not da['resolved']:
+      out.append(_target(name2, 'noise', f'added {_added_text(da)}; ideal'
+                         f" {train['ideal_ms']:.4f} ms",
+                         note='the added time is inside the noise'))
+    else:
+      v = dflt['added_vs_ideal']
+      ci = dflt['added_vs_ideal_ci']
+      out.append(_target(name2, _verdict(v, 1.25),
+                         f'{v:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}] (added'
+                         f" {_added_text(da)}, ideal"
+                         f" {train['ideal_ms']:.4f} ms)", v, 1.25))
+  return out
+
+
+def _added_text(a):
+  if not a['resolved']:
+    return f"noise (<= {a['ci_ms'][1]:.3f} ms)"
+  return f"{a['median_ms']:.3f} ms [{a['ci_ms'][0]:.3f}, {a['ci_ms'][1]:.3f}]"
+
+
+def small_leaves(result):
+  """Target 2: many small leaves against torch, compile time, the floor."""
+  out = []
+  trees = [t for t in result.get('updates') or []
+           if 'leaves x 256' in t['case']]
+  if not trees:
+    return [_target('small leaves: emax vs torch, compile time, the'
+                    ' per-buffer floor, the stacked route', 'skipped',
+                    note=_NOT_RUN)]
+  for tree in trees:
+    case, rows = tree['case'], tree['rows']
+    torch_row = _find(rows, 'torch._foreach_lerp_')
+    emax_rows = [r for r in rows if r['impl'].startswith('emax.')
+                 and r.get('kind') == 'update']  # torch's work, no more
+    best = min(emax_rows, key=lambda r: r['median_ms'], default=None)
+    packed = _get(rows, 'emax.update pack=True')
+    ident = _find(rows, 'jitted identity')
+    stacked = _find(rows, 'stacked into one array')
+    name = f'{case}: fastest emax row at least as fast as torch'
+    if best is None or torch_row is None:
+      out.append(_target(name, 'skipped', note=_skip_reason(
+          result, 'torch' if torch_row is None else 'emax', case)))
+    else:
+      r = _paired(best, torch_row)
+      out.append(_target(name, _verdict(r['median'], 1.0),
+                         f"{best['impl']}: {_ratio_text(r)} of torch"
+                         f" ({best['median_ms']:.2f} vs"
+                         f" {torch_row['median_ms']:.2f} ms)",
+                         r['median'], 1.0))
+    name = f'{case}: `pack=True` compiles in < 10 s'
+    if packed is None:
+      out.append(_target(name, 'skipped', note=_skip_reason(
+          result, 'emax.update pack=True', case)))
+    else:
+      out.append(_target(name, _verdict(packed['compile_s'], 10.0),
+                         f"{packed['compile_s']:.2f} s", packed['compile_s'],
+                         10.0))
+    name = (f'{case}: proof: a jitted identity over the {tree["leaves"]:,}'
+            ' buffers is itself slower than torch (XLA\'s per-buffer floor)')
+    if ident is None or torch_row is None:
+      out.append(_target(name, 'skipped', note=_skip_reason(
+          result, 'torch' if torch_row is None else 'jitted identity', case)))
+    else:
+      r = _paired(torch_row, ident)  # <= 1: the floor alone is slower
+      out.append(_target(name, _verdict(r['median'], 1.0),
+                         f"torch / identity {_ratio_text(r)}: identity"
+                         f" {ident['median_ms']:.3f} ms (compile"
+                         f" {ident['compile_s']:.1f} s), torch"
+                         f" {torch_row['median_ms']:.3f} ms", r['median'],
+                         1.0))
+    name = (f'{case}: the stacked route (one array) at least as fast as'
+            ' torch')
+    if stacked is None or torch_row is None:
+      out.append(_target(name, 'skipped', note=_skip_reason(
+          result, 'torch' if torch_row is None else 'stacked', case)))
+    else:
+      r = _paired(stacked, torch_row)
+      out.append(_target(name, _verdict(r['median'], 1.0),
+                         f"{_ratio_text(r)} ({stacked['median_ms']:.3f} vs"
+                         f" {torch_row['median_ms']:.2f} ms)", r['median'],
+                         1.0))
+  return out
+
+
+def averages(result):
+  """Target 3: K named averages vs the roofline and K separate averages."""
+  section = result.get('averages')
+  if not section:
+    return [_target('K averages', 'skipped',
+                    note=_skip_reason(result, '(whole section)', 'averages'))]
+  out = []
+  for t in section['tables']:
+    k = t['k']
+    named = next((r for r in t['rows'] if r['row'].startswith('named')),
+                 None)
+    sep = next((r for r in t['rows'] if r['row'].startswith('K separate')),
+               None)
+    names = [f'K={k}: named averages <= 1.1x the (4 + 8K) bytes/param'
+             ' roofline',
+             f'K={k}: named averages faster than K separate averages',
+             f'K={k}: named averages hold 1 + K param trees (steady and peak)']
+    if named is None:
+      reason = _skip_reason(result, 'named averages', f'K={k}')
+      out += [_target(n, 'skipped', note=reason) for n in names]
+      continue
+    v = named['vs_roofline']
+    out.append(_target(names[0], _verdict(v, 1.1),
+                       f"{v:.2f}x ({named['median_ms']:.3f} vs"
+                       f" {t['roofline_ms']:.3f} ms)", v, 1.1))
+    if sep is None:
+      out.append(_target(names[1], 'skipped', note='no K-separate row'))
+    else:
+      r = _paired(named, sep)
+      out.append(_target(names[1], 'yes' if r['median'] < 1 else 'NO',
+                         _ratio_text(r), r['median'], 1.0))
+    peak, steady = named.get('peak_units'), named.get('steady_units')
+    if peak is None:
+      out.append(_target(names[2], 'skipped',
+                         note='the backend reports no memory analysis'))
+    else:
+      worst = max(peak, steady)
+      out.append(_target(names[2], _verdict(worst, (1 + k) * 1.02),
+                         f'steady {steady:.3f}, peak {peak:.3f} (want'
+                         f' {1 + k})', worst, 1 + k))
+  return out
+
+
+def bare_update(result):
+  """Target 6: ``emax.update`` at the lerp's speed on every large tree."""
+  out = []
+  large = [t for t in result.get('updates') or []
+           if 'leaves x 256' not in t['case']]
+  if not large:
+    return [_target('every large tree: `emax.update` <= 1.05x'
+                    ' `optax.incremental_update` (donated)', 'skipped',
+                    note='the updates section did not run on a large tree')]
+  for tree in large:
+    name = (f"{tree['case']}: `emax.update` <= 1.05x"
+            ' `optax.incremental_update` (donated)')
+    mine = _get(tree['rows'], 'emax.update')
+    if mine is None or 'vs_ref' not in mine:
+      out.append(_target(name, 'skipped', note=_skip_reason(
+          result, 'emax.update' if mine is None else 'optax.incremental',
+          tree['case'])))
+      continue
+    r = mine['vs_ref']
+    out.append(_target(name, _verdict(r['median'], 1.05),
+                       f"{_ratio_text(r)}", r['median'], 1.05))
+  return out
+
+
+def gpu_suite(result):
+  """Target 4: the GPU suite runs in under 5 minutes (gpu mode only)."""
+  if not result.get('gpu'):
+    return []
+  return [_target('`--gpu` runs in under 5 minutes',
+                  _verdict(result['wall_s'], 300.0),
+                  f"{result['wall_s']:.0f} s on {result['machine']['backend']}",
+                  result['wall_s'], 300.0)]
+
+
+GROUPS = (('1. the NaN guard for free', guard),
+          ('2. small leaves', small_leaves),
+          ('3. K averages', averages),
+          ('4. GPU-ready suite', gpu_suite),
+          ('6. the bare update at the lerp\'s speed', bare_update))
+
+
+def targets(result) -> list[dict]:
+  """Every target row, each with its group and a status."""
+  out = []
+  for group, fn in GROUPS:
+    for t in fn(result):
+      out.append(dict(group=group, **t))
+  return out
