@@ -8,6 +8,8 @@ state (an optax state, a train state, a checkpoint restored without a target).
 from __future__ import annotations
 
 import dataclasses
+import importlib.abc
+import importlib.util
 import sys
 import warnings
 from typing import Any, NamedTuple, Optional
@@ -372,6 +374,38 @@ def _offloaded_from_dict(target: _offload.OffloadedTree,
 _REGISTERED: list[bool] = []
 
 
+class _AfterImport(importlib.abc.MetaPathFinder):
+  """Registers with ``flax.serialization`` right after it is imported.
+
+  A one-shot import hook: flax may be imported after emax and after the
+  states were built, and ``flax.serialization.to_bytes`` must still work.
+  """
+
+  def find_spec(self, name: str, path: Any = None,
+                target: Any = None) -> Any:
+    if name != 'flax.serialization':
+      return None
+    if self in sys.meta_path:
+      sys.meta_path.remove(self)
+    spec = importlib.util.find_spec(name)
+    loader = getattr(spec, 'loader', None)
+    if loader is None or not hasattr(loader, 'exec_module'):
+      return spec
+    run = loader.exec_module
+
+    def exec_module(module: Any) -> None:
+      run(module)
+      register_flax_serialization()
+
+    loader.exec_module = exec_module
+    return spec
+
+
+def _register_when_imported() -> None:
+  if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _AfterImport())
+
+
 def register_flax_serialization() -> None:
   """Teaches ``flax.serialization`` emax's static parts, once flax is loaded.
 
@@ -381,7 +415,10 @@ def register_flax_serialization() -> None:
   :class:`EmaState` round-trip through ``to_bytes`` / ``from_bytes``.
   """
   serialization = sys.modules.get('flax.serialization')
-  if serialization is None or _REGISTERED:
+  if _REGISTERED:
+    return
+  if serialization is None:
+    _register_when_imported()
     return
   serialization.register_serialization_state(
       StateInfo, _info_to_dict, _info_from_dict, override=True)

@@ -43,9 +43,9 @@ def scheduled_mode(options: _options.StepOptions, count: jax.Array) -> Any:
   """
   if options.every_step:
     return np.int32(AVERAGE)
+  xp: Any = jnp
   if not isinstance(count, jax.core.Tracer):  # eager: decide on the host
-    count = np.asarray(count)
-  xp = np if isinstance(count, np.ndarray) else jnp
+    count, xp = np.asarray(count), np
   saturated = count == _options.MAX_INT32
   number = xp.where(saturated, count, count + 1)
   first, every = options.first_update, options.update_every
