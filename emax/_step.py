@@ -45,7 +45,8 @@ def scheduled_mode(options: _options.StepOptions, count: jax.Array) -> Any:
     return np.int32(AVERAGE)
   xp: Any = jnp
   if not isinstance(count, jax.core.Tracer):  # eager: decide on the host
-    count, xp = np.asarray(count), np
+    xp = np
+  count = xp.asarray(count)
   saturated = count == _options.MAX_INT32
   number = xp.where(saturated, count, count + 1)
   first, every = options.first_update, options.update_every
