@@ -43,3 +43,11 @@ def test_core_does_not_import_flax():
           ' m.startswith(("flax.", "orbax"))]; print(bad); assert not bad')
   subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT,
                  capture_output=True, timeout=120)
+
+
+def test_readme_is_short_and_links_exist():
+  text = (ROOT / 'README.md').read_text()
+  assert len(text.splitlines()) <= 150
+  for target in re.findall(r'\]\(([^)#]+)\)', text):
+    if '://' not in target:
+      assert (ROOT / target).exists(), target
