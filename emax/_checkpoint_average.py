@@ -1,0 +1,278 @@
+"""How checkpoints are averaged: :func:`emax.checkpoint.average`.
+
+The steps and weights are checked against the directory; then every
+checkpoint's metadata is read (no arrays) and the selected subtrees compared,
+so that a mismatch fails before any array is read; then each checkpoint's
+selection alone is read (a partial restore), added, weighted, into a running
+sum (:mod:`emax._streaming_sum`) and dropped before the next one is read.
+Weights are scaled by a power of two only, and the sum is divided by their
+total once, at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import numbers
+from typing import Any, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Sharding
+from optax import Params
+
+from emax import _checkpoint_files
+from emax import _stored_tree
+from emax import _streaming_sum
+from emax import _tree
+
+_WHERE = 'emax.checkpoint.average'
+
+# (treedef, key paths of the leaves, (shape, dtype) of each leaf)
+_Selection = tuple[Any, list[tuple[Any, ...]], list[tuple[tuple[int, ...],
+                                                          np.dtype]]]
+
+
+def average(directory_or_manager: Any,
+            steps: Optional[Sequence[int]],
+            weights: Optional[Sequence[float]], *,
+            last: Optional[int],
+            path: Union[str, int, Sequence[Union[str, int]],
+                        Callable[[Any], Any]],
+            item: Optional[str],
+            sharding: Any,
+            accumulator_dtype: Any,
+            collect_above_bytes: int) -> Params:
+  """:func:`emax.checkpoint.average`; see its docstring."""
+  directory, found = _checkpoint_files.finished_steps(directory_or_manager,
+                                                      _WHERE)
+  chosen = _choose_steps(found, steps, last, directory)
+  scaled, total_weight = _scaled_weights(weights, chosen)
+  acc_floor = _check_accumulator_dtype(accumulator_dtype, sharding)
+  path = _check_path(path)
+
+  with _checkpoint_files.Reader(collect_above_bytes) as reader:
+    # Read every selection's metadata first: a mismatch fails before any
+    # array is read.
+    plans = []
+    for step in chosen:
+      item_dir = _checkpoint_files.item_directory(found[step], item, step)
+      stored = reader.stored(item_dir)
+      plans.append((step, item_dir, stored, _select(stored, path, step)))
+    first = plans[0][3]
+    for step, _, _, selection in plans[1:]:
+      _check_same(chosen[0], first, step, selection)
+    treedef, keypaths, specs = first
+    shardings = _leaf_shardings(sharding, treedef, keypaths)
+    selection_bytes = sum(int(np.prod(shape)) * dtype.itemsize
+                          for shape, dtype in specs)
+    acc_dtypes = [max(acc_floor, _tree.accumulator_dtype_for(dtype),
+                      key=lambda d: d.itemsize) for _, dtype in specs]
+
+    sums: list[Any] = [None] * len(keypaths)
+    for (step, item_dir, stored, _), w in zip(plans, scaled):
+      if w == 0:
+        continue  # nothing to add: do not read it
+      values = reader.read(item_dir, stored, keypaths, shardings)
+      for i, acc_dtype in enumerate(acc_dtypes):
+        sums[i] = _streaming_sum.add(sums[i], values[i], w, acc_dtype)
+        values[i] = None  # drop this leaf of the checkpoint now
+      del values
+      reader.done(selection_bytes)
+  leaves = [_streaming_sum.finish(s, total_weight, dtype)
+            for s, (_, dtype) in zip(sums, specs)]
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def _choose_steps(found: dict[int, Any], steps: Any, last: Any,
+                  directory: Any) -> list[int]:
+  """The steps to average, checked against those in the directory."""
+  if steps is None:
+    chosen = sorted(found)
+  else:
+    if isinstance(steps, (str, bytes)) or not isinstance(
+        steps, (Sequence, np.ndarray, range)):
+      raise TypeError(
+          f'steps must be a sequence of ints (e.g. [100, 200]), got {steps!r}.')
+    chosen = []
+    for s in steps:
+      if isinstance(s, (bool, np.bool_)) or not isinstance(
+          s, (numbers.Integral, np.integer)):
+        raise TypeError(f'steps must be ints, got {s!r} in {list(steps)!r}.')
+      chosen.append(int(s))
+    if not chosen:
+      raise ValueError(
+          'steps is empty; pass the steps to average, or None for all of'
+          f' them ({sorted(found)}).')
+    repeated = sorted({s for s in chosen if chosen.count(s) > 1})
+    if repeated:
+      raise ValueError(
+          f'steps {repeated} appear more than once in {chosen}; give each'
+          ' step once, and use weights to count one more.')
+    missing = [s for s in chosen if s not in found]
+    if missing:
+      raise FileNotFoundError(
+          f'No checkpoint for step{"s" if len(missing) > 1 else ""}'
+          f' {", ".join(map(str, missing))} in {directory}; the saved steps'
+          f' are {sorted(found)}.')
+  if last is not None:
+    if isinstance(last, bool) or not isinstance(
+        last, (numbers.Integral, np.integer)) or int(last) < 1:
+      raise ValueError(f'last must be a positive int, got {last!r}.')
+    if int(last) > len(chosen):
+      raise ValueError(
+          f'last={last} but there are only {len(chosen)} checkpoints to'
+          f' average (steps {sorted(chosen)}).')
+    chosen = sorted(chosen)[-int(last):]
+  return chosen
+
+
+def _scaled_weights(weights: Any, chosen: list[int]
+                    ) -> tuple[list[float], float]:
+  """One float64 weight per chosen step and their sum, the largest in [1, 2).
+
+  The weights are scaled by a power of two only, which is exact: a sum in
+  float64 of float32 params times small integer or dyadic weights is exact,
+  and the one division by the total at the end rounds it once.
+  """
+  n = len(chosen)
+  if weights is None:
+    return [1.0] * n, float(n)
+  try:
+    w = np.asarray(weights, dtype=np.float64)
+  except (TypeError, ValueError) as e:
+    raise TypeError(
+        f'weights must be a sequence of numbers, got {weights!r}.') from e
+  if w.shape != (n,):
+    raise ValueError(
+        f'weights has shape {w.shape} but {n} checkpoint'
+        f'{"s are" if n > 1 else " is"} averaged (steps {chosen}); give one'
+        ' weight per step, in that order.')
+  if not np.all(np.isfinite(w)) or np.any(w < 0):
+    raise ValueError(
+        f'weights must be finite and non-negative, got {w.tolist()}.')
+  if not np.any(w > 0):
+    raise ValueError(
+        f'weights sum to 0 ({w.tolist()}); give at least one checkpoint a'
+        ' positive weight.')
+  w = np.ldexp(w, -int(np.floor(np.log2(w.max()))))
+  return w.tolist(), float(w.sum())
+
+
+def _check_accumulator_dtype(accumulator_dtype: Any,
+                             sharding: Any) -> np.dtype:
+  if accumulator_dtype is None:
+    return jnp.dtype(jnp.float32)
+  try:
+    dtype = jnp.dtype(accumulator_dtype)
+  except TypeError as e:
+    raise TypeError(
+        'accumulator_dtype must be jnp.float32 or jnp.float64, got'
+        f' {accumulator_dtype!r}.') from e
+  if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+    raise ValueError(
+        'accumulator_dtype must be jnp.float32 or jnp.float64 (a sum in a'
+        f' narrower dtype loses the average), got {dtype}.')
+  if (dtype == jnp.float64 and sharding is not None
+      and not getattr(jax.config, 'jax_enable_x64')):
+    raise ValueError(
+        'accumulator_dtype=float64 on devices needs'
+        ' jax.config.update("jax_enable_x64", True); or pass sharding=None to'
+        ' sum on the host in float64.')
+  return dtype
+
+
+def _check_path(path: Any) -> Union[tuple[Any, ...], Callable[[Any], Any]]:
+  if callable(path):
+    return path
+  if isinstance(path, (str, int)) and not isinstance(path, bool):
+    return (path,)
+  if isinstance(path, Sequence) and all(
+      isinstance(k, (str, int)) and not isinstance(k, bool) for k in path):
+    return tuple(path)
+  raise TypeError(
+      'path must be a key, a sequence of keys (str for dict keys, int for'
+      " list positions), e.g. ('opt_state', 1, 'average'), or a callable"
+      f' that selects a subtree; got {path!r}.')
+
+
+def _select(stored: Any, path: Union[tuple[Any, ...], Callable[[Any], Any]],
+            step: int) -> _Selection:
+  """The selection's treedef, the key paths of its leaves and their specs."""
+  if callable(path):
+    selected = path(stored)
+  else:
+    selected = stored
+    for depth, key in enumerate(path):
+      try:
+        selected_child = _stored_tree.child(selected, key)
+      except KeyError:
+        raise KeyError(
+            f'Checkpoint step {step} has no path {path!r}: at'
+            f' {path[:depth]!r} it holds {_stored_tree.describe(selected)},'
+            f' with no {key!r}. Pass path= a sequence of those keys (or a'
+            ' callable that selects the subtree).') from None
+      selected = selected_child
+  where = {id(leaf): (keypath, leaf)
+           for keypath, leaf in _stored_tree.flatten(stored)}
+  leaves, treedef = jax.tree.flatten(selected)
+  if not leaves:
+    raise ValueError(
+        f'path {path!r} selects no arrays in checkpoint step {step}'
+        f' (it selects {_stored_tree.describe(selected)}).')
+  keypaths, specs = [], []
+  for leaf in leaves:
+    if id(leaf) not in where:
+      raise ValueError(
+          'The path callable must return parts of the tree it is given (its'
+          f' leaves are Orbax metadata), got a leaf {leaf!r}.')
+    keypath, meta = where[id(leaf)]
+    dtype = getattr(meta, 'dtype', None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f'Cannot average {_stored_tree.keystr(keypath)} of checkpoint step'
+          f' {step}: it holds {_stored_tree.describe(meta)}, not'
+          ' floating-point. Narrow path= to the float arrays (the params, or'
+          ' an average).')
+    keypaths.append(keypath)
+    specs.append((tuple(meta.shape), jnp.dtype(dtype)))
+  return treedef, keypaths, specs
+
+
+def _check_same(step0: int, selection0: _Selection, step: int,
+                selection: _Selection) -> None:
+  treedef0, keypaths0, specs0 = selection0
+  treedef, keypaths, specs = selection
+  keystr = _stored_tree.keystr
+  if treedef != treedef0 or keypaths != keypaths0:
+    raise ValueError(
+        f'Checkpoints {step0} and {step} hold different trees at the selected'
+        f' path: {treedef0} with leaves {list(map(keystr, keypaths0))}'
+        f' against {treedef} with {list(map(keystr, keypaths))}. Average'
+        ' checkpoints of one model.')
+  for keypath, spec0, spec in zip(keypaths0, specs0, specs):
+    if spec != spec0:
+      raise ValueError(
+          f'{keystr(keypath)} has shape {spec0[0]} and dtype {spec0[1]} in'
+          f' checkpoint {step0} but shape {spec[0]} and dtype {spec[1]} in'
+          f' checkpoint {step}. Average checkpoints of one model.')
+
+
+def _leaf_shardings(sharding: Any, treedef: Any,
+                    keypaths: list[tuple[Any, ...]]
+                    ) -> list[Optional[Sharding]]:
+  if sharding is None:
+    return [None] * len(keypaths)
+  if isinstance(sharding, Sharding):
+    return [sharding] * len(keypaths)
+  try:
+    shardings = treedef.flatten_up_to(sharding)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        'sharding must be None, a jax.sharding.Sharding, or a tree of them'
+        f' shaped like the averaged subtree ({treedef}): {e}') from e
+  bad = [s for s in shardings if not isinstance(s, Sharding)]
+  if bad:
+    raise TypeError(
+        f'sharding must hold jax.sharding.Sharding leaves, got {bad[0]!r}.')
+  return shardings

@@ -1,0 +1,241 @@
+"""A checkpoint directory on disk, and Orbax's partial reads of it.
+
+Where the finished checkpoints of an ``orbax.checkpoint.CheckpointManager``
+directory are, where the saved pytree sits inside one step, and a
+:class:`Reader` that reads some of its arrays alone (Orbax's partial
+restore), one checkpoint at a time. ``orbax.checkpoint`` is imported only
+when one of these runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import gc
+import os
+import types
+from typing import Any, Optional, Union
+
+import jax
+import numpy as np
+from jax.sharding import Sharding
+
+from emax import _stored_tree
+
+# Above this many bytes per checkpoint, a Reader runs a full garbage
+# collection after each one (about 0.2 s, against reading this much).
+COLLECT_ABOVE_BYTES = 64 << 20
+
+
+def orbax() -> types.ModuleType:
+  """``orbax.checkpoint``, or an ImportError that names the extra."""
+  try:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError(
+        'emax.checkpoint needs orbax-checkpoint: pip install "emax[flax]" or'
+        ' pip install orbax-checkpoint.') from e
+  return ocp
+
+
+def restorable_step(manager: Any, step: Optional[int]) -> int:
+  """``step``, or the latest, once the manager holds it (waits for saves)."""
+  manager.wait_until_finished()
+  steps = list(manager.all_steps())
+  if (not steps) if step is None else (step not in steps):
+    manager.reload()  # another process may have saved it since
+    steps = list(manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(
+        f'No checkpoint to restore in {manager.directory}; save one first'
+        ' with emax.checkpoint.save(manager, step, state).')
+  if step is None:
+    return manager.latest_step()
+  if step not in steps:
+    raise FileNotFoundError(
+        f'No checkpoint for step {step} in {manager.directory}; the saved'
+        f' steps are {sorted(steps)}. Pass one of them, or step=None for the'
+        ' latest.')
+  return step
+
+
+def _directory_of(directory_or_manager: Any,
+                  where: str) -> Union[str, os.PathLike]:
+  if isinstance(directory_or_manager, (str, os.PathLike)):
+    return directory_or_manager
+  if (hasattr(directory_or_manager, 'directory')
+      and hasattr(directory_or_manager, 'wait_until_finished')):
+    directory_or_manager.wait_until_finished()  # include saves in flight
+    return directory_or_manager.directory
+  raise TypeError(
+      f'{where} expected a checkpoint directory (a str or path) or an'
+      ' orbax.checkpoint.CheckpointManager, got'
+      f' {type(directory_or_manager).__name__}.')
+
+
+def finished_steps(directory_or_manager: Any,
+                   where: str) -> tuple[Any, dict[int, Any]]:
+  """The directory (an ``epath.Path``) and ``{step: step directory}``.
+
+  Only finished checkpoints count: an interrupted save leaves a temporary
+  directory that Orbax does not list. A manager's saves in flight are
+  waited for first.
+
+  Raises:
+    TypeError: if ``directory_or_manager`` is neither a path nor a manager.
+    FileNotFoundError: if the directory does not exist or holds no finished
+      checkpoint.
+    ValueError: if two checkpoints have the same step.
+  """
+  ocp = orbax()
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  directory = epath.Path(_directory_of(directory_or_manager, where))
+  if not directory.is_dir():
+    raise FileNotFoundError(
+        f'No checkpoint directory {directory}: it does not exist.')
+  found: dict[int, Any] = {}
+  for step_dir in ocp.path.step.checkpoint_steps_paths(directory):
+    step = ocp.path.step.step_from_checkpoint_name(step_dir.name)
+    if step in found:
+      raise ValueError(
+          f'Two checkpoints for step {step} in {directory}: {found[step].name}'
+          f' and {step_dir.name}. Average from a directory that holds one'
+          ' run.')
+    found[step] = step_dir
+  if not found:
+    unfinished = sorted(p.name for p in directory.iterdir()
+                        if ocp.path.step.TMP_DIR_SUFFIX in p.name)
+    raise FileNotFoundError(
+        f'No finished checkpoint in {directory}'
+        + (f'; only interrupted saves: {unfinished}.' if unfinished else '.'))
+  return directory, found
+
+
+def item_directory(step_dir: Any, item: Optional[str], step: int) -> Any:
+  """The directory of the saved pytree inside one step's checkpoint."""
+  if item is not None:
+    if not (step_dir / item).is_dir():
+      raise FileNotFoundError(
+          f'Checkpoint step {step} ({step_dir}) has no item {item!r}; its'
+          f' items are {_subdirectories(step_dir)}.')
+    return step_dir / item
+  if (step_dir / 'default').is_dir():  # what a single-item manager writes
+    return step_dir / 'default'
+  if (step_dir / '_METADATA').exists():  # a Checkpointer wrote it directly
+    return step_dir
+  raise FileNotFoundError(
+      f'Checkpoint step {step} ({step_dir}) saves several items'
+      f' {_subdirectories(step_dir)}; pass item= one of them.')
+
+
+def custom_metadata(step_dir: Any) -> Optional[dict[str, Any]]:
+  """The ``custom_metadata`` saved with one step, or None.
+
+  None also where the step has no step metadata: a checkpoint written by an
+  ``orbax.checkpoint.Checkpointer`` rather than a manager.
+  """
+  try:
+    return orbax().metadata.get_step_metadata(step_dir).custom_metadata
+  except (ValueError, FileNotFoundError):  # written without a manager
+    return None
+
+
+def _subdirectories(directory: Any) -> list[str]:
+  return sorted(p.name for p in directory.iterdir() if p.is_dir())
+
+
+def _partial_target(ocp: types.ModuleType, stored: Any,
+                    keypaths: Sequence[tuple[Any, ...]],
+                    shardings: Sequence[Optional[Sharding]]
+                    ) -> tuple[Any, Any]:
+  """The stored tree cut down to ``keypaths``, for Orbax's partial restore.
+
+  Dicts keep only the keys on a path to a selected leaf; lists keep their
+  length, with None where nothing is selected (Orbax reads no array there).
+  A leaf without a sharding is read into host memory, as NumPy.
+  """
+  wanted = {k: (_stored_tree.at(stored, k), s)
+            for k, s in zip(keypaths, shardings)}
+  on_path = {k[:i] for k in keypaths for i in range(len(k) + 1)}
+
+  def nothing(node: Any) -> Any:
+    pairs = _stored_tree.children(node)
+    if pairs is None:
+      return None
+    if isinstance(node, dict):
+      return {key: nothing(c) for key, c in pairs}
+    return [nothing(c) for _, c in pairs]
+
+  def cut(node: Any, prefix: tuple[Any, ...]) -> Any:
+    if prefix in wanted:
+      meta, s = wanted[prefix]
+      return jax.ShapeDtypeStruct(tuple(meta.shape), np.dtype(meta.dtype),
+                                  sharding=s)
+    pairs = _stored_tree.children(node) or []
+    if isinstance(node, dict):
+      return {key: cut(c, prefix + (key,)) for key, c in pairs
+              if prefix + (key,) in on_path}
+    return [cut(c, prefix + (i,)) if prefix + (i,) in on_path
+            else nothing(c) for i, c in pairs]
+
+  target = cut(stored, ())
+
+  def restore_args(x: jax.ShapeDtypeStruct) -> Any:
+    if x.sharding is None:
+      return ocp.RestoreArgs(restore_type=np.ndarray)
+    return ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=x.sharding,
+                                global_shape=x.shape)
+
+  return target, jax.tree.map(restore_args, target)
+
+
+class Reader:
+  """Reads parts of the saved pytrees of checkpoints, one at a time.
+
+  A context manager: Orbax's checkpointer is closed on exit.
+
+  Args:
+    collect_above_bytes: after a checkpoint of at least this many bytes is
+      dropped (:meth:`done`), run a full garbage collection: Orbax's restore
+      leaves reference cycles (asyncio futures) that hold on to a restored
+      array until Python's next full collection.
+  """
+
+  def __init__(self, collect_above_bytes: int = COLLECT_ABOVE_BYTES) -> None:
+    self._ocp = orbax()
+    self._handler = self._ocp.PyTreeCheckpointHandler()
+    self._checkpointer = self._ocp.Checkpointer(self._handler)
+    self._collect_above_bytes = collect_above_bytes
+
+  def __enter__(self) -> Reader:
+    return self
+
+  def __exit__(self, *exc_info: object) -> None:
+    self._checkpointer.close()
+
+  def stored(self, item_dir: Any) -> Any:
+    """The saved tree, its leaves Orbax's array metadata (reads no array)."""
+    stored = self._handler.metadata(item_dir)
+    return getattr(stored, 'tree', stored)
+
+  def read(self, item_dir: Any, stored: Any,
+           keypaths: Sequence[tuple[Any, ...]],
+           shardings: Optional[Sequence[Optional[Sharding]]] = None
+           ) -> list[Any]:
+    """The arrays at ``keypaths`` of ``stored``, read alone.
+
+    Each goes into its sharding (a ``jax.Array``), or into host memory as
+    NumPy where it has none (``shardings=None``: all of them).
+    """
+    if shardings is None:
+      shardings = [None] * len(keypaths)
+    target, restore_args = _partial_target(self._ocp, stored, keypaths,
+                                           shardings)
+    restored = self._checkpointer.restore(
+        item_dir, args=self._ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))
+    return [_stored_tree.at(restored, k) for k in keypaths]
+
+  def done(self, nbytes: int) -> None:
+    """Says that a checkpoint of ``nbytes`` read bytes is dropped."""
+    if nbytes >= self._collect_above_bytes:
+      gc.collect()  # Orbax's reference cycles hold restored arrays

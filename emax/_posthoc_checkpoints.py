@@ -1,0 +1,213 @@
+"""Post-hoc EMA from Orbax checkpoints: :func:`emax.posthoc.from_checkpoints`.
+
+Each checkpoint up to the target step gives one snapshot per power-function
+average in it, at the step its ``count`` says, of the width its record (or
+``sigma_rels``) says. Everything but the arrays is read first, so that a
+mismatch fails before any array is read: each checkpoint's metadata and
+record (:class:`_Checkpoint`), then its ``count``. The weights come from the
+EDM2 solve (:mod:`emax._posthoc_solve`), one set per target; then each
+checkpoint with a weight has its averages alone read (a partial restore),
+debiased (:mod:`emax._restored`) and added into one float64 sum per target
+(:class:`emax._streaming_sum.TreeSum`) before the next one is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+import numbers
+from typing import Any, Optional, Union
+
+import jax
+import numpy as np
+
+from emax import _checkpoint_files
+from emax import _checkpoint_record
+from emax import _posthoc_solve
+from emax import _restored
+from emax import _stored_tree
+from emax._checkpoint_record import width_of
+from emax._streaming_sum import TreeSum
+
+_WHERE = 'emax.posthoc.from_checkpoints'
+
+
+def from_checkpoints(
+    directory: Any, target_sigma_rel: Any, *, target_step: Optional[int],
+    sigma_rels: Any, path: Optional[Sequence[Union[str, int]]], like: Any,
+    item: Optional[str],
+    progress: Optional[Callable[[list[int]], Iterable[int]]],
+    collect_above_bytes: int = _checkpoint_files.COLLECT_ABOVE_BYTES) -> Any:
+  """:func:`emax.posthoc.from_checkpoints`; see its docstring."""
+  _checkpoint_files.orbax()
+  targets, single = _posthoc_solve.targets(target_sigma_rel)
+  root, found = _checkpoint_files.finished_steps(directory, _WHERE)
+  if target_step is None:
+    target_step = max(found)
+  elif isinstance(target_step, bool) or not isinstance(
+      target_step, (numbers.Integral, np.integer)):
+    raise TypeError(f'target_step must be an int (a checkpoint step), got'
+                    f' {target_step!r}.')
+  elif target_step not in found:
+    raise FileNotFoundError(
+        f'No checkpoint for target_step {target_step} in {root}; the saved'
+        f' steps are {sorted(found)}. Pass one of them, or None for the'
+        ' latest.')
+  chosen = sorted(s for s in found if s <= target_step)
+  with _checkpoint_files.Reader(collect_above_bytes) as reader:
+    # Metadata first (no arrays): a mismatch fails before anything is read.
+    checkpoints: list[_Checkpoint] = []
+    for step in chosen:
+      checkpoints.append(_Checkpoint(
+          reader, step, found[step], item=item, path=path, like=like,
+          sigma_rels=sigma_rels))
+      checkpoints[-1].same_as(checkpoints[0])
+    first = checkpoints[0]
+    counts = [int(np.asarray(reader.read(c.item_dir, c.stored,
+                                         [c.path + ('count',)])[0]))
+              for c in checkpoints]
+    seen: dict[int, int] = {}
+    for c, n in zip(checkpoints, counts):
+      if n > 0 and n in seen:
+        raise ValueError(
+            f'Checkpoints {seen[n]} and {c.step} both hold averages after'
+            f' {n} steps (EmaState.count): one snapshot twice. Reconstruct'
+            ' from one run, or pass target_step= before the repeat.')
+      seen[n] = c.step
+    if counts[-1] <= 0:
+      raise ValueError(
+          f'{_WHERE}: the checkpoint at step {chosen[-1]} holds an average of'
+          ' no step yet (count 0); reconstruct at a later checkpoint.')
+    # (checkpoint index, average index, count, width) per snapshot
+    snapshots = [(i, j, counts[i], w) for i, c in enumerate(checkpoints)
+                 if counts[i] > 0 for j, w in enumerate(c.widths)
+                 if w is not None]
+    steps = np.array([s[2] for s in snapshots], np.float64)
+    widths = np.array([s[3] for s in snapshots], np.float64)
+    weights, used = [], set()
+    for target in targets:
+      w, u = _posthoc_solve.solve(
+          steps, widths, target, float(counts[-1]),
+          ('snapshot steps (EmaState.count)', 'snapshot sigma_rels'))
+      weights.append(w)
+      used |= set(u.tolist())
+    latest = max(used, key=lambda k: (steps[k], -k))
+    sums = [TreeSum() for _ in targets]
+    to_read = sorted({snapshots[k][0] for k in used})
+    read_steps = [chosen[i] for i in to_read]
+    index_of = {chosen[i]: i for i in to_read}
+    out_treedef: Any = None
+    for step in (progress(read_steps) if progress else read_steps):
+      i = index_of[step]
+      c = checkpoints[i]
+      values = reader.read(c.item_dir, c.stored,
+                           [c.path + p for p, _, _ in c.leaves])
+      node = _stored_tree.rebuild(c.node, values)
+      del values
+      for k in (k for k in sorted(used) if snapshots[k][0] == i):
+        j = snapshots[k][1]
+        leaves, treedef = _restored.debiased(
+            node, c.plan, j if c.plan.stacked else None, _WHERE)
+        out_treedef = treedef
+        arrays = [np.asarray(x) for x in leaves]  # on the host
+        del leaves
+        for total, w in zip(sums, weights):
+          total.add(arrays, float(w[k]), k == latest,
+                    f'checkpoint step {step}, average {j}')
+        del arrays
+      del node
+      reader.done(c.nbytes)
+  plan = first.plan
+  if plan.like_state is not None:
+    dtypes = list(plan.like_state.info.param_dtypes)
+    results = [jax.tree.unflatten(out_treedef, s.result(dtypes))
+               for s in sums]
+  else:
+    results = [plan.shape(s.result(plan.dtypes)) for s in sums]
+  return results[0] if single else results
+
+
+class _Checkpoint:
+  """What one checkpoint holds: where its average is and how to read it."""
+
+  def __init__(self, reader: _checkpoint_files.Reader, step: int,
+               step_dir: Any, *, item: Optional[str],
+               path: Optional[Sequence[Union[str, int]]], like: Any,
+               sigma_rels: Any) -> None:
+    self.step = step
+    self.item_dir = _checkpoint_files.item_directory(step_dir, item, step)
+    self.stored = reader.stored(self.item_dir)
+    recorded = _checkpoint_record.recorded(
+        _checkpoint_files.custom_metadata(step_dir))
+    where = f'{_WHERE} (checkpoint step {step})'
+    self.path, self.node = _restored.pick(
+        _restored.found_states(self.stored), path, self.stored, where)
+    self.plan = _restored.Plan(self.node, self.path, like=like,
+                               recorded=recorded, where=where)
+    self.widths = _snapshot_widths(
+        self.plan, _checkpoint_record.entry_at(recorded, self.path),
+        sigma_rels, where)
+    self.leaves = [(p, tuple(m.shape), np.dtype(m.dtype))
+                   for p, m in _stored_tree.flatten(self.node)]
+    self.nbytes = sum(int(np.prod(s)) * d.itemsize for _, s, d in self.leaves)
+
+  def same_as(self, other: _Checkpoint) -> None:
+    for what, a, b in (('where the average sits', self.path, other.path),
+                       ('the names', self.plan.names, other.plan.names),
+                       ('the sigma_rels', self.widths, other.widths),
+                       ('the arrays (paths, shapes, dtypes)', self.leaves,
+                        other.leaves)):
+      if a != b:
+        raise ValueError(
+            f'Checkpoints {other.step} and {self.step} differ in {what}:'
+            f' {b} against {a}. Reconstruct from the checkpoints of one run.')
+
+
+def _snapshot_widths(plan: _restored.Plan, entry: Optional[dict[str, Any]],
+                     sigma_rels: Any, where: str) -> list[Optional[float]]:
+  """The width of each average of one checkpoint (None: not a snapshot)."""
+  names = (f', named {list(plan.names)}' if plan.names is not None else '')
+  if sigma_rels is None:
+    widths = entry.get('sigma_rels') if entry else None
+    if not widths or all(w is None for w in widths):
+      raise ValueError(
+          f'{where}: no sigma_rel is recorded for the {plan.count}'
+          f' average{"s" if plan.count > 1 else ""} at {list(plan.path)}'
+          f'{names}. Save them with emax.checkpoint.save(manager, step,'
+          ' state, sigma_rels=decays) (decays: the mapping given to'
+          ' emax.ema), or pass sigma_rels= here: {name: sigma_rel}, or one'
+          ' per average in the order given to emax.ema.')
+    if len(widths) != plan.count:
+      raise ValueError(
+          f'{where}: the record lists {len(widths)} sigma_rels for'
+          f' {plan.count} averages; the checkpoint is not what emax saved.')
+    return [None if w is None else float(w) for w in widths]
+  if hasattr(sigma_rels, 'keys'):
+    if plan.names is None:
+      raise ValueError(
+          f'{where}: sigma_rels is a mapping, but the names of the'
+          f' {plan.count} averages at {list(plan.path)} were not saved. Give'
+          ' a sequence instead, one sigma_rel per average in the order given'
+          ' to emax.ema (None for an average to leave out).')
+    unknown = [k for k in sigma_rels if k not in plan.names]
+    if unknown:
+      raise ValueError(f'{where}: sigma_rels names {unknown}; the averages'
+                       f' at {list(plan.path)} are named {list(plan.names)}.')
+    widths = [width_of(sigma_rels[n], f'sigma_rels[{n!r}]')
+              if n in sigma_rels else None for n in plan.names]
+  elif isinstance(sigma_rels, (list, tuple, np.ndarray)):
+    if len(sigma_rels) != plan.count:
+      raise ValueError(
+          f'{where}: sigma_rels has {len(sigma_rels)} entries, but the'
+          f' checkpoint holds {plan.count} averages at {list(plan.path)}'
+          f'{names}; give one per average (None for one to leave out).')
+    widths = [None if s is None else width_of(s, f'sigma_rels[{i}]')
+              for i, s in enumerate(sigma_rels)]
+  else:
+    if plan.count != 1:
+      raise ValueError(
+          f'{where}: one sigma_rel for {plan.count} averages{names}; give'
+          ' one per average: {name: sigma_rel}, or a sequence.')
+    widths = [width_of(sigma_rels, 'sigma_rels')]
+  if all(w is None for w in widths):
+    raise ValueError(f'{where}: sigma_rels gives no average a width.')
+  return widths

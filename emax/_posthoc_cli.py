@@ -1,0 +1,113 @@
+"""The command line, ``python -m emax.posthoc``: post-hoc EMA to files.
+
+Reads a checkpoint directory with :func:`emax.posthoc.from_checkpoints` and
+writes one Orbax checkpoint of the params per reconstructed width.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterable, Sequence
+import os
+import sys
+from typing import Any, Optional
+
+from emax import _checkpoint_files
+from emax import _checkpoint_record
+from emax import _posthoc_checkpoints
+
+_CLI = '''\
+Post-hoc EMA from the Orbax checkpoints of a training run.
+
+Reads the checkpoints in CHECKPOINT_DIR (an orbax.checkpoint.CheckpointManager
+directory whose states hold emax power-function averages, saved with
+emax.checkpoint.save(..., sigma_rels=...) or described with --tracked),
+reconstructs the average of each --sigma-rel at checkpoint --step (the latest
+by default), and writes, for each, an Orbax checkpoint of the params:
+
+  OUT_DIR/sigma_rel_<S>/<STEP>/   a CheckpointManager directory; restore with
+      orbax.checkpoint.CheckpointManager("OUT_DIR/sigma_rel_<S>").restore(STEP)
+'''
+
+
+def _parse_tracked(values: Optional[list[str]]) -> Any:
+  """``--tracked``: ``NAME=S ...`` (a mapping) or ``S ...`` (in order)."""
+  if not values:
+    return None
+  if all('=' in v for v in values):
+    return {k: float(v) for k, v in (x.split('=', 1) for x in values)}
+  if any('=' in v for v in values):
+    raise ValueError('--tracked takes either NAME=SIGMA_REL entries or plain'
+                     f' SIGMA_REL values, not both: {values}.')
+  return [None if v.lower() == 'none' else float(v) for v in values]
+
+
+def _print_progress(steps: list[int]) -> Iterable[int]:
+  for k, step in enumerate(steps, 1):
+    print(f'checkpoint {k}/{len(steps)} (step {step})', file=sys.stderr,
+          flush=True)
+    yield step
+
+
+def _progress_bar(
+    quiet: bool) -> Optional[Callable[[list[int]], Iterable[int]]]:
+  if quiet:
+    return None
+  try:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return _print_progress
+  return lambda steps: tqdm(steps, desc='checkpoints', unit='ckpt')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """``python -m emax.posthoc``: see ``python -m emax.posthoc --help``."""
+  parser = argparse.ArgumentParser(
+      prog='python -m emax.posthoc', description=_CLI,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('checkpoint_dir', metavar='CHECKPOINT_DIR')
+  parser.add_argument('--sigma-rel', type=float, nargs='+', required=True,
+                      metavar='S', help='the widths to reconstruct')
+  parser.add_argument('--out', required=True, metavar='OUT_DIR',
+                      help='where to write one checkpoint per width')
+  parser.add_argument('--step', type=int, default=None,
+                      help='the checkpoint step to reconstruct at (default:'
+                      ' the latest)')
+  parser.add_argument('--tracked', nargs='+', metavar='NAME=S',
+                      help='the widths of the saved averages, when the'
+                      ' checkpoints do not record them: NAME=S per named'
+                      ' average, or one S per average in order')
+  parser.add_argument('--path', nargs='+', metavar='KEY',
+                      help='keys from the root to the average, when the'
+                      ' saved state holds several')
+  parser.add_argument('--item', default=None,
+                      help='the item, for managers that save several')
+  parser.add_argument('--quiet', action='store_true',
+                      help='no progress bar')
+  args = parser.parse_args(argv)
+  ocp = _checkpoint_files.orbax()
+  outs = [os.path.join(args.out, f'sigma_rel_{s:g}') for s in args.sigma_rel]
+  taken = [o for o in outs if os.path.isdir(o) and os.listdir(o)]
+  if taken:
+    parser.error(f'{", ".join(taken)} already exist{"s" * (len(taken) == 1)};'
+                 ' remove them or choose another --out.')
+  try:
+    results = _posthoc_checkpoints.from_checkpoints(
+        args.checkpoint_dir, list(args.sigma_rel), target_step=args.step,
+        sigma_rels=_parse_tracked(args.tracked), path=args.path, like=None,
+        item=args.item, progress=_progress_bar(args.quiet))
+  except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
+    parser.exit(1, f'{parser.prog}: error: {e}\n')
+  step = args.step
+  if step is None:  # from_checkpoints found them: the latest
+    step = max(_checkpoint_files.finished_steps(
+        args.checkpoint_dir, parser.prog)[1])
+  for sigma_rel, out, params in zip(args.sigma_rel, outs, results):
+    with ocp.CheckpointManager(os.path.abspath(out)) as manager:
+      _checkpoint_record.save(
+          manager, step, params, sigma_rels=None, wait=True,
+          custom_metadata={'posthoc': {
+              'sigma_rel': sigma_rel, 'step': step,
+              'checkpoints': os.path.abspath(args.checkpoint_dir)}})
+    print(f'sigma_rel {sigma_rel:g}: wrote {out}/{step}')
+  return 0

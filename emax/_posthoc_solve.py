@@ -1,0 +1,178 @@
+r"""The EDM2 solve: weights that combine snapshots into another width.
+
+Post-hoc EMA (Karras et al., 2024, Algorithm 3) writes the target average as a
+least-squares combination of the snapshots' power-function profiles, with the
+closed-form inner products of Eq. 151 (derived in :mod:`emax.posthoc`). This
+module checks the steps and widths, builds and solves that system in float64
+NumPy on the host, and scales the weights to sum to one.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import jax
+import numpy as np
+
+from emax._schedules import sigma_rel_to_gamma
+
+SIGMA_REL_MAX = 1 / math.sqrt(12)  # gamma -> 0; gamma -> inf gives 0
+"""The widths of power-function averages lie in ``(0, SIGMA_REL_MAX)``."""
+
+_SIGMA_REL_RANGE = (
+    f'in (0, {SIGMA_REL_MAX:.4f}) (a power-function profile of exponent'
+    ' gamma > 0 has sigma_rel below 1/sqrt(12))')
+
+
+def vector(values: Any, name: str) -> np.ndarray:
+  """``values`` as a 1-D float64 array of finite numbers."""
+  try:
+    array = np.asarray(values)
+  except Exception as e:  # ragged lists and the like
+    raise ValueError(
+        f'{name} must be a 1-D sequence of numbers, got {values!r}, which'
+        f' NumPy cannot read as one ({e}).') from None
+  if array.dtype.kind not in 'iuf':
+    raise ValueError(
+        f'{name} must be a 1-D sequence of real numbers, got {values!r}'
+        f' (dtype {array.dtype}). Pass plain ints or floats.')
+  if array.ndim != 1:
+    raise ValueError(
+        f'{name} must be 1-D, one entry per snapshot, got an array of shape'
+        f' {array.shape}. Flatten it, or wrap a single value in a list.')
+  array = array.astype(np.float64)
+  bad = np.flatnonzero(~np.isfinite(array))
+  if bad.size:
+    raise ValueError(f'{name}[{bad[0]}] is {array[bad[0]]}; every entry must'
+                     ' be a finite number.')
+  return array
+
+
+def scalar(value: Any, name: str) -> float:
+  """``value`` as a finite float: one real number (or a 0-d array)."""
+  if isinstance(value, bool) or not isinstance(
+      value, (numbers.Real, np.ndarray, jax.Array, np.generic)):
+    raise ValueError(f'{name} must be a real number, got {value!r}.')
+  array = np.asarray(value)
+  if array.ndim != 0 or array.dtype.kind not in 'iuf':
+    raise ValueError(
+        f'{name} must be a real scalar, got {value!r}. Pass one number.')
+  result = float(array)
+  if not math.isfinite(result):
+    raise ValueError(f'{name} must be finite, got {result}.')
+  return result
+
+
+def _check_width(value: float, name: str) -> None:
+  if not 0 < value < SIGMA_REL_MAX:
+    raise ValueError(
+        f'{name} must be {_SIGMA_REL_RANGE}, got {value}. Typical values are'
+        ' 0.05 to 0.15; EDM2 trains with 0.05 and 0.10.')
+
+
+def width(value: Any, name: str) -> float:
+  """``value`` as a ``sigma_rel``: a real number in ``(0, SIGMA_REL_MAX)``."""
+  result = scalar(value, name)
+  _check_width(result, name)
+  return result
+
+
+def _inner(t_a: Any, g_a: Any, t_b: Any, g_b: Any) -> np.ndarray:
+  """Eq. 151: the inner product of power-function profiles, elementwise."""
+  t_a, g_a, t_b, g_b = np.broadcast_arrays(t_a, g_a, t_b, g_b)
+  early, late = np.minimum(t_a, t_b), np.maximum(t_a, t_b)
+  g_late = np.where(t_a <= t_b, g_b, g_a)  # either one when t_a == t_b
+  scale = (g_a + 1) * (g_b + 1) / ((g_a + g_b + 1) * late)
+  return scale * np.exp(g_late * np.log(early / late))
+
+
+def solve(steps: np.ndarray, sigma_rels: np.ndarray, target_sigma_rel: Any,
+           target_step: Any,
+           names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+  """Validates everything; the weights and the indices of the used snapshots."""
+  steps_name, sigma_name = names
+  if steps.shape != sigma_rels.shape:
+    raise ValueError(
+        f'{steps_name} has {steps.size} entries but {sigma_name} has'
+        f' {sigma_rels.size}; give one step and one sigma_rel per snapshot.')
+  if steps.size == 0:
+    raise ValueError(
+        'No snapshots: post-hoc EMA needs at least one snapshot (step,'
+        ' sigma_rel), and ideally snapshots of two widths every few percent'
+        ' of training.')
+  bad = np.flatnonzero(steps <= 0)
+  if bad.size:
+    raise ValueError(
+        f'{steps_name}[{bad[0]}] is {steps[bad[0]]:g}, expected a step > 0:'
+        ' a snapshot taken after t optimizer steps has step t'
+        ' (EmaState.count), so one taken before any step holds no average.')
+  for k, s in enumerate(sigma_rels):
+    _check_width(s, f'{sigma_name}[{k}]')
+  target_sigma_rel = width(target_sigma_rel, 'target_sigma_rel')
+  last = float(steps.max())
+  if target_step is None:
+    target_step = last
+  target_step = scalar(target_step, 'target_step')
+  if target_step > last:
+    raise ValueError(
+        f'target_step {target_step:g} is past the last snapshot (step'
+        f' {last:g}): the params after it were never averaged. Reconstruct at'
+        ' a snapshot step, or pass target_step=None for the last one.')
+  if not np.any(steps == target_step):
+    earlier = steps[steps < target_step]
+    near = (f'; the nearest earlier one is {earlier.max():g}' if earlier.size
+            else '')
+    raise ValueError(
+        f'target_step {target_step:g} is not the step of any snapshot{near}.'
+        ' The params between the last snapshot before it and it appear in no'
+        ' snapshot, so no combination can rebuild that average (EDM2 has the'
+        ' same rule). Pass one of the snapshot steps.')
+  used = np.flatnonzero(steps <= target_step)  # later ones saw later params
+  pairs: dict[tuple[float, float], int] = {}
+  for k in used.tolist():
+    key = (float(steps[k]), float(sigma_rels[k]))
+    if key in pairs:
+      raise ValueError(
+          f'Snapshots {pairs[key]} and {k} both have step {key[0]:g} and'
+          f' sigma_rel {key[1]:g}: the same average twice makes the'
+          ' least-squares system singular. Drop one of them.')
+    pairs[key] = k
+
+  gamma = {s: sigma_rel_to_gamma(float(s))
+           for s in set(sigma_rels[used].tolist())}
+  g = np.array([gamma[s] for s in sigma_rels[used].tolist()])
+  g_target = sigma_rel_to_gamma(target_sigma_rel)
+  t = steps[used] / target_step  # the weights do not depend on the time unit
+  a = _inner(t[:, None], g[:, None], t[None, :], g[None, :])
+  b = _inner(t, g, 1.0, g_target)
+  try:
+    x = np.linalg.solve(a, b)
+  except np.linalg.LinAlgError as e:
+    raise ValueError(
+        f'The least-squares system of the {used.size} snapshots is singular'
+        f' ({e}): some snapshots are (nearly) the same average. Drop'
+        ' duplicates.') from None
+  total = x.sum()
+  if not (np.all(np.isfinite(x)) and np.isfinite(total) and total != 0):
+    raise ValueError(
+        'The least-squares weights are not finite: the snapshots are too'
+        ' close to one another to tell apart. Drop near-duplicates (same step,'
+        ' nearly equal sigma_rel).')
+  weights = np.zeros(steps.shape, np.float64)
+  weights[used] = x / total
+  return weights, used
+
+
+def targets(target_sigma_rel: Any) -> tuple[list[float], bool]:
+  """The target widths as floats, and whether a single one was given."""
+  if isinstance(target_sigma_rel, (list, tuple, np.ndarray)):
+    values = [scalar(t, f'target_sigma_rel[{i}]')
+              for i, t in enumerate(target_sigma_rel)]
+    if not values:
+      raise ValueError('target_sigma_rel is empty; give a width, e.g. 0.1,'
+                       ' or a list of them.')
+    return [width(t, f'target_sigma_rel[{i}]')
+            for i, t in enumerate(values)], False
+  return [width(target_sigma_rel, 'target_sigma_rel')], True
