@@ -35,6 +35,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from optax import Params
 
 from emax import _tree
@@ -266,10 +267,13 @@ def gather(storage: Params, params: Params,
     if present:
       udtype = jnp.dtype(pdtype)
       for u in present:
-        udtype = jnp.promote_types(udtype, jnp.result_type(u))
+        udtype = _tree.promote(udtype, jnp.result_type(u))
       u_buf = _concat(layout, u_leaves, group, udtype)
       p_buf = (p_buf.astype(udtype) + u_buf).astype(pdtype)
-    buffers.append(p_buf)
+    # One buffer, written once: left to itself XLA fuses the concatenation
+    # of thousands of leaves into each consumer (the average and the NaN
+    # guard's sum), and compiling that took minutes for 20,000 leaves.
+    buffers.append(lax.optimization_barrier(p_buf))
   rest = tuple(_tree.apply_update(p, u) if updates is not None else p
                for p, u, slot in zip(p_leaves, u_leaves, layout.slots)
                if slot[0] < 0)

@@ -146,7 +146,7 @@ def get_ema_state(state: Any) -> EmaState:
 def _norm_sq(arrays: list[jax.Array]) -> jax.Array:
   total = jnp.zeros([], jnp.float32)
   for x in arrays:
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    x = x.astype(_tree.promote(x.dtype, jnp.float32))
     total += jnp.sum(jnp.real(x * jnp.conj(x))).astype(jnp.float32)
   return total
 

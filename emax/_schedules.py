@@ -244,14 +244,15 @@ def half_life_decay(half_life: float, *, batch_size: Optional[int] = None,
   EDM does (``ema_halflife_kimg``): the average then keeps its length in
   samples when the batch size changes, which is the EMA scaling rule of
   Busbridge et al. (2023). With ``rampup_ratio`` the half-life is at most
-  that fraction of the samples seen so far (EDM's ``ema_rampup_ratio``), so
-  early averages forget their random start quickly.
+  that fraction of the samples seen before the step (EDM's
+  ``ema_rampup_ratio``; the first step then copies), so early averages forget
+  their random start quickly.
 
   Args:
     half_life: steps (or samples, with ``batch_size``), ``> 0``.
     batch_size: samples per step; ``None`` counts steps.
     rampup_ratio: optional, ``> 0``: the half-life is at most this fraction
-      of the samples (or steps) seen after this step.
+      of the samples (or steps) seen before this step.
 
   Returns:
     A :class:`Schedule`.
@@ -272,8 +273,8 @@ def half_life_decay(half_life: float, *, batch_size: Optional[int] = None,
 
   def log_decay(n: jax.Array) -> jax.Array:
     life = jnp.asarray(half_life, F32)
-    if ratio is not None:
-      life = jnp.minimum(life, (n + 1.0) * size * ratio)
+    if ratio is not None:  # EDM: of the samples seen before this step
+      life = jnp.minimum(life, n * size * ratio)
     return log_half * size / jnp.maximum(life, 1e-8)
 
   return Schedule(

@@ -147,9 +147,9 @@ def step(options: _options.StepOptions, state: Any, params: Params,
         flags &= jnp.all(jnp.isfinite(steps) & jnp.isfinite(keeps))
       return flags
 
-    if _is_constant(scheduled):
-      ok = check()
-    else:  # steps that keep need not read the params at all
+    if _is_constant(scheduled):  # steps that keep read no params at all
+      ok = check() if scheduled != KEEP else True
+    else:
       ok = lax.cond(scheduled != KEEP, check, lambda: jnp.asarray(True))
 
   def guarded(value: jax.Array, old: jax.Array) -> jax.Array:
@@ -207,10 +207,8 @@ def step(options: _options.StepOptions, state: Any, params: Params,
       lambda: state.step_size), state.step_size)
 
   skipped = state.skipped
-  if options.skip_nonfinite:
-    counted = jnp.logical_not(ok)
-    if not _is_constant(scheduled):
-      counted &= scheduled != KEEP
+  if ok is not True:
+    counted = jnp.logical_not(ok) & (scheduled != KEEP)
     skipped = jnp.where(counted, optax.safe_increment(skipped), skipped)
   return state._replace(
       count=optax.safe_increment(count),

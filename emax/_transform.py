@@ -37,7 +37,7 @@ def _write_back(updates: Params, state: EmaState, params: Params,
         jnp.result_type(u) == jax.dtypes.float0):
       return u
     p = jnp.asarray(p)
-    dtype = jnp.promote_types(jnp.result_type(u), p.dtype)
+    dtype = _tree.promote(jnp.result_type(u), p.dtype)
     moved = t.astype(dtype) - p.astype(dtype)
     return jnp.where(on, moved.astype(jnp.result_type(u)), u)
 

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import chex
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 from optax import Params
 
@@ -162,6 +163,16 @@ def check_updates(params: Params, updates: Params) -> None:
           ' returns).')
 
 
+def promote(a: Any, b: Any) -> Any:
+  """The dtype ``a + b`` has under JAX's standard promotion.
+
+  What ``optax.apply_updates`` computes in (``p + u``), stated explicitly so
+  that emax itself runs under ``jax_numpy_dtype_promotion='strict'``.
+  """
+  with jax.numpy_dtype_promotion('standard'):
+    return jnp.promote_types(a, b)
+
+
 def apply_update(p: Any, u: Any) -> Any:
   """``p + u`` for one leaf, exactly as ``optax.apply_updates`` computes it.
 
@@ -175,8 +186,25 @@ def apply_update(p: Any, u: Any) -> Any:
       not is_float(p) and not jnp.issubdtype(jnp.result_type(u),
                                              jnp.number)):
     return p
-  dtype = jnp.promote_types(p.dtype, jnp.result_type(u))
-  return (p.astype(dtype) + jnp.asarray(u).astype(dtype)).astype(p.dtype)
+  dtype = promote(p.dtype, jnp.result_type(u))
+  out = (p.astype(dtype) + jnp.asarray(u).astype(dtype)).astype(p.dtype)
+  return round_narrow(out)
+
+
+def round_narrow(x: jax.Array) -> jax.Array:
+  """``x`` rounded to its own dtype even inside a fused XLA computation.
+
+  XLA may keep bf16 and f16 intermediates in float32 (excess precision), so
+  a fused ``(p + u).astype(bf16).astype(f32)`` can skip the rounding the
+  user's params get. ``reduce_precision`` to the dtype's own bits forces it:
+  the average is of the params as they are stored, in every layout.
+  """
+  dtype = jnp.dtype(x.dtype)
+  if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize >= 4:
+    return x
+  info = jnp.finfo(dtype)
+  return lax.reduce_precision(x, exponent_bits=info.nexp,
+                              mantissa_bits=info.nmant)
 
 
 def copy_leaf(x: Any, dtype: Any = None) -> jax.Array:

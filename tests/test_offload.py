@@ -206,3 +206,34 @@ def test_donated_offloaded_state(how):
   # ema = 0.5 ema + 0.5 p, from p0: p0 - 0.05, then p0 - 0.125, p0 - 0.2125.
   np.testing.assert_allclose(np.asarray(emax.ema_params(opt_state)['w']),
                              np.ones(8) - 0.2125, rtol=1e-5)
+
+
+def test_donating_only_the_optax_state_does_not_abort(tmp_path):
+  # jax pairs donated buffers with outputs by shape and dtype alone when no
+  # out_shardings are given: a donated float32 (8,) host average used to be
+  # handed to the float32 (8,) params output, and the process died with
+  # SIGABRT ("memory kind does not match"). Run it in a child process.
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  script = tmp_path / 'donate.py'
+  script.write_text('''
+import jax, jax.numpy as jnp, optax, emax
+tx = optax.chain(optax.sgd(0.1), emax.ema(0.5, offload=True))
+params = {'w': jnp.ones(8), 'b': jnp.zeros(8), 'i': jnp.arange(8)}
+opt_state = tx.init(params)
+def step(params, opt_state):
+  grads = {'w': jnp.ones(8), 'b': jnp.ones(8), 'i': None}
+  updates, opt_state = tx.update(grads, opt_state, params)
+  new = {k: params[k] if updates[k] is None else params[k] + updates[k]
+         for k in params}
+  return new, opt_state
+step = jax.jit(step, donate_argnums=(1,))
+for _ in range(3):
+  params, opt_state = step(params, opt_state)
+print(float(emax.ema_params(opt_state)['w'][0]))
+''')
+  result = subprocess.run([sys.executable, str(script)], capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  # w: 1 -> 0.9 -> 0.8 -> 0.7; ema 1 -> 0.95 -> 0.875 -> 0.7875.
+  assert abs(float(result.stdout.split()[-1]) - 0.7875) < 1e-6

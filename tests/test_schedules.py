@@ -86,3 +86,39 @@ def test_schedule_values_outside_unit_interval_are_clipped():
 def test_schedule_argument_errors(make, match):
   with pytest.raises(ValueError, match=match):
     make()
+
+
+def _edm_beta(n, batch_size, half_life_kimg, rampup_ratio):
+  """EDM's training loop (Karras et al. 2022), float64, transcribed:
+  ema_halflife_nimg = min(halflife, cur_nimg * rampup);
+  ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8)), with
+  cur_nimg the images seen before the step."""
+  half_life = half_life_kimg * 1000
+  if rampup_ratio is not None:
+    half_life = min(half_life, n * batch_size * rampup_ratio)
+  return 0.5 ** (batch_size / max(half_life, 1e-8))
+
+
+@pytest.mark.parametrize('rampup', [None, 0.05])
+def test_half_life_in_samples_matches_edm(rampup):
+  schedule = emax.half_life_decay(500_000, batch_size=512, rampup_ratio=rampup)
+  for n in (0, 1, 10, 100, 1000, 20_000):
+    want = _edm_beta(n, 512, 500, rampup)
+    np.testing.assert_allclose(float(schedule(n)), want, rtol=2e-6, atol=0)
+    np.testing.assert_allclose(float(schedule.step_size(n)), 1 - want,
+                               rtol=2e-6, atol=1e-30)
+  if rampup is not None:  # the first step copies, bit for bit
+    assert float(schedule.step_size(0)) == 1.0
+
+
+def test_scale_decay_is_the_power_rule():
+  for d, k in ((0.999, 4), (0.9999, 0.5), (0.9, 8)):
+    assert emax.scale_decay(d, k) == pytest.approx(np.float64(d) ** k,
+                                                   rel=1e-15)
+    scaled = emax.scale_decay(emax.half_life_decay(100.0), k)
+    base = 0.5 ** (1 / 100)
+    np.testing.assert_allclose(float(scaled(3)), base ** k, rtol=1e-6)
+    np.testing.assert_allclose(float(scaled.step_size(3)), 1 - base ** k,
+                               rtol=1e-5)
+  with pytest.raises(ValueError, match='factor must be a finite number > 0'):
+    emax.scale_decay(0.9, 0)

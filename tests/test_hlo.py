@@ -1,0 +1,106 @@
+"""The compiled step's mechanisms, read from the optimized HLO (not timed).
+
+- The NaN guard costs one reduction per float array (and an exact fallback
+  under a conditional that runs only when the fast check fails); the rest of
+  the step is the guard-off step: the same elementwise passes, no copies.
+- K named averages read each param once: one fusion per leaf writes all K.
+- TensorFlow's rounding costs no extra pass over the params.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import emax
+
+
+def _params(n=6, size=4096):
+  return {f'p{i}': jnp.full((size,), float(i), jnp.float32) for i in range(n)}
+
+
+def _hlo(fn, *args, **kw):
+  return jax.jit(fn, **kw).lower(*args).compile().as_text()
+
+
+def _entry(hlo):
+  """The ENTRY computation's instructions (the top-level program)."""
+  body = hlo.split('ENTRY', 1)[1]
+  return body.split('\n}', 1)[0]
+
+
+def _ops(text, op):
+  return re.findall(rf'= [^ ]+ {op}\(', text)
+
+
+def _fusions(text):
+  return re.findall(r'= [^=]*? fusion\(', text)
+
+
+def test_the_guard_adds_one_reduction_per_array_and_no_copy():
+  params = _params()
+  state = emax.init(params)
+  on = _hlo(lambda s, p: emax.update(s, p, 0.99), state, params,
+            donate_argnums=0)
+  off = _hlo(lambda s, p: emax.update(s, p, 0.99, skip_nonfinite=False),
+             state, params, donate_argnums=0)
+  # One fast reduction per float array at the top level (a fusion whose
+  # computation reduces), the exact ones only inside the conditional.
+  assert len(_ops(_entry(on), 'conditional')) == 1
+  reductions = re.findall(r'reduce(?:-window)?\(', on)
+  assert len(reductions) >= len(params)
+  big_copies = lambda text: [c for c in re.findall(r'= (\S+) copy\(', text)  # noqa
+                              if '[]' not in c]
+  assert not big_copies(_entry(on)) and not big_copies(_entry(off))
+  # The averaging passes are the guard-off ones: one fusion per leaf.
+  assert len([f for f in _fusions(_entry(off))]) >= len(params)
+
+
+def test_named_averages_read_each_param_once():
+  params = _params(n=3, size=8192)
+  state = emax.init(params, names=('a', 'b', 'c', 'd'))
+  hlo = _hlo(lambda s, p: emax.update(
+      s, p, {'a': 0.9, 'b': 0.99, 'c': 0.999, 'd': 0.5},
+      skip_nonfinite=False), state, params, donate_argnums=0)
+  entry = _entry(hlo)
+  # Each param is an operand of exactly one fusion, which writes the
+  # stacked (4, n) average of all four names.
+  for i in range(3):
+    name = re.search(rf'%(\S+) = f32\[8192\]\S* parameter\(\d+\).*p{i}',
+                     entry)
+    assert name, entry
+    users = re.findall(rf'fusion\([^)]*%{re.escape(name.group(1))}[,)]',
+                       entry)
+    assert len(users) == 1, (i, users)
+  assert len(re.findall(r'f32\[4,8192\]\S* fusion\(', entry)) == 3
+
+
+def test_tensorflow_rounding_costs_no_extra_pass():
+  params = _params()
+  state = emax.init(params)
+  tf = _entry(_hlo(lambda s, p: emax.update(s, p, 0.99, skip_nonfinite=False),
+                   state, params, donate_argnums=0))
+  lerp = _entry(_hlo(lambda s, p: emax.update(
+      s, p, 0.99, rounding='lerp', skip_nonfinite=False), state, params,
+                     donate_argnums=0))
+  big = lambda text: [f for f in _fusions(text) if 'f32[4096]' in f]  # noqa
+  assert len(big(tf)) == len(big(lerp)) == len(params)
+
+
+def test_a_finite_flag_replaces_the_guards_pass():
+  params = _params()
+  state = emax.init(params)
+  flagged = _entry(_hlo(lambda s, p, ok: emax.update(s, p, 0.99, finite=ok),
+                        state, params, jnp.asarray(True), donate_argnums=0))
+  assert not _ops(flagged, 'conditional')
+  assert not re.findall(r'reduce\(', flagged)
+  # And it is obeyed: a False flag skips the step.
+  out = emax.update(state, params, 0.0, finite=jnp.asarray(False))
+  assert int(out.skipped) == 1
+  np.testing.assert_array_equal(out.average['p1'], params['p1'])
+  tx = emax.with_ema(optax.sgd(1.0), 0.5)
+  opt_state = tx.init(params)
+  _, skipped = tx.update(params, opt_state, params, finite=jnp.asarray(False))
+  assert int(emax.get_ema_state(skipped).skipped) == 1
