@@ -191,7 +191,9 @@ def step(options: _options.StepOptions, state: Any, params: Params,
                                   zero),
         lambda: jnp.broadcast_to(new.astype(old.dtype), old.shape),
         lambda: old)
-    return value if on_inputs and _is_constant(mode) else guarded(value, old)
+    unguarded = on_inputs and _is_constant(mode) and bool(
+        np.all(mode == AVERAGE))  # (a copy of NaN params must be refused)
+    return value if unguarded else guarded(value, old)
 
   average = _layout.map_leaves(leaf, stored, values)
   one = jnp.ones([], jnp.float32)

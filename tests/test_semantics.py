@@ -559,3 +559,15 @@ def test_readers_on_a_pmap_replicated_state():
   np.testing.assert_array_equal(out['w'], np.tile([4.0, 4.5, 5.0, 5.5],
                                                   (n, 1)))
   assert emax.bias_correction(stepped)['w'].shape == (n, 4)
+
+
+@pytest.mark.parametrize('rounding', ['tensorflow', 'lerp', 'optax', 'nnx'])
+def test_every_rounding_skips_nan_on_average_and_copy_steps(rounding):
+  params = {'w': jnp.asarray([1.0, -0.0, 3.0])}
+  nan = {'w': jnp.asarray([0.0, jnp.nan, 1.0])}
+  for kw in ({}, {'start_step': 1}, {'decay': 0.0}):
+    kw = dict({'decay': 0.5}, **kw)
+    out = jax.jit(functools.partial(emax.update, rounding=rounding, **kw))(
+        emax.init(params), nan)
+    assert int(out.skipped) == 1, kw
+    assert _bits(out.average['w']) == _bits(params['w']), kw
