@@ -42,9 +42,9 @@ MODES = {
                   min_sample_s=0.0, averages_k=(2,),
                   trees=('ResNet-50-like', '16 leaves',
                          'ResNet-50-like, bf16'),
-                  rows={'ResNet-50-like, bf16': ('emax.update',
-                                                 'optax.incremental_update',
-                                                 'torch._foreach_lerp_'),
+                  rows={'ResNet-50-like, bf16': (
+                      'emax.update', 'emax.update skip_nonfinite=False',
+                      'optax.incremental_update', 'torch._foreach_lerp_'),
                         '16 leaves': ('emax.update pack=True',
                                       'torch._foreach_lerp_',
                                       'jitted identity over the leaves',

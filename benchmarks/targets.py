@@ -244,7 +244,8 @@ def bare_update(result):
   large = [t for t in result.get('updates') or []
            if 'leaves x 256' not in t['case']]
   if not large:
-    return [_target('every large tree: `emax.update` <= 1.05x'
+    return [_target('every large tree: `emax.update skip_nonfinite=False`'
+                    ' <= 1.05x'
                     ' `optax.incremental_update` (donated)', 'skipped',
                     note='the updates section did not run on a large tree')]
   row = 'emax.update skip_nonfinite=False'
