@@ -100,8 +100,3 @@ def offload(ctx) -> dict:
     out['sizes'].append(dict(params=n, mbytes=nbytes / 1e6, rows=rows))
     del runners, times, params, builders
   return out
-
-
-if __name__ == '__main__':  # the offload section alone
-  from benchmarks import run  # pylint: disable=g-import-not-at-top
-  run.main(['--only', 'ceiling,offload'])
