@@ -307,12 +307,6 @@ def map_leaves(fn: Callable[[jax.Array, jax.Array], jax.Array],
   return PackedTree(buffers, rest, storage.layout)
 
 
-def stored_arrays(storage: Params) -> list[jax.Array]:
-  """Every stored float array (buffers included), e.g. for norms."""
-  leaves = jax.tree.leaves(storage)
-  return [x for x in leaves if _tree.is_float(x)]
-
-
 def read(storage: Params, index: Optional[int] = None) -> Params:
   """One average as a tree shaped like the params (accumulator dtypes).
 

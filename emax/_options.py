@@ -144,10 +144,6 @@ class Rate:
   value: Any
 
   @property
-  def is_schedule(self) -> bool:
-    return callable(self.value)
-
-  @property
   def is_constant(self) -> bool:
     return isinstance(self.value, float)
 

@@ -185,6 +185,11 @@ def metrics(state: Any, params: Optional[Params] = None) -> dict[str, Any]:
   out: dict[str, Any] = {'count': ema_state.count,
                          'skipped': ema_state.skipped}
   suffixes = [''] if names is None else [f'/{n}' for n in names]
+  if params is not None:  # the params' norm once, for every average
+    params = _tree.as_arrays(params)
+    norm = jnp.sqrt(_norm_sq([p for p in jax.tree.leaves(params)
+                              if _tree.is_float(p)]))
+    norm = jnp.where(norm > 0, norm, 1.0)
   for i, suffix in enumerate(suffixes):
     index = None if names is None else i
     c = ema_state.step_size if index is None else ema_state.step_size[index]
@@ -194,15 +199,11 @@ def metrics(state: Any, params: Optional[Params] = None) -> dict[str, Any]:
     out['weight' + suffix] = (ema_state.weight if index is None
                               else ema_state.weight[index])
     if params is not None:
-      name = None if names is None else names[i]
-      average = _debiased(ema_state, name, 'emax.metrics')
-      params = _tree.as_arrays(params)
+      average = _debiased(ema_state, None if names is None else names[i],
+                          'emax.metrics')
       diffs = [a - p.astype(a.dtype) for a, p in zip(
           jax.tree.leaves(average), jax.tree.leaves(params))
                if _tree.is_float(a)]
-      floats = [p for p in jax.tree.leaves(params) if _tree.is_float(p)]
-      norm = jnp.sqrt(_norm_sq(floats))
-      out['distance' + suffix] = jnp.sqrt(_norm_sq(diffs)) / jnp.where(
-          norm > 0, norm, 1.0)
+      out['distance' + suffix] = jnp.sqrt(_norm_sq(diffs)) / norm
   return out
 
