@@ -43,6 +43,7 @@ import optax
 import emax
 from benchmarks import timing
 from benchmarks.trees import tree_bytes
+from emax import _numerics as emax_numerics
 
 DECAY = 0.999
 TORCH = dict(disabled=False)  # --no-torch sets it
@@ -278,6 +279,31 @@ def _lerp(avg, p):
       lambda a, x: a - c.astype(a.dtype) * (a - x.astype(a.dtype)), avg, p)
 
 
+def _check_runner(name, leaves_of, tree, *args):
+  """The NaN guard's own pass, alone: emax's finiteness check over the new
+  params (``p`` for the pure update, ``p + u`` computed inside the reduction
+  for ``tx.update``), timed as a row so that its cost can be added to the
+  guard-off step (the floor of any exact guard, see benchmarks.targets)."""
+  def fn(s, *a):
+    return s + emax_numerics.all_finite(leaves_of(*a)).astype(s.dtype)
+  return jax_runner(name, fn, jnp.zeros([], jnp.float32), *args,
+                    unit=tree.unit)
+
+
+@update_impl("the guard's pass alone: check p", kind='none')
+def _check_params(tree):
+  return _check_runner("the guard's pass alone: check p",
+                       lambda p: jax.tree.leaves(p), tree, tree.params)
+
+
+@update_impl("the guard's pass alone: check p + u", kind='none')
+def _check_params_updates(tree):
+  return _check_runner(
+      "the guard's pass alone: check p + u",
+      lambda u, p: jax.tree.leaves(optax.apply_updates(p, u)), tree,
+      tree.updates, tree.params)
+
+
 @update_impl('tree.map lerp, donated')
 def _lerp_donated(tree):
   return jax_runner('tree.map lerp, donated', _lerp, acc_copy(tree.params),
@@ -484,6 +510,19 @@ def _named(tree, k):
   decays = dict(zip(names, _decays(k)))
   return jax_runner(f'named averages, K={k}',
                     lambda s, p: emax.update(s, p, decays),
+                    emax.init(tree.params, names=names), tree.params,
+                    unit=tree.unit)
+
+
+@averages_impl('named averages, skip_nonfinite=False',
+               requires=needs('init', 'names'))
+def _named_unguarded(tree, k):
+  """The same without the NaN guard: the layout's own traffic, (4 + 8K)."""
+  names = tuple(f'a{i}' for i in range(k))
+  decays = dict(zip(names, _decays(k)))
+  return jax_runner(f'named averages, K={k}, skip_nonfinite=False',
+                    lambda s, p: emax.update(s, p, decays,
+                                             skip_nonfinite=False),
                     emax.init(tree.params, names=names), tree.params,
                     unit=tree.unit)
 

@@ -41,6 +41,26 @@ outputs - donated + temporaries) over the bytes of the params; 2.00 means
 the params and one average, nothing more.
 """
 
+_FLOOR = """\
+**Why targets 1 and 3 carry proof rows.** The NaN guard keeps the whole
+average unchanged when any new param is NaN or Inf, and the average is
+updated in place (its buffer is donated). So every new param must be read
+before the first average is written: the check cannot share the averaging
+pass, whatever its formulation. It could only ride along with the pass
+that *produces* the new params (the optimizer's `apply_updates`, as one
+multi-output fusion), and XLA CPU does not fuse a reduction into an
+elementwise pass (`tests/test_hlo.py` pins the separate pass, and that in
+a train step the check reads the user's own new params, with no copy). The
+cheapest exact guard therefore costs the guard-off step plus one read of
+the new params: 8 bytes/param of `p` and `u` in a standalone `tx.update`
+(which must compute `p + u` itself), 4 bytes/param in a train step. Each
+proof row adds that read, at the ceiling, to the measured guard-off time:
+when the sum is already above the target, no exact guard on this backend
+can meet it. The routes that do meet it skip the pass: a `finite=` flag
+the step already has (for example from the loss or the gradient norm), or
+`skip_nonfinite=False` (the rows without the guard).
+"""
+
 _RERUN = """\
 ```bash
 python -m benchmarks.run --smoke          # seconds: tiny trees (the tests run this)
@@ -240,7 +260,8 @@ def markdown(result, image: str | None) -> str:
              + f"; percentages are of {c['gbps']:.1f} GB/s."]
   lines = head + ['', '## What the numbers mean', '', _MEANING.rstrip(),
                   '', '## How to rerun', '', _RERUN.rstrip(),
-                  '', '## Targets'] + _targets(result)
+                  '', '## Targets'] + _targets(result) + [
+                      '', _FLOOR.rstrip()]
   if result.get('updates'):
     lines += ['', '## Update step, per tree', '',
               'One EMA step of each tree, decay 0.999, the state donated'

@@ -381,7 +381,7 @@ def averages(ctx: Context) -> dict:
       row.update(row=impl.name, k=k, roofline_ms=roof_ms,
                  vs_roofline=row['median_ms'] / roof_ms,
                  expected_units=1 + k)
-      if base_r is not None and r is not base_r:
+      if base_r is not None and r is not base_r and 'skip_nonfinite' not in r.name:
         row['vs_separate'] = timing.paired_ratio(times[r.name],
                                                  times[base_r.name])
       rows.append(row)

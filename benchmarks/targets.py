@@ -22,9 +22,16 @@ _LARGE_TREES = ('ResNet-50-like', 'GPT-2-small-like')
 _NOT_RUN = 'the tree is not in this run (see the run\'s --tree and mode)'
 
 
-def _target(target, status, measured='', value=None, threshold=None, note=''):
+def _target(target, status, measured='', value=None, threshold=None, note='',
+            above=False):
+  """One row. ``above``: a proof row, met when the value is *above* the
+  threshold (a floor that already exceeds a target)."""
   return dict(target=target, status=status, measured=measured, value=value,
-              threshold=threshold, note=note)
+              threshold=threshold, note=note, above=above)
+
+
+def _floor_verdict(value, threshold):
+  return 'yes' if value > threshold else 'NO'
 
 
 def _verdict(value, threshold):
@@ -78,6 +85,7 @@ def guard(result):
         name, _verdict(r['median'], 1.15),
         f"{_ratio_text(r)} ({mine['median_ms']:.3f} vs"
         f" {ref['median_ms']:.3f} ms)", r['median'], 1.15))
+    out.append(_standalone_floor(result, tree, ref))
   train = result.get('train')
   if not train:
     out.append(_target('train step: default `emax.ema` adds <= 1.05x what'
@@ -107,6 +115,7 @@ def guard(result):
       v = da['median_ms'] / do['median_ms']
       out.append(_target(name, _verdict(v, 1.05), f'{v:.2f}x ({text})', v,
                          1.05))
+    out.append(_train_floor(result, train, b['batch'], do))
     if not da['resolved']:
       out.append(_target(name2, 'noise', f'added {_added_text(da)}; ideal'
                          f" {train['ideal_ms']:.4f} ms",
@@ -119,6 +128,62 @@ def guard(result):
                          f" {_added_text(da)}, ideal"
                          f" {train['ideal_ms']:.4f} ms)", v, 1.25))
   return out
+
+
+def _ceiling_ms(result, nbytes):
+  """Milliseconds to move ``nbytes`` at the run's bandwidth ceiling."""
+  gbps = (result.get('ceiling') or {}).get('gbps')
+  return None if not gbps else nbytes / (gbps * 1e9) * 1e3
+
+
+def _standalone_floor(result, tree, ref):
+  """The floor of any exact guard in a standalone ``tx.update``.
+
+  The guard-off ``tx.update`` is the averaging pass; an exact guard needs,
+  before it, one more read of ``p`` and ``u`` (8 B/param), here at the
+  bandwidth ceiling (a lower bound on any check). Per round:
+  ``(guard off + 8 B/param at the ceiling) / reference``.
+  """
+  case = tree['case']
+  name = (f'{case}: proof: any exact guard costs at least the guard-off'
+          ' tx.update plus one read of p and u (8 B/param at the'
+          ' ceiling), > 1.15x the reference')
+  off = _get(tree['rows'], 'emax.ema(skip_nonfinite=False) tx.update')
+  check = _get(tree['rows'], "the guard's pass alone: check p + u")
+  extra = _ceiling_ms(result, 8 * tree['params'])
+  if off is None or extra is None:
+    return _target(name, 'skipped', note='the guard-off row or the ceiling'
+                   ' is missing')
+  r = timing.paired_ratio(
+      [o + extra for o in off['samples_ms']], ref['samples_ms'])
+  measured = ('' if check is None else
+              f"; emax's check alone measured {check['median_ms']:.3f} ms")
+  return _target(name, _floor_verdict(r['median'], 1.15),
+                 f"floor {_ratio_text(r)} (guard off {off['median_ms']:.3f}"
+                 f' + {extra:.3f} ms{measured})', r['median'], 1.15,
+                 above=True)
+
+
+def _train_floor(result, train, batch, off_added):
+  """The floor of any exact guard in a train step: the guard-off EMA plus
+  one read of the new params (4 B/param at the ceiling), over the guard-off
+  EMA's added time (its CI's upper end when the median is noise: the floor
+  is then lower still, never higher)."""
+  name = (f'train step, batch {batch}: proof: any exact guard adds at least'
+          ' one read of the new params (4 B/param at the ceiling), > 1.05x'
+          ' what the guard-off EMA adds')
+  extra = _ceiling_ms(result, 4 * train['params'])
+  if extra is None:
+    return _target(name, 'skipped', note='the ceiling is missing')
+  base = (off_added['median_ms'] if off_added['resolved']
+          else off_added['ci_ms'][1])
+  if not base:
+    return _target(name, 'noise', note='the guard-off EMA adds nothing'
+                   ' measurable')
+  v = (base + extra) / base
+  return _target(name, _floor_verdict(v, 1.05),
+                 f'floor {v:.2f}x ({base:.3f} + {extra:.3f} ms)', v, 1.05,
+                 above=True)
 
 
 def _added_text(a):
@@ -200,8 +265,10 @@ def averages(result):
   out = []
   for t in section['tables']:
     k = t['k']
-    named = next((r for r in t['rows'] if r['row'].startswith('named')),
-                 None)
+    named = next((r for r in t['rows']
+                  if r['row'] == 'named averages (one state)'), None)
+    unguarded = next((r for r in t['rows'] if r['row'] ==
+                      'named averages, skip_nonfinite=False'), None)
     sep = next((r for r in t['rows'] if r['row'].startswith('K separate')),
                None)
     names = [f'K={k}: named averages <= 1.1x the (4 + 8K) bytes/param'
@@ -216,6 +283,19 @@ def averages(result):
     out.append(_target(names[0], _verdict(v, 1.1),
                        f"{v:.2f}x ({named['median_ms']:.3f} vs"
                        f" {t['roofline_ms']:.3f} ms)", v, 1.1))
+    floor = (8 + 8 * k) / (4 + 8 * k)  # the guard reads the params again
+    out.append(_target(
+        f'K={k}: proof: with the guard (one more read of the params) the'
+        ' floor is (8 + 8K) / (4 + 8K) of the roofline, > 1.1x',
+        _floor_verdict(floor, 1.1), f'{floor:.3f}x', floor, 1.1,
+        above=True))
+    if unguarded is not None:
+      v = unguarded['vs_roofline']
+      out.append(_target(
+          f'K={k}: the layout alone (`skip_nonfinite=False`) <= 1.1x the'
+          ' (4 + 8K) roofline', _verdict(v, 1.1),
+          f"{v:.2f}x ({unguarded['median_ms']:.3f} vs"
+          f" {t['roofline_ms']:.3f} ms)", v, 1.1))
     if sep is None:
       out.append(_target(names[1], 'skipped', note='no K-separate row'))
     else:
