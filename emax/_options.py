@@ -32,6 +32,9 @@ ROUNDINGS = ('tensorflow', 'lerp', 'optax', 'nnx')
 PACK_MAX_SIZE = 1 << 15
 """Largest leaf (in elements) that ``pack=True`` packs."""
 
+BATCH_STATS_POLICIES = ('average', 'copy')
+"""What ``emax.flax.EmaTrainState`` evaluates the BatchNorm statistics with."""
+
 def _name_of(value: Any) -> str:
   return type(value).__name__
 
@@ -109,6 +112,15 @@ def check_rounding(rounding: Any) -> str:
         " optax.incremental_update, 'nnx' as flax.nnx.EMA and Keras"
         ' (`d * ema + (1 - d) * p`).')
   return rounding
+
+
+def check_batch_stats_policy(policy: Any, where: str) -> str:
+  if policy not in BATCH_STATS_POLICIES:
+    raise ValueError(
+        f'{where}: batch_stats_policy must be one of {BATCH_STATS_POLICIES},'
+        f' got {policy!r} instead. \'average\' evaluates with an average of'
+        ' the BatchNorm statistics, \'copy\' with the live ones.')
+  return policy
 
 
 def check_names(names: Any) -> Optional[tuple[str, ...]]:

@@ -20,14 +20,12 @@ weights from data, as ``torch.optim.swa_utils.update_bn`` does.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 from optax import Params
 
 try:
@@ -39,208 +37,22 @@ except ImportError as e:  # pragma: no cover - depends on the install
       f'emax.flax needs flax ({e}): pip install "emax[flax]" or'
       ' pip install flax.') from e
 
+from emax import _batch_stats
+from emax import _options
 from emax import _read
 from emax import _state
 from emax import _step
+from emax import _train_state_tx
 from emax._state import EmaState
-from emax._transform import WithEmaState
 
 __all__ = (
     'EmaTrainState',
     'recompute_batch_stats',
 )
 
-POLICIES = ('average', 'copy')
+POLICIES = _options.BATCH_STATS_POLICIES
 
 _state.register_flax_serialization()
-
-
-def _check_policy(policy: Any, where: str) -> None:
-  if policy not in POLICIES:
-    raise ValueError(
-        f'{where}: batch_stats_policy must be one of {POLICIES}, got'
-        f' {policy!r} instead. \'average\' evaluates with an average of the'
-        ' BatchNorm statistics, \'copy\' with the live ones.')
-
-
-def _is_multisteps(x: Any) -> bool:
-  return isinstance(x, optax.MultiStepsState)
-
-
-def _real_step(old: Any, new: Any) -> Any:
-  """Whether the optimizer took a real step (not a MultiSteps micro-step).
-
-  ``True`` (a Python constant) for any optimizer but ``optax.MultiSteps``;
-  under it a traced bool: its ``gradient_step`` moved.
-  """
-  if _is_multisteps(old):
-    return new.gradient_step != old.gradient_step
-  return True
-
-
-def _check_ema(ema: Any, params: Params) -> None:
-  if not isinstance(ema, optax.GradientTransformation):
-    raise TypeError(
-        'EmaTrainState.create expected ema to be an emax.ema(...)'
-        f' transformation, got {type(ema).__name__} instead. Pass for example'
-        ' ema=emax.ema(0.999), not the decay itself.')
-  abstract = jax.eval_shape(ema.init, params)
-  if isinstance(abstract, EmaState):
-    return
-  if _state.all_states(abstract):
-    raise ValueError(
-        'EmaTrainState.create expected ema to be an emax.ema(...)'
-        ' transformation, got one whose state holds the optimizer as well'
-        f' ({type(abstract).__name__}). Pass it as tx instead:'
-        ' tx=emax.with_ema(opt, decay), and leave ema out.')
-  raise ValueError(
-      'EmaTrainState.create expected ema to be an emax.ema(...)'
-      ' transformation, got a GradientTransformation whose state is not an'
-      ' emax.EmaState. Pass the optimizer as tx and the average as ema,'
-      ' e.g. tx=optax.adam(1e-3), ema=emax.ema(0.999).')
-
-
-@dataclasses.dataclass(frozen=True)
-class _Init:
-  optimizer: Any
-  ema: optax.GradientTransformation
-
-  def __call__(self, params: Params) -> WithEmaState:
-    inner = optax.with_extra_args_support(self.optimizer)
-    return WithEmaState(inner.init(params), self.ema.init(params))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Update:
-  optimizer: Any
-  ema: optax.GradientTransformation
-
-  def __call__(self, updates: optax.Updates, state: WithEmaState,
-               params: Optional[Params] = None, **extra_args: Any
-               ) -> tuple[optax.Updates, WithEmaState]:
-    if params is None:
-      raise ValueError(
-          'EmaTrainState\'s optimizer needs the params: call'
-          ' state.tx.update(grads, state.opt_state, state.params).')
-    inner = optax.with_extra_args_support(self.optimizer)
-    updates, inner_state = inner.update(updates, state.inner_state, params,
-                                        **extra_args)
-    moved = _real_step(state.inner_state, inner_state)
-    if moved is True:
-      updates, ema_state = self.ema.update(updates, state.ema_state, params)
-    else:
-      updates, ema_state = lax.cond(
-          moved, lambda: self.ema.update(updates, state.ema_state, params),
-          lambda: (updates, state.ema_state))
-    return updates, WithEmaState(inner_state, ema_state)
-
-
-def _average_after(optimizer: Any, ema: optax.GradientTransformation
-                   ) -> optax.GradientTransformationExtraArgs:
-  """``optimizer`` then ``ema``, as :func:`emax.with_ema` (same state type).
-
-  Under ``optax.MultiSteps`` the average moves only on real steps (when the
-  accumulated update is applied), never on micro-steps. Built from the same
-  ``optimizer`` and ``ema`` objects, two results compare equal: states made
-  by separate ``create`` calls share one tree structure, so a jitted step
-  compiles once and a restore target matches.
-  """
-  return optax.GradientTransformationExtraArgs(_Init(optimizer, ema),
-                                               _Update(optimizer, ema))
-
-
-def _check_accumulation(abstract: Any, ema_given: bool) -> None:
-  """The average must move once per real step under ``optax.MultiSteps``."""
-  found = [x for x in jax.tree.leaves(abstract, is_leaf=_is_multisteps)
-           if _is_multisteps(x)]
-  if not found:
-    return
-  if ema_given:
-    if not _is_multisteps(abstract):
-      raise ValueError(
-          'tx holds an optax.MultiSteps inside another transformation, so'
-          ' EmaTrainState cannot tell micro-steps from real steps. Make'
-          ' MultiSteps the outermost: tx=optax.MultiSteps(opt, k), with'
-          ' ema=emax.ema(...).')
-    return
-  if not any(_state.all_states(ms.inner_opt_state) for ms in found):
-    raise ValueError(
-        'The average sits outside optax.MultiSteps, so it would move on every'
-        ' micro-step. Put it inside: tx=optax.MultiSteps(emax.with_ema(opt,'
-        ' decay), k); or pass tx=optax.MultiSteps(opt, k) and'
-        ' ema=emax.ema(decay).')
-
-
-def _full_tx(tx: Any, ema: Optional[optax.GradientTransformation],
-             params: Params, averages_batch_stats: bool) -> Any:
-  """The optimizer the state runs: ``tx`` itself, or ``tx`` then ``ema``."""
-  if not (hasattr(tx, 'init') and hasattr(tx, 'update')):
-    raise TypeError(
-        'EmaTrainState.create expected tx to be an optax optimizer, got'
-        f' {type(tx).__name__} instead.')
-  abstract = jax.eval_shape(tx.init, params)
-  found = len(_state.all_states(abstract))
-  if ema is not None:
-    if found:
-      raise ValueError(
-          'EmaTrainState.create got an average twice: tx already holds one'
-          ' (an emax.EmaState in its state, e.g. from emax.with_ema or'
-          ' emax.ema) and ema gives another. Configure it once: either'
-          ' tx=emax.with_ema(opt, decay, ...) and no ema, or tx=opt and'
-          ' ema=emax.ema(decay, ...) (needed to average batch_stats; for'
-          ' gradient accumulation, tx=optax.MultiSteps(opt, k)).')
-    _check_accumulation(abstract, ema_given=True)
-    return _average_after(tx, ema)
-  if found == 0:
-    raise ValueError(
-        'EmaTrainState.create got a tx that holds no average and no ema. Pass'
-        ' tx=emax.with_ema(opt, decay, ...), or tx=opt with'
-        ' ema=emax.ema(decay, ...).')
-  if found > 1:
-    raise ValueError(
-        f'tx holds {found} emax averages; EmaTrainState reads exactly one.'
-        ' For several decays keep named averages in one:'
-        ' tx=emax.with_ema(opt, {"fast": 0.99, "slow": 0.999}).')
-  if averages_batch_stats:
-    raise ValueError(
-        'EmaTrainState.create: batch_stats_policy=\'average\' averages the'
-        ' batch_stats with the options of the params\' average, which cannot'
-        ' be read back out of tx. Give them once, as ema: tx=opt,'
-        ' ema=emax.ema(decay, ...) (the state then runs the average after'
-        ' opt, as emax.with_ema does); or keep this tx and pass'
-        ' batch_stats_policy=\'copy\' to evaluate with the live statistics.')
-  _check_accumulation(abstract, ema_given=False)
-  return tx
-
-
-def _check_grads(params: Params, grads: Params) -> None:
-  """``grads`` must be shaped like ``params`` before the optimizer runs."""
-  is_none = lambda x: x is None  # noqa: E731
-  flat_p = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)[0]
-  flat_g = jax.tree_util.tree_flatten_with_path(grads, is_leaf=is_none)[0]
-  keys_p = [jax.tree_util.keystr(path) for path, _ in flat_p]
-  keys_g = [jax.tree_util.keystr(path) for path, _ in flat_g]
-  if keys_p != keys_g:
-    missing = [k for k in keys_p if k not in set(keys_g)]
-    extra = [k for k in keys_g if k not in set(keys_p)]
-    raise ValueError(
-        'EmaTrainState.apply_gradients: grads do not match state.params'
-        f' (missing from grads: {missing[:5]}; not in state.params:'
-        f' {extra[:5]}). Pass the gradients with respect to state.params,'
-        ' e.g. jax.grad(loss_fn)(state.params).')
-  for key, (_, p), (_, g) in zip(keys_p, flat_p, flat_g):
-    if p is None or g is None or jnp.shape(p) == jnp.shape(g):
-      continue
-    raise ValueError(
-        f'EmaTrainState.apply_gradients: grads leaf {key} has shape'
-        f' {jnp.shape(g)} but state.params has shape {jnp.shape(p)} there.'
-        ' Pass the gradients with respect to state.params, e.g.'
-        ' jax.grad(loss_fn)(state.params).')
-
-
-def _negative_zeros(tree: Params) -> Params:
-  """Updates that change nothing, to the bit: ``x + (-0.0) == x`` for all x."""
-  return jax.tree.map(lambda x: jnp.full_like(x, -0.0), tree)
 
 
 class EmaTrainState(train_state.TrainState):
@@ -324,7 +136,7 @@ class EmaTrainState(train_state.TrainState):
   def __post_init__(self) -> None:
     # Runs on every construction: create, replace, tree unflattening and
     # flax.serialization restores. A typo never silently changes evaluation.
-    _check_policy(self.batch_stats_policy, 'EmaTrainState')
+    _options.check_batch_stats_policy(self.batch_stats_policy, 'EmaTrainState')
 
   @classmethod
   def create(cls, *, apply_fn: Callable, params: Params, tx: Any,
@@ -363,11 +175,12 @@ class EmaTrainState(train_state.TrainState):
         policy is unknown; or the average would move on ``optax.MultiSteps``
         micro-steps.
     """
-    _check_policy(batch_stats_policy, 'EmaTrainState.create')
+    _options.check_batch_stats_policy(batch_stats_policy,
+                                      'EmaTrainState.create')
     if ema is not None:
-      _check_ema(ema, params)
+      _train_state_tx.check_ema(ema, params)
     averages_bs = batch_stats is not None and batch_stats_policy == 'average'
-    full_tx = _full_tx(tx, ema, params, averages_bs)
+    full_tx = _train_state_tx.full_tx(tx, ema, params, averages_bs)
     bs_ema = ema.init(batch_stats) if averages_bs and ema is not None else None
     return cls(
         step=jnp.zeros([], jnp.int32),
@@ -408,36 +221,25 @@ class EmaTrainState(train_state.TrainState):
         them.
     """
     where = 'EmaTrainState.apply_gradients'
-    _check_policy(self.batch_stats_policy, where)
+    _options.check_batch_stats_policy(self.batch_stats_policy, where)
     _state.find(self.opt_state, where)
     if batch_stats is not None and self.batch_stats is None:
       raise ValueError(
           'apply_gradients got batch_stats, but this EmaTrainState was'
           ' created without them. Pass batch_stats=variables["batch_stats"]'
           ' to EmaTrainState.create.')
-    bs_ema = self.batch_stats_ema
-    if bs_ema is not None:
-      bs_ema = _state.check_state(bs_ema, 'EmaTrainState.batch_stats_ema')
-    _check_grads(self.params, grads)
+    bs_ema = _batch_stats.checked(self.batch_stats_ema)
+    _train_state_tx.check_grads(self.params, grads)
     new = super().apply_gradients(grads=grads, **kwargs)
     if batch_stats is None:
       return new
     if bs_ema is not None and self.ema_tx is not None:
-      ema_tx = self.ema_tx
-
-      def averaged() -> tuple[Params, EmaState]:
-        updates, state = ema_tx.update(_negative_zeros(batch_stats), bs_ema,
-                                       batch_stats)
-        return optax.apply_updates(batch_stats, updates), state
-
-      old_inner = getattr(self.opt_state, 'inner_state', None)
-      new_inner = getattr(new.opt_state, 'inner_state', None)
-      moved = _real_step(old_inner, new_inner)
-      if moved is True:
-        batch_stats, bs_ema = averaged()
-      else:
-        batch_stats, bs_ema = lax.cond(moved, averaged,
-                                       lambda: (batch_stats, bs_ema))
+      batch_stats, bs_ema = _train_state_tx.on_real_steps(
+          getattr(self.opt_state, 'inner_state', None),
+          getattr(new.opt_state, 'inner_state', None),
+          functools.partial(_batch_stats.average, self.ema_tx, batch_stats,
+                            bs_ema),
+          (batch_stats, bs_ema))
     return new.replace(batch_stats=batch_stats, batch_stats_ema=bs_ema)
 
   def _ema_state(self, where: str) -> EmaState:
@@ -459,18 +261,6 @@ class EmaTrainState(train_state.TrainState):
           f' emax.ema_params(state.opt_state, {names[0]!r}).')
     return _read.ema_params(self._ema_state(where))
 
-  def _batch_stats_average(self, name: Optional[str], where: str) -> Params:
-    if self.batch_stats_ema is None:
-      raise ValueError(
-          f'{where}: batch_stats_policy is \'average\' but this state holds no'
-          ' average of the batch_stats (it was created with'
-          ' batch_stats_policy=\'copy\', or without ema). Create it with'
-          ' ema=emax.ema(...) and batch_stats_policy=\'average\', or'
-          ' evaluate with the live statistics: batch_stats_policy=\'copy\'.')
-    return _read.ema_params(
-        _state.check_state(self.batch_stats_ema,
-                           'EmaTrainState.batch_stats_ema'), name)
-
   def eval_variables(self, name: Optional[str] = None) -> dict:
     """The variables to evaluate with: ``{'params': average, ...}``.
 
@@ -488,13 +278,14 @@ class EmaTrainState(train_state.TrainState):
         (the message lists the names), or the state holds no average.
     """
     where = 'EmaTrainState.eval_variables'
-    _check_policy(self.batch_stats_policy, where)
+    _options.check_batch_stats_policy(self.batch_stats_policy, where)
     ema_state = self._ema_state(where)
     ema_state.info.index(name, where)
     variables = {'params': _read.ema_params(ema_state, name)}
     if self.batch_stats is not None:
       if self.batch_stats_policy == 'average':
-        variables['batch_stats'] = self._batch_stats_average(name, where)
+        variables['batch_stats'] = _batch_stats.read(self.batch_stats_ema,
+                                                     name, where)
       else:
         variables['batch_stats'] = jax.tree.map(jnp.copy, self.batch_stats)
     return variables
@@ -520,12 +311,12 @@ class EmaTrainState(train_state.TrainState):
         average.
     """
     where = 'EmaTrainState.write_back'
-    _check_policy(self.batch_stats_policy, where)
+    _options.check_batch_stats_policy(self.batch_stats_policy, where)
     ema_state = self._ema_state(where)
     ema_state.info.index(name, where)
     batch_stats = self.batch_stats
     if batch_stats is not None and self.batch_stats_policy == 'average':
-      batch_stats = self._batch_stats_average(name, where)
+      batch_stats = _batch_stats.read(self.batch_stats_ema, name, where)
     return self.replace(params=_read.ema_params(ema_state, name),
                         batch_stats=batch_stats)
 
@@ -540,9 +331,7 @@ class EmaTrainState(train_state.TrainState):
     opt_state = _step.reset(self.opt_state, self.params, where=where)
     bs_ema = self.batch_stats_ema
     if bs_ema is not None and self.batch_stats is not None:
-      bs_ema = _step.reset(
-          _state.check_state(bs_ema, 'EmaTrainState.batch_stats_ema'),
-          self.batch_stats, where=where)
+      bs_ema = _batch_stats.reset(bs_ema, self.batch_stats, where)
     return self.replace(opt_state=opt_state, batch_stats_ema=bs_ema)
 
 
@@ -601,19 +390,7 @@ def recompute_batch_stats(apply_fn: Callable, variables: dict, batches: Any,
     >>> new['batch_stats']['mean'], new['batch_stats']['var']
     (Array([3.], dtype=float32), Array([1.], dtype=float32))
   """
-  if not hasattr(variables, 'keys') or 'batch_stats' not in variables:
-    got = list(variables) if hasattr(variables, 'keys') else type(
-        variables).__name__
-    raise ValueError(
-        'recompute_batch_stats expected variables with a "batch_stats"'
-        f' collection, got {got} instead. Pass the full variables, e.g.'
-        ' state.eval_variables() or {"params": p, "batch_stats": s}.')
-  leaves = jax.tree.leaves(batches)
-  if not leaves or any(jnp.ndim(x) < 1 or jnp.shape(x)[0] < 1
-                       for x in leaves):
-    raise ValueError(
-        'recompute_batch_stats expected batches stacked on a leading axis of'
-        ' length >= 1, e.g. an array of shape (num_batches, batch_size, ...).')
+  _batch_stats.check_recompute_args(variables, batches)
   kwargs = tuple(sorted(apply_kwargs.items()))
   return _recompute(apply_fn, kwargs, dict(variables), batches, rngs)
 
@@ -622,11 +399,8 @@ def recompute_batch_stats(apply_fn: Callable, variables: dict, batches: Any,
 def _recompute(apply_fn: Callable, kwargs: Any, variables: dict,
                batches: Any, rngs: Optional[dict]) -> dict:
   kwargs = dict(kwargs)
-  num = jax.tree.leaves(batches)[0].shape[0]
 
-  def batch_stats_of(i: jax.Array, x: Any) -> Any:
-    keys = None if rngs is None else {
-        name: jax.random.fold_in(key, i) for name, key in rngs.items()}
+  def batch_stats_of(x: Any, keys: Optional[dict]) -> Any:
     with nn.intercept_methods(_momentum_free):
       _, updated = apply_fn(variables, x, mutable=['batch_stats'], rngs=keys,
                             **kwargs)
@@ -640,13 +414,6 @@ def _recompute(apply_fn: Callable, kwargs: Any, variables: dict,
           ' variables, batches, train=True).')
     return new
 
-  def body(avg: Any, i_x: Any) -> tuple[Any, None]:
-    i, x = i_x
-    new = batch_stats_of(i, x)
-    n = (i + 1).astype(jnp.float32)
-    avg = jax.tree.map(lambda a, b: a + (b - a) / n.astype(a.dtype), avg, new)
-    return avg, None
-
-  start = jax.tree.map(jnp.zeros_like, variables['batch_stats'])
-  avg, _ = lax.scan(body, start, (jnp.arange(num, dtype=jnp.int32), batches))
+  avg = _batch_stats.mean_over_batches(batch_stats_of,
+                                       variables['batch_stats'], batches, rngs)
   return {**variables, 'batch_stats': avg}
