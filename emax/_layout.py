@@ -181,7 +181,7 @@ def _concat(layout: Layout, leaves: list[Any], group: tuple[int, ...],
   """
   parts = [jnp.zeros(_size(layout.shapes[i]), dtype) if leaves[i] is None
            else _ravel_as(leaves[i], dtype) for i in group]
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+  return _tree.concat_raveled(parts)
 
 
 def _stored(p: Any, dtype: Any, count: Optional[int]) -> jax.Array:

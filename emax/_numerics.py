@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from emax import _tree
 from emax._options import Rate
 
 F32 = jnp.float32
@@ -148,6 +149,40 @@ def _total(sums: list[jax.Array]) -> jax.Array:
   return total
 
 
+SMALL_ARRAY = 1 << 14
+"""Arrays below this many elements are checked together (see
+:func:`all_finite`)."""
+
+
+def _unsharded_type(x: jax.Array) -> bool:
+  """Whether ``x``'s type carries no sharding (explicit sharding refuses to
+  concatenate differently sharded operands; such leaves are summed alone)."""
+  spec = getattr(getattr(jax.typeof(x), 'sharding', None), 'spec', None)
+  return spec is None or all(axis is None for axis in spec)
+
+
+def _fewer_arrays(arrays: list[jax.Array]) -> list[jax.Array]:
+  """The arrays to reduce: the large ones as they are, the small unsharded
+  ones of each dtype concatenated into one buffer.
+
+  A reduction over a small array compiles on XLA CPU into its own chain of
+  loop fusions, and a tree of a thousand small leaves compiled for tens of
+  seconds (24 s for the 1,330 small leaves of a 2,000-leaf transformer,
+  2 s once they are one buffer). Copying them costs little: they are small.
+  """
+  small: dict[Any, list[jax.Array]] = {}
+  out = []
+  for x in arrays:
+    if x.size < SMALL_ARRAY and _unsharded_type(x):
+      small.setdefault(x.dtype, []).append(x)
+    else:
+      out.append(x)
+  # The barrier keeps the buffer: XLA would otherwise split the sum of a
+  # concatenation back into one sum per operand.
+  return out + [lax.optimization_barrier(_tree.concat_raveled(xs))
+                for xs in small.values()]
+
+
 def all_finite(arrays: list[jax.Array]) -> jax.Array:
   """Whether every array is free of NaN and Inf (a bool scalar).
 
@@ -162,6 +197,7 @@ def all_finite(arrays: list[jax.Array]) -> jax.Array:
   """
   if not arrays:
     return jnp.asarray(True)
+  arrays = _fewer_arrays(arrays)
   fast = jnp.isfinite(_total([jnp.sum(x) for x in arrays]))
 
   def exact() -> jax.Array:

@@ -29,6 +29,28 @@ def is_float(x_or_dtype: Any) -> bool:
   return bool(jnp.issubdtype(dtype, jnp.inexact))
 
 
+CONCAT_FAN_IN = 128
+"""The most operands of one concatenation (see :func:`concat_raveled`)."""
+
+
+def concat_raveled(arrays: Sequence[jax.Array]) -> jax.Array:
+  """The arrays (of one dtype), raveled and concatenated: one buffer.
+
+  In rounds of at most :data:`CONCAT_FAN_IN` operands, each round's buffers
+  materialized (a barrier): XLA CPU compiles one concatenation of thousands
+  of operands, fused into its consumer, in time that grows much faster than
+  the number of operands (about 50 s for 20,000 leaves, against 4 s in
+  rounds of 128). The extra copies are those of the rounds' small buffers.
+  """
+  parts = [jnp.ravel(x) for x in arrays]
+  while len(parts) > CONCAT_FAN_IN:
+    parts = [lax.optimization_barrier(jnp.concatenate(chunk))
+             if len(chunk) > 1 else chunk[0]
+             for chunk in (parts[i:i + CONCAT_FAN_IN]
+                           for i in range(0, len(parts), CONCAT_FAN_IN))]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
 def accumulator_dtype_for(param_dtype: Any,
                           accumulator_dtype: Optional[np.dtype] = None) -> Any:
   """The dtype a leaf is accumulated in.

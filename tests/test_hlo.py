@@ -39,8 +39,11 @@ def _fusions(text):
   return re.findall(r'= [^=]*? fusion\(', text)
 
 
+LARGE = 1 << 15  # above emax._numerics.SMALL_ARRAY: reduced one by one
+
+
 def test_the_guard_adds_one_reduction_per_array_and_no_copy():
-  params = _params()
+  params = _params(size=LARGE)
   state = emax.init(params)
   on = _hlo(lambda s, p: emax.update(s, p, 0.99), state, params,
             donate_argnums=0)
@@ -56,6 +59,27 @@ def test_the_guard_adds_one_reduction_per_array_and_no_copy():
   assert not big_copies(_entry(on)) and not big_copies(_entry(off))
   # The averaging passes are the guard-off ones: one fusion per leaf.
   assert len([f for f in _fusions(_entry(off))]) >= len(params)
+
+
+def test_small_arrays_are_checked_as_one_buffer():
+  """Hundreds of small leaves: one concatenation and one reduction, not one
+  chain of reductions per leaf (which compiled for tens of seconds)."""
+  params = {f'b{i:03d}': jnp.full((64,), float(i)) for i in range(300)}
+  params['big'] = jnp.ones((LARGE,))
+  state = emax.init(params)
+  entry = _entry(_hlo(lambda s, p: emax.update(s, p, 0.99), state, params,
+                      donate_argnums=0))
+  reducing = [f for f in re.findall(r'\n\s*%\S+ = [^\n]*', entry)
+              if re.search(r'= f32\[\] fusion\(', f)
+              and 'reduce_sum' in f]
+  assert len(reducing) == 2, reducing  # the big leaf, the small ones
+  assert len(re.findall(r'reduce(?:-window)?\(', entry)) == 0
+  # And it still sees a NaN in any small leaf, on an averaging step.
+  bad = dict(params, b123=params['b123'].at[5].set(jnp.nan))
+  for p in (params, bad):
+    state = jax.jit(lambda s, p: emax.update(s, p, 0.99))(state, p)
+  assert int(state.skipped) == 1
+  np.testing.assert_array_equal(state.average['b123'], params['b123'])
 
 
 def test_named_averages_read_each_param_once():
@@ -106,10 +130,10 @@ def test_a_finite_flag_replaces_the_guards_pass():
   assert int(emax.get_ema_state(skipped).skipped) == 1
 
 
-def _param_users(entry, leaf):
+def _param_users(entry, leaf, size):
   """The top-level instructions that read the param ``leaf`` of ``p``."""
-  name = re.search(rf'%(\S+) = f32\[4096\]\S* parameter\(\d+\).*p\[.{{0,2}}'
-                   rf'{leaf}', entry)
+  name = re.search(rf'%(\S+) = f32\[{size}\]\S* parameter\(\d+\).*'
+                   rf'p\[.{{0,2}}{leaf}', entry)
   assert name, entry
   return re.findall(rf'\n\s*%\S+ = [^\n]*\([^\n]*%{re.escape(name.group(1))}'
                     r'[,)]', entry)
@@ -124,7 +148,7 @@ def test_the_guards_pass_is_separate_from_the_averaging_pass():
   and the averaging fusion) and does not fuse them into one multi-output
   pass. If a future XLA fuses them this fails: revisit the floor.
   """
-  params = _params()
+  params = _params(size=LARGE)
   state = emax.init(params)
   on = _entry(_hlo(lambda s, p: emax.update(s, p, 0.99), state, params,
                    donate_argnums=0))
@@ -132,13 +156,14 @@ def test_the_guards_pass_is_separate_from_the_averaging_pass():
                                              skip_nonfinite=False),
                     state, params, donate_argnums=0))
   for leaf in params:
-    guarded, plain = _param_users(on, leaf), _param_users(off, leaf)
+    guarded = _param_users(on, leaf, LARGE)
+    plain = _param_users(off, leaf, LARGE)
     assert len(plain) == 1, plain
     # The averaging fusion, the reduction, and the conditional's operand
     # (the exact fallback, run only when the fast check fails).
     readers = [u for u in guarded if 'tuple(' not in u]
     assert len(readers) == 2, guarded
-    assert sum('f32[4096]' in u.split('=')[1].split('(')[0]
+    assert sum(f'f32[{LARGE}]' in u.split('=')[1].split('(')[0]
                for u in readers) == 1  # one writes the average, one reduces
 
 
