@@ -23,6 +23,7 @@ from jax import lax
 from optax import Params
 
 from emax import _state
+from emax import _tree
 from emax._state import EmaState
 from emax._transform import WithEmaState
 
@@ -183,20 +184,15 @@ def full_tx(tx: Any, ema: Optional[optax.GradientTransformation],
 
 def check_grads(params: Params, grads: Params) -> None:
   """``grads`` must be shaped like ``params`` before the optimizer runs."""
-  is_none = lambda x: x is None  # noqa: E731
-  flat_p = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)[0]
-  flat_g = jax.tree_util.tree_flatten_with_path(grads, is_leaf=is_none)[0]
-  keys_p = [jax.tree_util.keystr(path) for path, _ in flat_p]
-  keys_g = [jax.tree_util.keystr(path) for path, _ in flat_g]
-  if keys_p != keys_g:
-    missing = [k for k in keys_p if k not in set(keys_g)]
-    extra = [k for k in keys_g if k not in set(keys_p)]
+  pairs, missing, extra = _tree.leaves_by_key(
+      params, grads, is_leaf=lambda x: x is None)
+  if missing or extra:
     raise ValueError(
         'EmaTrainState.apply_gradients: grads do not match state.params'
-        f' (missing from grads: {missing[:5]}; not in state.params:'
-        f' {extra[:5]}). Pass the gradients with respect to state.params,'
+        f' (missing from grads: {missing}; not in state.params:'
+        f' {extra}). Pass the gradients with respect to state.params,'
         ' e.g. jax.grad(loss_fn)(state.params).')
-  for key, (_, p), (_, g) in zip(keys_p, flat_p, flat_g):
+  for key, p, g in pairs:
     if p is None or g is None or jnp.shape(p) == jnp.shape(g):
       continue
     raise ValueError(

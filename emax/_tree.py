@@ -29,6 +29,24 @@ def is_float(x_or_dtype: Any) -> bool:
   return bool(jnp.issubdtype(dtype, jnp.inexact))
 
 
+def leaves_by_key(first: Any, second: Any, is_leaf: Any = None
+                  ) -> tuple[list[tuple[str, Any, Any]], list[str],
+                             list[str]]:
+  """Two trees' leaves paired by key path, and the key paths of each that
+  the other lacks (the first five; both empty when the paths agree, and only
+  then are there pairs)."""
+  flat_a = jax.tree_util.tree_flatten_with_path(first, is_leaf=is_leaf)[0]
+  flat_b = jax.tree_util.tree_flatten_with_path(second, is_leaf=is_leaf)[0]
+  keys_a = [jax.tree_util.keystr(path) for path, _ in flat_a]
+  keys_b = [jax.tree_util.keystr(path) for path, _ in flat_b]
+  if keys_a != keys_b:
+    only_a = [k for k in keys_a if k not in set(keys_b)]
+    only_b = [k for k in keys_b if k not in set(keys_a)]
+    return [], (only_a or keys_a)[:5], (only_b or keys_b)[:5]
+  return [(k, a, b) for k, (_, a), (_, b) in zip(keys_a, flat_a, flat_b)
+          ], [], []
+
+
 CONCAT_FAN_IN = 128
 """The most operands of one concatenation (see :func:`concat_raveled`)."""
 

@@ -23,6 +23,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
 
 from emax import _read
 from emax import _state
+from emax import _tree
 
 __all__ = (
     'ema_model',
@@ -79,18 +80,13 @@ def _check_fits(averaged: nnx.State, params: nnx.State, wrt: object) -> None:
   """The average must have the variables and leaf shapes of the model's."""
   fix = (f' The average does not fit the model\'s {wrt} variables: pass the'
          ' model this optimizer trains.')
-  flat_avg = jax.tree_util.tree_flatten_with_path(averaged)[0]
-  flat_par = jax.tree_util.tree_flatten_with_path(params)[0]
-  avg_keys = [jax.tree_util.keystr(p) for p, _ in flat_avg]
-  par_keys = [jax.tree_util.keystr(p) for p, _ in flat_par]
-  if avg_keys != par_keys:
-    missing = [k for k in avg_keys if k not in set(par_keys)]
-    extra = [k for k in par_keys if k not in set(avg_keys)]
+  pairs, missing, extra = _tree.leaves_by_key(averaged, params)
+  if missing or extra:
     raise ValueError(
         'emax.nnx.ema_model: the model\'s variables are not the averaged'
-        f' ones (averaged but not in the model: {missing[:5]}; in the model'
-        f' but not averaged: {extra[:5]}).{fix}')
-  for key, (_, a), (_, p) in zip(avg_keys, flat_avg, flat_par):
+        f' ones (averaged but not in the model: {missing}; in the model'
+        f' but not averaged: {extra}).{fix}')
+  for key, a, p in pairs:
     if jnp.shape(a) != jnp.shape(p):
       raise ValueError(
           f'emax.nnx.ema_model: the model\'s {key} has shape {jnp.shape(p)}'
