@@ -116,6 +116,11 @@ def guard(result):
       out.append(_target(name, _verdict(v, 1.05), f'{v:.2f}x ({text})', v,
                          1.05))
     out.append(_train_floor(result, train, b['batch'], do))
+    out.append(_target(
+        f"train step, batch {b['batch']}: proof: any exact guard moves at"
+        ' least 12 + 4 bytes/param, (12 + 4) / 12 of the ideal, > 1.25x',
+        _floor_verdict(16 / 12, 1.25), f'{16 / 12:.3f}x', 16 / 12, 1.25,
+        above=True))
     if not da['resolved']:
       out.append(_target(name2, 'noise', f'added {_added_text(da)}; ideal'
                          f" {train['ideal_ms']:.4f} ms",
