@@ -36,6 +36,11 @@ with the EMA minus plain Adam) whose interval reaches zero is shown as
 not; `noise` when the run cannot tell; `skipped` with the reason when a row
 could not run (a peer not installed, a feature not in this emax).
 
+The ceiling is a lower bound on what this machine moves: kernels that
+stream many arrays at once (K averages, several leaves in flight) can
+exceed it, and then show more than 100% of it or less than 1.00x of their
+roofline. Such a row meets its target, but says less than one close to 1.
+
 Memory is in param trees: what XLA plans for one donated step (arguments +
 outputs - donated + temporaries) over the bytes of the params; 2.00 means
 the params and one average, nothing more.
