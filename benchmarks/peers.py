@@ -290,6 +290,18 @@ def _check_runner(name, leaves_of, tree, *args):
                     unit=tree.unit)
 
 
+@update_impl('one read of p and u: sum(p) + sum(u)', kind='none')
+def _read_params_updates(tree):
+  """The least an exact guard must add to a standalone ``tx.update``: one
+  read-only pass over ``p`` and ``u`` (plain sums, nothing written)."""
+  def fn(s, u, p):
+    sums = [jnp.sum(x) for x in jax.tree.leaves((u, p))]
+    return s + sum(sums).astype(s.dtype)
+  return jax_runner('one read of p and u: sum(p) + sum(u)', fn,
+                    jnp.zeros([], jnp.float32), tree.updates, tree.params,
+                    unit=tree.unit)
+
+
 @update_impl("the guard's pass alone: check p", kind='none')
 def _check_params(tree):
   return _check_runner("the guard's pass alone: check p",

@@ -55,14 +55,21 @@ pass, whatever its formulation. It could only ride along with the pass
 that *produces* the new params (the optimizer's `apply_updates`, as one
 multi-output fusion), and XLA CPU does not fuse a reduction into an
 elementwise pass (`tests/test_hlo.py` pins the separate pass, and that in
-a train step the check reads the user's own new params, with no copy). The
-cheapest exact guard therefore costs the guard-off step plus one read of
-the new params: 8 bytes/param of `p` and `u` in a standalone `tx.update`
-(which must compute `p + u` itself), 4 bytes/param in a train step. Each
-proof row adds that read, at the ceiling, to the measured guard-off time:
-when the sum is already above the target, no exact guard on this backend
-can meet it. The routes that do meet it skip the pass: a `finite=` flag
-the step already has (for example from the loss or the gradient norm), or
+a train step the check reads the user's own new params, with no copy). So
+an exact guard adds at least one read of the new params:
+
+- in a standalone `tx.update`, a read of `p` and `u` (it must compute
+  `p + u` itself). Measured: the reference plus a read-only pass over `p`
+  and `u` (plain sums, timed as their own row) is the least such a step can
+  take;
+- in a train step (where XLA shares `p + u` with the user's new params) and
+  for K averages, 4 bytes per param more than the guard-off step: a floor in
+  bytes, which is one in time as long as a read-only pass is not several
+  times faster per byte than the averaging pass.
+
+Where a floor is above a target, no exact guard on this backend can meet
+it. The routes that do meet it skip the pass: a `finite=` flag the step
+already has (for example from the loss or the gradient norm), or
 `skip_nonfinite=False` (the rows without the guard).
 """
 

@@ -198,6 +198,9 @@ def all_finite(arrays: list[jax.Array]) -> jax.Array:
   if not arrays:
     return jnp.asarray(True)
   arrays = _fewer_arrays(arrays)
+  # Each array is summed in its own dtype: a float16 sum can overflow and
+  # then take the exact path, but summing in float32 materialized a float32
+  # copy of the array first (XLA does not fuse the cast into the sum).
   fast = jnp.isfinite(_total([jnp.sum(x) for x in arrays]))
 
   def exact() -> jax.Array:

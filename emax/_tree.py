@@ -42,7 +42,9 @@ def leaves_by_key(first: Any, second: Any, is_leaf: Any = None
   if keys_a != keys_b:
     only_a = [k for k in keys_a if k not in set(keys_b)]
     only_b = [k for k in keys_b if k not in set(keys_a)]
-    return [], (only_a or keys_a)[:5], (only_b or keys_b)[:5]
+    if not only_a and not only_b:  # the same keys in another order
+      only_a, only_b = keys_a, keys_b
+    return [], only_a[:5], only_b[:5]
   return [(k, a, b) for k, (_, a), (_, b) in zip(keys_a, flat_a, flat_b)
           ], [], []
 

@@ -192,3 +192,4 @@ def test_in_a_train_step_the_guard_reads_the_users_new_params():
   copies = [c for c in re.findall(r'= (\S+) copy\(', _entry(on.as_text()))
             if '[]' not in c]
   assert not copies
+

@@ -349,8 +349,8 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
                  '16 leaves x 256: fastest emax', 'compiles in < 10 s',
                  'jitted identity over the 4 buffers', 'the stacked route',
                  'K=2: named averages <= 1.1x', 'faster than K separate',
-                 'ResNet-50-like: proof: any exact guard',
-                 'batch 32: proof: any exact guard', 'K=2: proof',
+                 'ResNet-50-like: proof (measured): the reference plus',
+                 'train step: proof (traffic)', 'K=2: proof (traffic)',
                  'K=2: the layout alone',
                  'hold 1 + K param trees',
                  'ResNet-50-like, bf16 params: `emax.update skip_nonfinite=False`'
