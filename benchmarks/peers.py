@@ -447,6 +447,43 @@ def _train_emax_unguarded(problem):
       optax.chain(_adam(), emax.ema(DECAY, skip_nonfinite=False)))
 
 
+# With gradient clipping in the chain: the guard's signal for free. The
+# norm `optax.clip_by_global_norm` computes is the same `optax.global_norm`
+# the step passes as `finite=`, so XLA computes it once (tests/test_hlo.py).
+
+
+def _clip_adam():
+  return optax.chain(optax.clip_by_global_norm(1.0), _adam())
+
+
+@train_impl('clip + adam')
+def _train_clip_adam(problem):
+  return _train_runner(problem, 'clip + adam', _clip_adam())
+
+
+@train_impl('clip + adam + emax.ema(skip_nonfinite=False)', base='clip + adam')
+def _train_clip_unguarded(problem):
+  return _train_runner(
+      problem, 'clip + adam + emax.ema(skip_nonfinite=False)',
+      optax.chain(_clip_adam(), emax.ema(DECAY, skip_nonfinite=False)))
+
+
+@train_impl('clip + adam + emax.ema, finite= the norm', base='clip + adam')
+def _train_clip_finite(problem):
+  tx = optax.chain(_clip_adam(), emax.ema(DECAY))
+
+  def step(carry, x, y):
+    p, s = carry
+    g = jax.grad(problem.loss)(p, x, y)
+    u, s = tx.update(g, s, p, finite=jnp.isfinite(optax.global_norm(g)))
+    return optax.apply_updates(p, u), s
+
+  params = problem.fresh_params()
+  return jax_runner('clip + adam + emax.ema, finite= the norm', step,
+                    (params, tx.init(params)), problem.x, problem.y,
+                    unit=problem.unit)
+
+
 @train_impl('adam + optax.incremental_update')
 def _train_optax(problem):
   tx = _adam()

@@ -154,7 +154,8 @@ def _train(result):
     return []
   lines = ['', f"A jitted, donated Adam step on an MLP {tuple(t['mlp'])}"
            f" ({t['params'] / 1e6:.2f}M params), with and without an average."
-           ' "added": the step minus plain Adam, pair by pair; the ideal is'
+           ' "added": the step minus plain Adam (the `clip + adam + ...` rows:'
+           ' minus `clip + adam`), pair by pair; the ideal is'
            f" 12 bytes/param at the ceiling = {t['ideal_ms']:.4f} ms."]
   for b in t['batches']:
     lines += ['', f"### Batch {b['batch']}", '',

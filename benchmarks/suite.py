@@ -288,14 +288,19 @@ def train(ctx: Context) -> dict:
   for batch in ctx.mode['batches']:
     problem = trees.TrainProblem.make(sizes, batch)
     table = f'train step, batch {batch}'
-    runners = [r for r in (ctx.build('train', table, impl, problem)
-                           for impl in peers.TRAIN) if r is not None]
+    built = [(impl, ctx.build('train', table, impl, problem))
+             for impl in peers.TRAIN]
+    runners = [r for _, r in built if r is not None]
+    bases = {r.name: impl.extra.get('base', base_name)
+             for impl, r in built if r is not None}
     times = ctx.measure(runners)
     rows = []
     for r in runners:
       row = dict(impl=r.name, **timing.summary(times[r.name]), **r.info)
-      if r.name != base_name and base_name in times:
-        added = timing.paired_diff(times[r.name], times[base_name])
+      base = bases[r.name]
+      if r.name != base and base in times and r.name != base_name:
+        row['base'] = base
+        added = timing.paired_diff(times[r.name], times[base])
         row['added'] = added
         row['added_vs_ideal'] = (None if not added['resolved'] else
                                  added['median_ms'] / ideal_ms)

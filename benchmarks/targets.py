@@ -126,6 +126,8 @@ def guard(result):
                          f'{v:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}] (added'
                          f" {_added_text(da)}, ideal"
                          f" {train['ideal_ms']:.4f} ms)", v, 1.25))
+  for b in (train or {}).get('batches', []):
+    out.append(_finite_route(b))
   if train:
     floor = (12 + 4) / 12
     out.append(_target(
@@ -135,6 +137,28 @@ def guard(result):
         _floor_verdict(floor, 1.25), f'{floor:.3f}x', floor, 1.25,
         above=True))
   return out
+
+
+def _finite_route(batch):
+  """The route that meets target 1 in a train step: with
+  ``optax.clip_by_global_norm`` in the chain, ``finite=`` from its norm."""
+  rows = batch['rows']
+  name = (f"train step, batch {batch['batch']}, route: with"
+          ' `clip_by_global_norm`, `finite=` from its norm adds <= 1.05x what'
+          ' `skip_nonfinite=False` adds (sound when the params going in were'
+          ' finite: docs/scaling.md)')
+  route = _get(rows, 'clip + adam + emax.ema, finite= the norm')
+  off = _get(rows, 'clip + adam + emax.ema(skip_nonfinite=False)')
+  if route is None or off is None or 'added' not in route or (
+      'added' not in off):
+    return _target(name, 'skipped', note='a clip row is missing')
+  dr, do = route['added'], off['added']  # each minus `clip + adam`
+  text = f'finite= {_added_text(dr)}; guard off {_added_text(do)}'
+  if not (dr['resolved'] and do['resolved']):
+    return _target(name, 'noise', text, note='an added time is inside the'
+                   ' noise: no verdict')
+  v = dr['median_ms'] / do['median_ms']
+  return _target(name, _verdict(v, 1.05), f'{v:.2f}x ({text})', v, 1.05)
 
 
 def _standalone_floor(tree, ref):

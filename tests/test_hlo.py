@@ -193,3 +193,32 @@ def test_in_a_train_step_the_guard_reads_the_users_new_params():
             if '[]' not in c]
   assert not copies
 
+
+
+def test_the_clipping_norm_as_the_finite_flag_costs_no_pass():
+  """``finite=jnp.isfinite(optax.global_norm(grads))`` next to
+  ``optax.clip_by_global_norm``: XLA computes the norm once for both, so the
+  guarded step has no reduction more than the step without an average
+  (docs/scaling.md recommends it)."""
+  params = _params(size=LARGE)
+
+  def reductions(tx, finite):
+    def step(carry, g):
+      p, s = carry
+      kw = {'finite': jnp.isfinite(optax.global_norm(g))} if finite else {}
+      u, s = tx.update(g, s, p, **kw)
+      return optax.apply_updates(p, u), s
+    with jax.numpy_dtype_promotion('standard'):
+      text = jax.jit(step, donate_argnums=0).lower(
+          (params, tx.init(params)), params).compile().as_text()
+    return len([line for line in _entry(text).split('\n')
+                if 'reduce' in line and 'fusion(' in line])
+
+  clip_adam = lambda: optax.chain(optax.clip_by_global_norm(1.0),  # noqa
+                                  optax.adam(1e-3))
+  plain = reductions(clip_adam(), finite=False)
+  assert plain >= 1  # the clipping norm itself
+  assert reductions(optax.chain(clip_adam(), emax.ema(0.99)),
+                    finite=True) == plain
+  assert reductions(optax.chain(clip_adam(), emax.ema(0.99)),
+                    finite=False) > plain  # the guard's own pass

@@ -351,6 +351,7 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
                  'K=2: named averages <= 1.1x', 'faster than K separate',
                  'ResNet-50-like: proof (measured): the reference plus',
                  'train step: proof (traffic)', 'K=2: proof (traffic)',
+                 'batch 32, route: with `clip_by_global_norm`',
                  'K=2: the layout alone',
                  'hold 1 + K param trees',
                  'ResNet-50-like, bf16 params: `emax.update skip_nonfinite=False`'
