@@ -208,7 +208,27 @@ def all_finite(arrays: list[jax.Array]) -> jax.Array:
 
   if not isinstance(fast, jax.core.Tracer):  # eager: decide on the host
     return fast if bool(fast) else exact()
-  return lax.cond(fast, lambda: jnp.asarray(True), exact)
+  # `fast` itself (True) rather than a constant: under `shard_map` both
+  # branches then vary over the same mesh axes.
+  return lax.cond(fast, lambda: fast, exact)
+
+
+def everywhere(flag: jax.Array) -> jax.Array:
+  """``flag`` on every shard of a ``shard_map``: true only where it is true
+  on all the shards it varies over (one scalar all-reduce), so that every
+  shard keeps or skips the step together. Outside ``shard_map``, ``flag``."""
+  aval = jax.typeof(flag)
+  # Where jax keeps the set of mesh axes a value varies over: `vma` until
+  # mid-2025, `manual_axis_type.varying` since.
+  varying = getattr(getattr(aval, 'manual_axis_type', None), 'varying',
+                    None)
+  if varying is None:
+    varying = getattr(aval, 'vma', None)
+  axes = tuple(sorted(varying or ()))
+  if not axes:
+    return flag
+  bad = lax.psum(jnp.logical_not(flag).astype(jnp.int32), axes)
+  return bad == 0
 
 
 def debias(stored: jax.Array, weight: jax.Array) -> jax.Array:

@@ -145,7 +145,7 @@ def step(options: _options.StepOptions, state: Any, params: Params,
         flags = jnp.asarray(finite, bool).reshape(())
       if not _is_constant(steps):
         flags &= jnp.all(jnp.isfinite(steps) & jnp.isfinite(keeps))
-      return flags
+      return _numerics.everywhere(flags)
 
     if _is_constant(scheduled):  # steps that keep read no params at all
       ok = check() if scheduled != KEEP else True

@@ -201,3 +201,34 @@ def test_bf16_params_cost_twice_in_the_float32_accumulator(mesh):
     params_bytes = _bytes_per_device(params)
     assert _bytes_per_device(state.average) == {
         d: 2 * b for d, b in params_bytes.items()}
+
+
+def test_the_nan_guard_is_global_inside_shard_map():
+  """Inside `shard_map` each shard sees its own slice of the params; the
+  guard's flag is all-reduced over the axes it varies on, so a NaN in one
+  shard leaves every shard's average unchanged (all or nothing), and a
+  finite step equals the unsharded update bit for bit."""
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))
+  params = {'w': jnp.arange(32.0), 'b': jnp.ones(())}
+  new = {'w': jnp.arange(32.0) * 1.5 + 1.0, 'b': jnp.full((), 3.0)}
+  bad = {'w': new['w'].at[3].set(jnp.nan), 'b': new['b']}
+  state = emax.init(params)
+  spec = jax.tree.map(lambda x: P('data') if x.ndim else P(), state)
+  pspec = {'w': P('data'), 'b': P()}
+  put = lambda tree, specs: jax.tree.map(  # noqa: E731
+      lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs)
+  step = jax.jit(jax.shard_map(lambda s, p: emax.update(s, p, 0.9),
+                               mesh=mesh, in_specs=(spec, pspec),
+                               out_specs=spec))
+  sharded = put(state, spec)
+  skipped = step(sharded, put(bad, pspec))
+  assert int(skipped.skipped) == 1
+  np.testing.assert_array_equal(jax.device_get(skipped.average['w']),
+                                np.asarray(params['w']))
+  np.testing.assert_array_equal(jax.device_get(skipped.average['b']), 1.0)
+  moved = step(sharded, put(new, pspec))
+  want = emax.update(state, new, 0.9)
+  assert int(moved.skipped) == 0
+  for k in params:
+    np.testing.assert_array_equal(jax.device_get(moved.average[k]),
+                                  np.asarray(want.average[k]))
