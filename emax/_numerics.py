@@ -161,6 +161,21 @@ def _unsharded_type(x: jax.Array) -> bool:
   return spec is None or all(axis is None for axis in spec)
 
 
+def _own_sum_input(x: jax.Array) -> jax.Array:
+  """``x``, behind a barrier when it is a 16-bit float.
+
+  ``jnp.sum`` of a bf16 or f16 array converts it to float32 first, the same
+  conversion the averaging pass makes of the same param: XLA then computes
+  it once, writes the whole float32 copy to memory for both, and the sum no
+  longer reads the 16-bit param directly (for a ResNet-50 in bf16 the
+  guarded step took 7x the unguarded one). The barrier keeps the two
+  conversions apart, each fused into its own pass.
+  """
+  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
+    return lax.optimization_barrier(x)
+  return x
+
+
 def _fewer_arrays(arrays: list[jax.Array]) -> list[jax.Array]:
   """The arrays to reduce: the large ones as they are, the small unsharded
   ones of each dtype concatenated into one buffer.
@@ -172,7 +187,7 @@ def _fewer_arrays(arrays: list[jax.Array]) -> list[jax.Array]:
   """
   small: dict[Any, list[jax.Array]] = {}
   out = []
-  for x in arrays:
+  for x in map(_own_sum_input, arrays):
     if x.size < SMALL_ARRAY and _unsharded_type(x):
       small.setdefault(x.dtype, []).append(x)
     else:

@@ -222,3 +222,22 @@ def test_the_clipping_norm_as_the_finite_flag_costs_no_pass():
                     finite=True) == plain
   assert reductions(optax.chain(clip_adam(), emax.ema(0.99)),
                     finite=False) > plain  # the guard's own pass
+
+
+def test_16_bit_params_are_not_copied_to_float32_for_the_guard():
+  """``jnp.sum`` converts bf16 to float32, the conversion the averaging
+  pass makes too: merged, XLA wrote a float32 copy of every param for both
+  (7x the guard-off step on a bf16 ResNet-50). Each conversion stays fused
+  into its own pass: no temporary the size of the params. (float16 is not
+  covered: XLA CPU writes the float32 copy for any float16 sum.)"""
+  for dtype in (jnp.bfloat16,):
+    params = {'w': jnp.ones((LARGE,), dtype), 'v': jnp.ones((64, 512), dtype)}
+    state = emax.init(params)
+    compiled = jax.jit(lambda s, p: emax.update(s, p, 0.99),
+                       donate_argnums=0).lower(state, params).compile()
+    nbytes = sum(x.size * 4 for x in params.values())
+    assert compiled.memory_analysis().temp_size_in_bytes < nbytes / 8
+    bad = dict(params, v=params['v'].at[3, 7].set(jnp.inf))
+    out = jax.jit(lambda s, p: emax.update(s, p, 0.5))(state, bad)
+    assert int(out.skipped) == 1
+    np.testing.assert_array_equal(out.average['v'], np.ones((64, 512)))
