@@ -170,7 +170,10 @@ def _plan(params: Params, max_size: int, acc: Callable[[Any], Any]) -> Layout:
 
 
 def _ravel_as(x: Any, dtype: Any) -> jax.Array:
-  return jnp.ravel(jnp.asarray(x)).astype(dtype)
+  """``x`` flat, in ``dtype`` (no operation where none is needed: with
+  thousands of leaves, tracing no-op casts took seconds)."""
+  x = _tree.raveled(jnp.asarray(x))
+  return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
 
 
 def _concat(layout: Layout, leaves: list[Any], group: tuple[int, ...],

@@ -53,6 +53,11 @@ CONCAT_FAN_IN = 128
 """The most operands of one concatenation (see :func:`concat_raveled`)."""
 
 
+def raveled(x: jax.Array) -> jax.Array:
+  """``x`` as a 1-D array (itself when it already is one)."""
+  return x if x.ndim == 1 else lax.reshape(x, (x.size,))
+
+
 def concat_raveled(arrays: Sequence[jax.Array]) -> jax.Array:
   """The arrays (of one dtype), raveled and concatenated: one buffer.
 
@@ -62,7 +67,7 @@ def concat_raveled(arrays: Sequence[jax.Array]) -> jax.Array:
   the number of operands (about 50 s for 20,000 leaves, against 4 s in
   rounds of 128). The extra copies are those of the rounds' small buffers.
   """
-  parts = [jnp.ravel(x) for x in arrays]
+  parts = [raveled(x) for x in arrays]
   while len(parts) > CONCAT_FAN_IN:
     parts = [lax.optimization_barrier(jnp.concatenate(chunk))
              if len(chunk) > 1 else chunk[0]
