@@ -187,11 +187,11 @@ def _fewer_arrays(arrays: list[jax.Array]) -> list[jax.Array]:
   """
   small: dict[Any, list[jax.Array]] = {}
   out = []
-  for x in map(_own_sum_input, arrays):
+  for x in arrays:
     if x.size < SMALL_ARRAY and _unsharded_type(x):
       small.setdefault(x.dtype, []).append(x)
     else:
-      out.append(x)
+      out.append(_own_sum_input(x))
   # The barrier keeps the buffer: XLA would otherwise split the sum of a
   # concatenation back into one sum per operand.
   return out + [lax.optimization_barrier(_tree.concat_raveled(xs))

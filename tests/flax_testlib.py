@@ -1,6 +1,7 @@
 """A tiny linen CNN with BatchNorm and Dropout, data, and a donated train step.
 
-Shared by tests/test_flax.py and tests/test_checkpoint.py. Run as a script it
+Shared by tests/test_flax.py, tests/test_flax_serialization.py and
+tests/test_checkpoint.py. Run as a script it
 is the "new process" of the checkpoint resume test:
 
   python tests/flax_testlib.py resume CKPT_DIR RESTORE_STEP END_STEP OUT.npz
@@ -38,6 +39,15 @@ class CNN(nn.Module):
 
 
 MODEL = CNN()
+
+
+class DenseBN(nn.Module):
+  """Dense -> BatchNorm: the smallest model with batch statistics."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(3)(x)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.8)(x)
 
 
 def data(num_batches=4, batch=8):

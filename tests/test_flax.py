@@ -12,7 +12,7 @@ from flax.training import train_state
 
 import emax
 import emax.flax
-from flax_testlib import DECAY, MODEL, STEP, data, make_state
+from flax_testlib import DECAY, MODEL, STEP, DenseBN, data, make_state
 
 STEPS = 4
 
@@ -141,14 +141,6 @@ def test_recompute_batch_stats_on_the_cnn_with_dropout(trained):
 
 
 # --- a small Dense + BatchNorm model for the cheaper tests -------------------
-
-
-class DenseBN(nn.Module):
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    x = nn.Dense(3)(x)
-    return nn.BatchNorm(use_running_average=not train, momentum=0.8)(x)
 
 
 SMALL = DenseBN()

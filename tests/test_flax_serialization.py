@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ from flax.training import train_state
 
 import emax
 import emax.flax
+from flax_testlib import DenseBN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,14 +35,6 @@ def assert_bitwise(a, b):
     np.testing.assert_array_equal(x.view(f'u{x.itemsize}'),
                                   y.view(f'u{y.itemsize}'))
   jax.tree.map(leaf, a, b)
-
-
-class DenseBN(nn.Module):
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    x = nn.Dense(3)(x)
-    return nn.BatchNorm(use_running_average=not train, momentum=0.8)(x)
 
 
 MODEL = DenseBN()
