@@ -15,6 +15,7 @@ from emax._read import bias_correction
 from emax._read import ema_params
 from emax._read import get_ema_state
 from emax._read import metrics
+from emax._rl import target_network_options
 from emax._schedules import Schedule
 from emax._schedules import gamma_to_sigma_rel
 from emax._schedules import half_life_decay
@@ -57,6 +58,7 @@ __all__ = (
     'reset',
     'scale_decay',
     'sigma_rel_to_gamma',
+    'target_network_options',
     'tf_decay',
     'update',
     'with_ema',
