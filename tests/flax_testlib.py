@@ -1,8 +1,9 @@
 """A tiny linen CNN with BatchNorm and Dropout, data, and a donated train step.
 
 Shared by tests/test_flax.py, tests/test_flax_serialization.py and
-tests/test_checkpoint.py. Run as a script it
-is the "new process" of the checkpoint resume test:
+tests/test_checkpoint.py; DenseBN and its step are the smallest model with
+batch statistics. Run as a script it is the "new process" of the checkpoint
+resume test:
 
   python tests/flax_testlib.py resume CKPT_DIR RESTORE_STEP END_STEP OUT.npz
 """
@@ -48,6 +49,19 @@ class DenseBN(nn.Module):
   def __call__(self, x, train: bool):
     x = nn.Dense(3)(x)
     return nn.BatchNorm(use_running_average=not train, momentum=0.8)(x)
+
+
+@jax.jit
+def dense_bn_step(state, x):
+  """One step of a DenseBN train state on ``mean(out ** 2 + out)``, with its
+  batch statistics updated."""
+  def loss_fn(params):
+    out, updated = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
+        mutable=['batch_stats'])
+    return jnp.mean(out ** 2 + out), updated['batch_stats']
+  grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats)
 
 
 def data(num_batches=4, batch=8):

@@ -28,16 +28,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import emax
 import emax.checkpoint
+from helpers import child_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 SAVE_AT, END = 3, 6
 U32 = 2.0 ** -24  # float32 unit roundoff
-
-
-def _average_of(ema_state):
-  """The stored average of an EmaState, whatever its field is called."""
-  return next(v for v in ema_state if isinstance(v, dict))
 
 
 def _assert_trees_identical(got, want):
@@ -45,14 +40,6 @@ def _assert_trees_identical(got, want):
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert np.asarray(a).dtype == np.asarray(b).dtype
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def _child_env():
-  env = dict(os.environ)
-  env['PYTHONPATH'] = os.pathsep.join(
-      [ROOT] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
-  env.setdefault('JAX_PLATFORMS', 'cpu')
-  return env
 
 
 # --- save / restore with a linen train state ----------------------------------
@@ -128,8 +115,8 @@ def test_restore_keeps_types_dtypes_and_shardings(tmp_path):
     restored = emax.checkpoint.restore(manager, like)
   ema_state = emax.get_ema_state(restored['opt_state'])
   assert isinstance(ema_state, emax.EmaState)
-  assert _average_of(ema_state)['w'].sharding == sharded
-  assert _average_of(ema_state)['w'].dtype == jnp.float32  # the accumulator
+  assert ema_state.average['w'].sharding == sharded
+  assert ema_state.average['w'].dtype == jnp.float32  # the accumulator
   assert int(ema_state.count) == 1
   # The uncommitted scalars come back replicated on the params' mesh.
   assert ema_state.weight.sharding == NamedSharding(mesh, P())
@@ -158,7 +145,7 @@ def test_a_script_that_exits_right_after_save_keeps_the_checkpoint(tmp_path):
   # The child's last line is the save; it never closes the manager, whose
   # saves are asynchronous (Orbax's default).
   done = subprocess.run(
-      [sys.executable, '-c', _SAVE_AND_EXIT, str(tmp_path)], env=_child_env(),
+      [sys.executable, '-c', _SAVE_AND_EXIT, str(tmp_path)], env=child_env(),
       capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'Traceback' not in done.stderr, done.stderr[-3000:]
@@ -227,7 +214,7 @@ def _kill_mid_save(script, directory, mode, delay, log):
   """Starts a child that saves step 2; kills it ``delay`` s after ``mode``."""
   with open(log, 'w') as err:
     proc = subprocess.Popen(
-        [sys.executable, script, str(directory), mode], env=_child_env(),
+        [sys.executable, script, str(directory), mode], env=child_env(),
         stdout=subprocess.PIPE, stderr=err, text=True)
     guard = threading.Timer(90, proc.kill)  # never hang the suite
     guard.start()
@@ -516,19 +503,17 @@ def test_average_of_an_ema_subtree(tmp_path):
       params = {'w': params['w'] + jnp.asarray(rng.standard_normal(6),
                                                jnp.float32)}
       state = emax.update(state, params, 0.5)
-      saved[step] = np.asarray(_average_of(state)['w'], np.float64)
+      saved[step] = np.asarray(state.average['w'], np.float64)
       manager.save(step, args=ocp.args.StandardSave(
           {'params': params, 'ema_state': state}))
-  field = next(name for name, value in state._asdict().items()
-               if isinstance(value, dict))
-  got = emax.checkpoint.average(tmp_path, path=('ema_state', field))
+  got = emax.checkpoint.average(tmp_path, path=('ema_state', 'average'))
   want = np.mean(np.stack(list(saved.values())), axis=0)
   assert got['w'].dtype == np.float32
   np.testing.assert_allclose(got['w'], want, rtol=0, atol=6 * U32 * np.max(
       np.abs(np.stack(list(saved.values())))))
   # A callable selects the same thing, in any structure it likes.
   both = emax.checkpoint.average(
-      tmp_path, path=lambda t: {'avg': t['ema_state'][field],
+      tmp_path, path=lambda t: {'avg': t['ema_state']['average'],
                                 'params': t['params']})
   np.testing.assert_array_equal(both['avg']['w'], got['w'])
   assert set(both) == {'avg', 'params'}

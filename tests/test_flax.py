@@ -13,6 +13,8 @@ from flax.training import train_state
 import emax
 import emax.flax
 from flax_testlib import DECAY, MODEL, STEP, DenseBN, data, make_state
+from flax_testlib import dense_bn_step as small_step
+from helpers import assert_bitwise, lerp, max_diff
 
 STEPS = 4
 
@@ -21,34 +23,12 @@ def host(tree):
   return jax.tree.map(np.array, tree)
 
 
-def lerp(avg, new, decay=DECAY):
-  """tf.train.ExponentialMovingAverage's step, in float32 numpy."""
-  one_minus = np.float32(1 - decay)
-  return jax.tree.map(lambda a, p: a - one_minus * (a - p), avg, new)
-
-
 def assert_trees_close(a, b, **kw):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **kw), a, b)
 
 
 def assert_trees_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
-def assert_bitwise(a, b):
-  """Equal to the bit (also the sign of zeros), leaf by leaf, same dtypes."""
-  def leaf(x, y):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, y.dtype)
-    np.testing.assert_array_equal(x.view(f'u{x.itemsize}'),
-                                  y.view(f'u{y.itemsize}'))
-  jax.tree.map(leaf, a, b)
-
-
-def max_diff(a, b):
-  return max(jax.tree.leaves(jax.tree.map(
-      lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
-      a, b)))
 
 
 # --- the CNN with BatchNorm and Dropout, trained with a donated step ---------
@@ -70,7 +50,7 @@ def trained():
       state = STEP(state, x[i], y[i])
       donated.append(old_leaf.is_deleted())
       ref = lerp(ref, host({'params': state.params,
-                            'batch_stats': state.batch_stats}))
+                            'batch_stats': state.batch_stats}), DECAY)
   return dict(state=state, first=first, start=start, ref=ref,
               donated=donated)
 
@@ -159,17 +139,6 @@ def small_state(**kw):
   kw.setdefault('batch_stats', variables['batch_stats'])
   return emax.flax.EmaTrainState.create(
       apply_fn=SMALL.apply, params=variables['params'], **kw)
-
-
-@jax.jit
-def small_step(state, x):
-  def loss_fn(params):
-    out, updated = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-        mutable=['batch_stats'])
-    return jnp.mean(out ** 2 + out), updated['batch_stats']
-  grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats)
 
 
 def small_run(state, steps=3):
@@ -367,7 +336,7 @@ def test_multisteps_average_moves_once_per_real_step():
         assert max_diff(after['batch_stats'], before['batch_stats']) > 0
       else:
         assert max_diff(after['params'], before['params']) > 0
-        ref = lerp(ref, after)
+        ref = lerp(ref, after, DECAY)
       assert_trees_close(host(state.eval_variables()), ref, rtol=1e-6)
   assert int(emax.get_ema_state(state.opt_state).count) == 2
   assert int(state.batch_stats_ema.count) == 2

@@ -21,36 +21,15 @@ from flax.training import train_state
 import emax
 import emax.flax
 from flax_testlib import DenseBN
+from flax_testlib import dense_bn_step as step
+from helpers import assert_bitwise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def assert_bitwise(a, b):
-  """Equal to the bit, leaf by leaf, same dtypes and structure."""
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-
-  def leaf(x, y):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, y.dtype)
-    np.testing.assert_array_equal(x.view(f'u{x.itemsize}'),
-                                  y.view(f'u{y.itemsize}'))
-  jax.tree.map(leaf, a, b)
 
 
 MODEL = DenseBN()
 X = jnp.asarray(np.random.default_rng(0).normal(size=(3, 6, 2)), jnp.float32)
 VARIABLES = MODEL.init(jax.random.key(0), X[0], train=False)
-
-
-@jax.jit
-def step(state, x):
-  def loss_fn(params):
-    out, updated = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-        mutable=['batch_stats'])
-    return jnp.mean(out ** 2 + out), updated['batch_stats']
-  grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats)
 
 
 @pytest.mark.parametrize('pack', [False, True])

@@ -9,6 +9,7 @@ from flax import nnx
 
 import emax
 import emax.nnx
+from helpers import assert_bitwise, lerp, max_diff
 
 DECAY = 0.5
 
@@ -33,28 +34,6 @@ def host(x):
 
 def pure(tree):
   return jax.tree.map(host, nnx.as_pure(tree))
-
-
-def lerp(avg, new, decay):
-  """tf.train.ExponentialMovingAverage's step, in float32 numpy."""
-  one_minus = np.float32(1 - decay)
-  return jax.tree.map(lambda a, p: a - one_minus * (a - p), avg, new)
-
-
-def assert_bitwise(a, b):
-  """Equal to the bit (also the sign of zeros), leaf by leaf, same dtypes."""
-  def leaf(x, y):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, y.dtype)
-    np.testing.assert_array_equal(x.view(f'u{x.itemsize}'),
-                                  y.view(f'u{y.itemsize}'))
-  jax.tree.map(leaf, a, b)
-
-
-def max_diff(a, b):
-  return max(jax.tree.leaves(jax.tree.map(
-      lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
-      a, b)))
 
 
 def loss_fn(model, x, y):

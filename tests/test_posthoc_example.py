@@ -7,7 +7,6 @@ and what it writes restores to what ``emax.posthoc.from_checkpoints`` gives.
 
 import csv
 import importlib.util
-import os
 import pathlib
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 
 import emax
 import emax.posthoc
+from helpers import child_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / 'examples' / 'posthoc_digits.py'
@@ -77,15 +77,6 @@ def test_example_writes_the_table_plot_and_checkpoints(example_run):
   assert by_width['0.1']['test_acc'] == rows[2]['test_acc']
 
 
-def _child_env():
-  env = dict(os.environ)
-  env['PYTHONPATH'] = os.pathsep.join(
-      [str(ROOT)] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep)
-                     if p])
-  env.setdefault('JAX_PLATFORMS', 'cpu')
-  return env
-
-
 def test_cli_on_the_example_checkpoints(example_run, tmp_path):
   out, result = example_run
   [run] = result['runs']
@@ -94,7 +85,7 @@ def test_cli_on_the_example_checkpoints(example_run, tmp_path):
   done = subprocess.run(
       [sys.executable, '-m', 'emax.posthoc', str(checkpoints), '--sigma-rel',
        '0.08', '0.15', '--out', str(tmp_path), '--step', str(target)],
-      capture_output=True, text=True, timeout=300, env=_child_env(),
+      capture_output=True, text=True, timeout=300, env=child_env(),
       cwd=tmp_path)
   assert done.returncode == 0, done.stderr[-4000:]
   assert 'checkpoints' in done.stderr  # the progress bar (tqdm)

@@ -1,0 +1,47 @@
+"""Assertions and references shared by the test files (no Flax needed)."""
+
+import os
+
+import jax
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def assert_bitwise(a, b):
+  """Equal to the bit (also the sign of zeros and NaN payloads), leaf by
+  leaf, with the same tree structure, dtypes and shapes."""
+  assert jax.tree.structure(a) == jax.tree.structure(b), (
+      jax.tree.structure(a), jax.tree.structure(b))
+
+  def leaf(x, y):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, (
+        x.dtype, y.dtype, x.shape, y.shape)
+    np.testing.assert_array_equal(x.view(f'u{x.itemsize}'),
+                                  y.view(f'u{y.itemsize}'))
+  jax.tree.map(leaf, a, b)
+
+
+def max_diff(a, b):
+  """The largest absolute difference between two trees, over all leaves."""
+  return max(jax.tree.leaves(jax.tree.map(
+      lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
+      a, b)))
+
+
+def lerp(avg, new, decay):
+  """tf.train.ExponentialMovingAverage's step, in float32 NumPy:
+  ``avg - (1 - decay) * (avg - new)``, leaf by leaf."""
+  one_minus = np.float32(1 - decay)
+  return jax.tree.map(lambda a, p: a - one_minus * (a - p), avg, new)
+
+
+def child_env():
+  """The environment for a child Python: this checkout first on the path,
+  JAX on CPU unless the caller chose a platform."""
+  env = dict(os.environ)
+  env['PYTHONPATH'] = os.pathsep.join(
+      [ROOT] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
+  env.setdefault('JAX_PLATFORMS', 'cpu')
+  return env
