@@ -39,11 +39,6 @@ PUBLIC_MODULES = (
     'emax.posthoc',
 )
 
-# Pages whose snippets are known not to run yet, with the reason. Each one is
-# a strict xfail: once the page runs, the test fails until the entry is
-# removed from this list.
-KNOWN_FAILING_PAGES: dict[str, str] = {}
-
 PAGES = [ROOT / 'README.md'] + sorted(DOCS.glob('*.md'))
 
 
@@ -130,18 +125,6 @@ def test_documented_names_parser():
 # --- every snippet runs -------------------------------------------------------
 
 
-def _page_params():
-  params = []
-  for path in PAGES:
-    name = _page_name(path)
-    marks = ()
-    if name in KNOWN_FAILING_PAGES:
-      marks = pytest.mark.xfail(strict=True, raises=snippets.SnippetError,
-                                reason=KNOWN_FAILING_PAGES[name])
-    params.append(pytest.param(path, id=name, marks=marks))
-  return params
-
-
 def _skipped_params():
   params = []
   for path in PAGES:
@@ -152,22 +135,13 @@ def _skipped_params():
   return params
 
 
-def test_known_failing_pages_exist():
-  names = {_page_name(p) for p in PAGES}
-  stale = sorted(set(KNOWN_FAILING_PAGES) - names)
-  assert not stale, f'KNOWN_FAILING_PAGES lists pages that do not exist: {stale}'
-
-
 @pytest.mark.standard_promotion  # user code: optax adam & co. are not strict
-@pytest.mark.parametrize('path', _page_params())
+@pytest.mark.parametrize('path', PAGES, ids=_page_name)
 def test_page_snippets_run(path, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # snippets may write files: not into the repo
   monkeypatch.setenv('MPLBACKEND', 'Agg')
   config = dict(jax.config.values)
   try:
-    if _page_name(path) in KNOWN_FAILING_PAGES:
-      snippets.run_page(path, name=_page_name(path))  # the xfail expects this
-      return                                           # to raise SnippetError
     try:
       snippets.run_page(path, name=_page_name(path))
       failure = None
