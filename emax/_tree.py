@@ -95,12 +95,39 @@ def accumulator_dtype_for(param_dtype: Any,
   return dtype
 
 
+_ARRAY_TYPES = (jax.Array, jax.core.Tracer, jax.ShapeDtypeStruct)
+
+
+def _as_array(x: Any) -> Any:
+  return x if isinstance(x, _ARRAY_TYPES) else jnp.asarray(x)
+
+
 def as_arrays(tree: Params) -> Params:
-  """``tree`` with Python and NumPy scalar leaves turned into arrays."""
-  return jax.tree.map(
-      lambda x: x if isinstance(x, (jax.Array, jax.core.Tracer,
-                                    jax.ShapeDtypeStruct)) else jnp.asarray(x),
-      tree)
+  """``tree`` with Python and NumPy scalar leaves turned into arrays.
+
+  Raises:
+    TypeError: naming the leaves that are not arrays or numbers (functions,
+      strings, objects: what a whole model object carries besides its
+      arrays), and how to pass the arrays alone.
+  """
+  try:
+    return jax.tree.map(_as_array, tree)
+  except TypeError:
+    bad = []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      try:
+        _as_array(x)
+      except TypeError:
+        bad.append(f'{jax.tree_util.keystr(path) or "the root"}'
+                   f' ({type(x).__name__})')
+    if not bad:
+      raise
+    raise TypeError(
+        'emax averages arrays, but these leaves of the params are not arrays'
+        f' or numbers: {_fmt(bad)}. A model object holds functions and'
+        ' settings beside its arrays: pass the arrays alone. With Equinox,'
+        ' params = eqx.filter(model, eqx.is_inexact_array), and rebuild a'
+        ' model from an average with eqx.combine(average, model).') from None
 
 
 def unwrap_variables(tree: Params) -> Params:
