@@ -209,8 +209,9 @@ def bema_params(state: Any, params: Params) -> Params:
   ema_state = _state.check_state(bema_state.ema_state, 'emax.bema_params')
   _state.require_params(params, 'emax.bema_params')
   params = _tree.as_arrays(params)
-  ema = _read.bias_correction(ema_state, 'ema')
-  snapshot = _read.bias_correction(ema_state, 'snapshot')
+  ema = _read.ema_params(ema_state, 'ema', dtypes='accumulator')
+  snapshot = _read.ema_params(ema_state, 'snapshot',
+                             dtypes='accumulator')
   _tree.check_matches(ema, params, ema_state.info.param_dtypes)
   alpha = bema_state.config.correction(ema_state.count)
 

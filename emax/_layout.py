@@ -46,8 +46,8 @@ CHUNK = 1 << 20
 PACKED_HINT = (
     'This average is stored packed (pack=True): small leaves share a few'
     ' contiguous buffers, so it cannot be indexed like the params. Read it'
-    ' with emax.ema_params(state) (params dtypes) or emax.bias_correction(state)'
-    ' (accumulator dtypes); both return a tree shaped like the params.')
+    ' with emax.ema_params(state) (params dtypes; dtypes=\'accumulator\' for the'
+    ' accumulator dtypes): it returns a tree shaped like the params.')
 
 
 def _size(shape: Sequence[int]) -> int:

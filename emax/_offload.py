@@ -39,8 +39,8 @@ HOST_KIND = 'pinned_host'
 HINT = (
     'This average is offloaded to host memory (offload=True) and stored as'
     ' raw bits, so it cannot be indexed like the params. Read it with'
-    ' emax.ema_params(state) (params dtypes) or emax.bias_correction(state)'
-    ' (accumulator dtypes): both return arrays on the device.')
+    ' emax.ema_params(state) (params dtypes; dtypes=\'accumulator\' for the'
+    ' accumulator dtypes): it returns arrays on the device.')
 
 _BITS = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
 

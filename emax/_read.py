@@ -9,18 +9,29 @@ read replica by replica and comes back with that axis.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Callable, Literal, Optional, TypeVar, Union
 
 import jax
 import jax.numpy as jnp
+import optax
 from optax import Params
 
 from emax import _layout
 from emax import _numerics
 from emax import _offload
+from emax import _options
 from emax import _state
 from emax import _tree
 from emax._state import EmaState
+
+StateLike = Union[EmaState, optax.OptState]
+"""An :class:`emax.EmaState`, or any state holding exactly one."""
+
+Dtypes = Literal['params', 'accumulator']
+"""Which dtypes a reader returns: the params' or the accumulators'."""
+_DTYPES = ('params', 'accumulator')
+
+T = TypeVar('T')
 
 
 def _replicated(state: EmaState) -> bool:
@@ -28,9 +39,8 @@ def _replicated(state: EmaState) -> bool:
   return jnp.ndim(state.count) == 1
 
 
-def _debiased(state: EmaState, name: Optional[str], where: str) -> Params:
-  """One average, debiased, shaped like the params, in accumulator dtypes."""
-  index = state.info.index(name, where)
+def _debiased(state: EmaState, index: Optional[int]) -> Params:
+  """Average ``index``, debiased, shaped like the params, accumulator dtypes."""
   tree = _layout.read(_offload.to_device(state.average), index)
   weight = state.weight if index is None else state.weight[index]
   return jax.tree.map(
@@ -38,49 +48,54 @@ def _debiased(state: EmaState, name: Optional[str], where: str) -> Params:
       else _tree.copy_leaf(x), tree)
 
 
-def _per_replica(fn: Any, state: EmaState) -> Any:
+def _per_replica(fn: Callable[[EmaState], T], state: EmaState) -> T:
   if _replicated(state):
     return jax.vmap(fn)(state)
   return fn(state)
 
 
-def bias_correction(state: Any, name: Optional[str] = None) -> Params:
-  """The debiased average, in the accumulator dtypes it is stored in.
+def read(state: StateLike, name: Optional[str], *, where: str,
+         dtypes: Dtypes = 'params', name_hint: str = '') -> Params:
+  """The one reader behind :func:`ema_params` and the flax readers.
 
-  The stored average divided by the weight it has gathered (``state.weight``),
-  right for any sequence of decays; an average that started as a copy of the
-  params has weight one and comes back unchanged, to the bit. Use it when you
-  want the full accumulator precision; :func:`ema_params` gives the same
-  values in the params' dtypes.
-
-  Args:
-    state: an :class:`emax.EmaState`, or any state holding exactly one.
-    name: which named average (required when the state holds several).
-
-  Returns:
-    A tree shaped like the params, float leaves in their accumulator dtypes;
-    fresh arrays.
-
-  Raises:
-    ValueError: if ``state`` holds no :class:`emax.EmaState` or several, or
-      ``name`` is missing or unknown.
-
-  Examples:
-    >>> import jax.numpy as jnp, emax
-    >>> state = emax.init({'w': jnp.zeros(())}, debias=True)
-    >>> state = emax.update(state, {'w': jnp.array(2.0)}, 0.5)
-    >>> state.average['w'], emax.bias_correction(state)['w']
-    (Array(1., dtype=float32), Array(2., dtype=float32))
+  ``where`` is the caller's public name, for error messages; the name is
+  looked up by :meth:`emax.StateInfo.index`, whoever reads. ``name_hint``
+  ends the message of a missing or unknown name (how this caller takes one).
   """
-  state = _state.find(state, 'emax.bias_correction')
-  return _per_replica(
-      lambda s: _debiased(s, name, 'emax.bias_correction'), state)
+  if not isinstance(dtypes, str) or dtypes not in _DTYPES:
+    raise ValueError(
+        f"{where}: dtypes must be 'params' (the averaged params in the"
+        " params' dtypes, to evaluate with) or 'accumulator' (the same"
+        ' values in the dtypes the average is accumulated in, full'
+        f' precision); got {dtypes!r}.')
+  ema_state = _state.find(state, where)
+  try:
+    index = ema_state.info.index(name, where)
+  except ValueError as e:
+    if not name_hint:
+      raise
+    raise ValueError(f'{e} {name_hint}') from None
+
+  def one(s: EmaState) -> Params:
+    tree = _debiased(s, index)
+    if dtypes == 'accumulator':
+      return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, [
+        _tree.copy_leaf(x, dtype)
+        for x, dtype in zip(leaves, s.info.param_dtypes)])
+
+  return _per_replica(one, ema_state)
 
 
-def ema_params(state: Any, name: Optional[str] = None) -> Params:
+def ema_params(state: StateLike, name: Optional[str] = None, *,
+               dtypes: Dtypes = 'params') -> Params:
   """The averaged params to evaluate with.
 
-  Debiased (for ``debias=True``), and in the dtypes of the params that were
+  Debiased (for ``debias=True``): the stored average divided by the weight
+  it has gathered (``state.weight``), right for any sequence of decays; an
+  average that started as a copy of the params has weight one and comes back
+  unchanged, to the bit. By default in the dtypes of the params that were
   averaged: a bf16 param accumulated in float32 comes back as bf16. The
   arrays are fresh: donating the state afterwards does not invalidate them.
   Before the first averaging step of a ``debias=True`` average this is the
@@ -94,14 +109,19 @@ def ema_params(state: Any, name: Optional[str] = None) -> Params:
       replica and keeps its leading axis.
     name: which average, for a state holding named averages (optional when
       there is one).
+    dtypes: ``'params'`` (default) for the params' dtypes, or
+      ``'accumulator'`` for the same debiased values in the dtypes the
+      average is accumulated in (float32 for bf16 params by default), when
+      you want the full precision.
 
   Returns:
     A tree shaped like the params.
 
   Raises:
-    ValueError: if ``state`` holds no :class:`emax.EmaState` or several, or
-      ``name`` is missing (several named averages) or unknown; the message
-      lists the names.
+    ValueError: if ``state`` holds no :class:`emax.EmaState` or several,
+      ``name`` is missing (several named averages) or unknown (the message
+      lists the names), or ``dtypes`` is neither ``'params'`` nor
+      ``'accumulator'``.
 
   Examples:
     >>> import jax.numpy as jnp, emax
@@ -109,20 +129,13 @@ def ema_params(state: Any, name: Optional[str] = None) -> Params:
     >>> state = emax.update(state, {'w': jnp.ones(2, jnp.bfloat16)}, 0.9)
     >>> emax.ema_params(state)
     {'w': Array([1, 1], dtype=bfloat16)}
+    >>> emax.ema_params(state, dtypes='accumulator')
+    {'w': Array([1., 1.], dtype=float32)}
   """
-  state = _state.find(state, 'emax.ema_params')
-
-  def read(s: EmaState) -> Params:
-    tree = _debiased(s, name, 'emax.ema_params')
-    leaves, treedef = jax.tree.flatten(tree)
-    return jax.tree.unflatten(treedef, [
-        _tree.copy_leaf(x, dtype)
-        for x, dtype in zip(leaves, s.info.param_dtypes)])
-
-  return _per_replica(read, state)
+  return read(state, name, where='emax.ema_params', dtypes=dtypes)
 
 
-def get_ema_state(state: Any) -> EmaState:
+def get_ema_state(state: StateLike) -> EmaState:
   """The one :class:`emax.EmaState` inside an optax (or any) state.
 
   Looks through any nesting of optax states (``chain``, ``named_chain``,
@@ -151,25 +164,112 @@ def _norm_sq(arrays: list[jax.Array]) -> jax.Array:
   return total
 
 
-def metrics(state: Any, params: Optional[Params] = None) -> dict[str, Any]:
+def _window(step: jax.Array, update_every: int) -> jax.Array:
+  """``1 / s``, ``s`` the step size per step of ``step`` per averaging step.
+
+  Averaging every ``update_every`` steps with step size ``c`` moves the
+  average as ``update_every`` steps of ``s = 1 - (1 - c) ** (1 /
+  update_every)`` would; ``s`` is computed without cancellation.
+  """
+  c = step.astype(jnp.float32)
+  if update_every > 1:
+    c = -jnp.expm1(jnp.log1p(-c) / update_every)
+  return jnp.where(c > 0, 1.0 / jnp.where(c > 0, c, 1.0),
+                   jnp.inf).astype(jnp.float32)
+
+
+def _metrics(ema_state: EmaState, params: Optional[Params],
+             update_every: int) -> dict[str, jax.Array]:
+  """:func:`metrics` of one (not replicated) state."""
+  info = ema_state.info
+  out = {'count': ema_state.count.astype(jnp.int32),
+         'skipped': ema_state.skipped.astype(jnp.int32)}
+  if params is not None:  # the params' norm once, for every average
+    norm = jnp.sqrt(_norm_sq([p for p in jax.tree.leaves(params)
+                              if _tree.is_float(p)]))
+    norm = jnp.where(norm > 0, norm, 1.0)
+  names = [None] if info.names is None else list(info.names)
+  for i, name in enumerate(names):
+    index = None if name is None else i
+    suffix = '' if name is None else f'/{name}'
+    c = ema_state.step_size if index is None else ema_state.step_size[index]
+    out['decay' + suffix] = (1.0 - c).astype(jnp.float32)
+    out['window' + suffix] = _window(c, update_every)
+    out['weight' + suffix] = (ema_state.weight if index is None else
+                              ema_state.weight[index]).astype(jnp.float32)
+    if params is not None:
+      average = _debiased(ema_state, index)
+      diffs = [a - p.astype(a.dtype) for a, p in zip(
+          jax.tree.leaves(average), jax.tree.leaves(params))
+               if _tree.is_float(a)]
+      out['distance' + suffix] = jnp.sqrt(_norm_sq(diffs)) / norm
+  return out
+
+
+def _check_params(ema_state: EmaState, params: Params, where: str) -> None:
+  """``params`` must fit the state, as :func:`emax.update` checks them.
+
+  A replicated state (a leading ``pmap`` axis) takes params replicated the
+  same way.
+  """
+  info = ema_state.info
+  stored = _offload.to_device(ema_state.average)
+  if _replicated(ema_state):
+    replicas = jnp.shape(ema_state.count)[0]
+    for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+      if jnp.ndim(p) == 0 or jnp.shape(p)[0] != replicas:
+        raise ValueError(
+            f'{where}: the state is replicated over {replicas} devices (a'
+            ' leading axis on every array, as jax.pmap leaves it), so the'
+            ' params must be too; params leaf'
+            f' {jax.tree_util.keystr(path)} has shape {jnp.shape(p)}. Pass'
+            ' the replicated params the state was updated with.')
+    stored = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        jnp.shape(x)[1:], jnp.result_type(x)), stored)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        jnp.shape(x)[1:], jnp.result_type(x)), params)
+  count = None if info.names is None else len(info.names)
+  _tree.check_matches(_layout.param_shapes(stored, count), params,
+                      info.param_dtypes)
+
+
+def metrics(state: StateLike, params: Optional[Params] = None, *,
+            update_every: int = 1) -> dict[str, jax.Array]:
   """Scalars to log every few steps: what the average(s) are doing.
 
   Cheap: without ``params`` it reads only scalars of the state; with them,
   one pass over the params and the averages for the distance. Jittable.
 
   Args:
-    state: an :class:`emax.EmaState`, or any state holding exactly one.
-    params: optional, the current params, for the distance.
+    state: an :class:`emax.EmaState`, or any state holding exactly one. A
+      state replicated by ``jax.pmap`` is read per replica: every value
+      comes back with the leading replica axis.
+    params: optional, the current params, for the distance; checked against
+      the state as :func:`emax.update` checks them (replicated too when the
+      state is).
+    update_every: the ``update_every`` the average runs with (as given to
+      :func:`emax.ema`, :func:`emax.with_ema` or :func:`emax.update`). The
+      state records the step size of an averaging step, not how often
+      averaging steps come, so ``'window'`` needs it to count steps.
 
   Returns:
-    A flat dict of float32 scalars (int32 for counts): ``'count'`` and
-    ``'skipped'`` (steps taken, steps skipped by the NaN guard), and per
-    average ``'decay'`` (``1 - step size`` of the latest step that changed
-    it), ``'window'`` (``1 / step size``, its effective length in steps,
-    ``inf`` before any step), ``'weight'`` (the accumulated weight) and, with
-    ``params``, ``'distance'``, ``||average - params|| / ||params||`` over all
-    float leaves (debiased). For named averages the per-average keys are
+    A flat dict of scalars: ``'count'`` and ``'skipped'`` (steps taken,
+    steps skipped by the NaN guard) as int32, and per average, as float32:
+    ``'decay'`` (``1 - c``, ``c`` the step size of the latest averaging step
+    that changed it: with ``update_every=k`` and a decay ``d`` compensated
+    for the interval, ``d ** k``), ``'window'`` (the effective length of the
+    average in steps, ``1 / (1 - (1 - c) ** (1 / update_every))``: ``1 /
+    (1 - d)`` for a decay ``d`` per step, ``inf`` before any step),
+    ``'weight'`` (the accumulated weight) and, with ``params``,
+    ``'distance'``, ``||average - params|| / ||params||`` over all float
+    leaves (debiased). For named averages the per-average keys are
     ``'decay/NAME'`` and so on.
+
+  Raises:
+    ValueError: if ``state`` holds no :class:`emax.EmaState` or several,
+      ``params`` do not fit it (a missing or extra leaf, another shape; the
+      message names the leaf), or ``update_every`` is below 1.
+    TypeError: if ``update_every`` is not an int.
 
   Examples:
     >>> import jax.numpy as jnp, emax
@@ -178,32 +278,25 @@ def metrics(state: Any, params: Optional[Params] = None) -> dict[str, Any]:
     >>> m = emax.metrics(state, {'w': jnp.full(2, 3.0)})
     >>> float(m['decay']), float(m['window']), float(m['distance'])
     (0.75, 4.0, 0.5)
-  """
-  ema_state = _state.find(state, 'emax.metrics')
-  info = ema_state.info
-  names = info.names
-  out: dict[str, Any] = {'count': ema_state.count,
-                         'skipped': ema_state.skipped}
-  suffixes = [''] if names is None else [f'/{n}' for n in names]
-  if params is not None:  # the params' norm once, for every average
-    params = _tree.as_arrays(params)
-    norm = jnp.sqrt(_norm_sq([p for p in jax.tree.leaves(params)
-                              if _tree.is_float(p)]))
-    norm = jnp.where(norm > 0, norm, 1.0)
-  for i, suffix in enumerate(suffixes):
-    index = None if names is None else i
-    c = ema_state.step_size if index is None else ema_state.step_size[index]
-    out['decay' + suffix] = 1.0 - c
-    out['window' + suffix] = jnp.where(c > 0, 1.0 / jnp.where(
-        c > 0, c, 1.0), jnp.inf).astype(jnp.float32)
-    out['weight' + suffix] = (ema_state.weight if index is None
-                              else ema_state.weight[index])
-    if params is not None:
-      average = _debiased(ema_state, None if names is None else names[i],
-                          'emax.metrics')
-      diffs = [a - p.astype(a.dtype) for a, p in zip(
-          jax.tree.leaves(average), jax.tree.leaves(params))
-               if _tree.is_float(a)]
-      out['distance' + suffix] = jnp.sqrt(_norm_sq(diffs)) / norm
-  return out
+    >>> m['count'].dtype, m['decay'].dtype
+    (dtype('int32'), dtype('float32'))
 
+    Every 4th step with decay 0.999 (compensated: ``0.999 ** 4`` per
+    averaging step), the average spans about 1,000 steps:
+
+    >>> state = emax.update(emax.init({'w': jnp.ones(2)}), {'w': jnp.ones(2)},
+    ...                     0.999, update_every=4, first_update=1)
+    >>> round(float(emax.metrics(state, update_every=4)['window']))
+    1000
+  """
+  where = 'emax.metrics'
+  update_every = _options.check_int(update_every, 'update_every', 1)
+  ema_state = _state.find(state, where)
+  if params is None:
+    return _per_replica(lambda s: _metrics(s, None, update_every), ema_state)
+  params = _tree.as_arrays(params)
+  _check_params(ema_state, params, where)
+  if _replicated(ema_state):
+    return jax.vmap(lambda s, p: _metrics(s, p, update_every))(
+        ema_state, params)
+  return _metrics(ema_state, params, update_every)

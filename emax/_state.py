@@ -89,7 +89,7 @@ class EmaState(NamedTuple):
       value of the param. With named averages each float leaf has a leading
       axis, one entry per name in ``info.names`` order. With ``pack=True``
       it is a packed object that cannot be indexed: read any state with
-      :func:`emax.ema_params` or :func:`emax.bias_correction`.
+      :func:`emax.ema_params`.
     weight: float32, the total weight each average has gathered (a scalar,
       or one per name): exactly ``1`` for an average that started as a copy
       of the params, ``1 - prod(decay)`` for one that started with

@@ -249,17 +249,13 @@ class EmaTrainState(train_state.TrainState):
   def ema_params(self) -> Params:
     """The averaged params, as :func:`emax.ema_params` gives them.
 
-    With several named averages, read one with ``eval_variables(name=...)``.
+    A property takes no name: with several named averages it raises, and
+    ``eval_variables(name=...)['params']`` reads one.
     """
-    where = 'EmaTrainState.ema_params'
-    names = self._ema_state(where).info.names
-    if names is not None and len(names) > 1:
-      raise ValueError(
-          f'{where}: this state holds {len(names)} named averages,'
-          f' {list(names)}; read one with'
-          f' state.eval_variables(name={names[0]!r})["params"] or'
-          f' emax.ema_params(state.opt_state, {names[0]!r}).')
-    return _read.ema_params(self._ema_state(where))
+    return _read.read(
+        self.opt_state, None, where='EmaTrainState.ema_params',
+        name_hint='This property takes no name: read one with'
+        ' state.eval_variables(name=...)["params"].')
 
   def eval_variables(self, name: Optional[str] = None) -> dict:
     """The variables to evaluate with: ``{'params': average, ...}``.
@@ -279,9 +275,7 @@ class EmaTrainState(train_state.TrainState):
     """
     where = 'EmaTrainState.eval_variables'
     _options.check_batch_stats_policy(self.batch_stats_policy, where)
-    ema_state = self._ema_state(where)
-    ema_state.info.index(name, where)
-    variables = {'params': _read.ema_params(ema_state, name)}
+    variables = {'params': _read.read(self.opt_state, name, where=where)}
     if self.batch_stats is not None:
       if self.batch_stats_policy == 'average':
         variables['batch_stats'] = _batch_stats.read(self.batch_stats_ema,

@@ -72,8 +72,9 @@ def ema_params(optimizer: nnx.Optimizer,
     >>> emax.nnx.ema_params(opt, 'slow')['bias']
     Array([-0.25], dtype=float32)
   """
-  _check_optimizer(optimizer, 'emax.nnx.ema_params')
-  return _read.ema_params(nnx.as_pure(optimizer.opt_state), name)
+  where = 'emax.nnx.ema_params'
+  _check_optimizer(optimizer, where)
+  return _read.read(nnx.as_pure(optimizer.opt_state), name, where=where)
 
 
 def _check_fits(averaged: nnx.State, params: nnx.State, wrt: object) -> None:
@@ -132,8 +133,9 @@ def ema_model(model: M, optimizer: nnx.Optimizer,
     >>> model.bias[...], emax.nnx.ema_model(model, opt).bias[...]
     (Array([-1.], dtype=float32), Array([-0.5], dtype=float32))
   """
-  _check_optimizer(optimizer, 'emax.nnx.ema_model')
-  averaged = _read.ema_params(nnx.as_pure(optimizer.opt_state), name)
+  where = 'emax.nnx.ema_model'
+  _check_optimizer(optimizer, where)
+  averaged = _read.read(nnx.as_pure(optimizer.opt_state), name, where=where)
   graphdef, params, rest = nnx.split(  # type: ignore[misc]
       model, optimizer.wrt, ...)
   _check_fits(averaged, nnx.as_pure(params), optimizer.wrt)

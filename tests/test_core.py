@@ -1,4 +1,4 @@
-"""emax.init / update / bias_correction / ema_params: the pure functions."""
+"""emax.init / update / ema_params: the pure functions."""
 
 import jax
 import jax.numpy as jnp
@@ -186,13 +186,13 @@ def test_debias_constant_param_reads_exactly_that_param():
   assert float(emax.ema_params(state)['w']) == pytest.approx(3.0, 1e-5)
 
 
-def test_bias_correction_reads_accumulator_dtypes():
+def test_ema_params_reads_accumulator_dtypes():
   params = {'w': jnp.asarray([0.5, 1.0], jnp.bfloat16), 'n': jnp.asarray(3),
             'z': None}
   state = emax.init(params, debias=True)
   state = emax.update(state, {'w': jnp.asarray([2.0, 4.0], jnp.bfloat16),
                               'n': jnp.asarray(5), 'z': None}, 0.5)
-  out = emax.bias_correction(state)
+  out = emax.ema_params(state, dtypes='accumulator')
   assert out['w'].dtype == F32  # the accumulator, not bf16
   np.testing.assert_array_equal(out['w'], [2.0, 4.0])
   assert int(out['n']) == 5 and out['z'] is None
@@ -201,8 +201,8 @@ def test_bias_correction_reads_accumulator_dtypes():
   # in arithmetic, so averaging steps do not keep them).
   x = {'w': jnp.asarray([0.1, 1e-40, 3e38], F32),
        'h': jnp.asarray([1e-40, -0.0], jnp.bfloat16)}
-  for read in (emax.bias_correction, emax.ema_params):
-    got = read(emax.init(x))
+  for dtypes in ('accumulator', 'params'):
+    got = emax.ema_params(emax.init(x), dtypes=dtypes)
     assert np.asarray(got['w']).tobytes() == np.asarray(x['w']).tobytes()
   got = emax.ema_params(emax.init(x))['h']
   assert np.asarray(got).tobytes() == np.asarray(x['h']).tobytes()

@@ -128,7 +128,7 @@ def test_pure_functions_offload(mesh):
     assert _kinds(state.average)['w'] == 'pinned_host'
     # debias: the stored start is the params, with weight zero.
     np.testing.assert_array_equal(
-        np.asarray(emax.bias_correction(state)['w']), np.asarray(params['w']))
+        np.asarray(emax.ema_params(state, dtypes='accumulator')['w']), np.asarray(params['w']))
     assert float(state.weight) == 0.0
     new = {'w': params['w'] * 2.0}
     for update in (emax.update, jax.jit(emax.update)):

@@ -398,10 +398,11 @@ def test_named_averages_equal_single_averages_bit_for_bit(kw):
                 'b': params['b'] + grads['b'], 'n': params['n'] + 1}
     assert len(traces) == 1
     for k in decays:
-      for read in (emax.ema_params, emax.bias_correction):
-        got, want = read(m_state, k), read(s_states[k])
+      for dtypes in ('params', 'accumulator'):
+        got = emax.ema_params(m_state, k, dtypes=dtypes)
+        want = emax.ema_params(s_states[k], dtypes=dtypes)
         for leaf in ('w', 'b'):
-          assert _bits(got[leaf]) == _bits(want[leaf]), (k, leaf, read)
+          assert _bits(got[leaf]) == _bits(want[leaf]), (k, leaf, dtypes)
       assert float(m_state.weight[m_state.info.names.index(k)]) == float(
           s_states[k].weight)
 
@@ -558,7 +559,7 @@ def test_readers_on_a_pmap_replicated_state():
   assert out['w'].shape == (n, 4)
   np.testing.assert_array_equal(out['w'], np.tile([4.0, 4.5, 5.0, 5.5],
                                                   (n, 1)))
-  assert emax.bias_correction(stepped)['w'].shape == (n, 4)
+  assert emax.ema_params(stepped, dtypes='accumulator')['w'].shape == (n, 4)
 
 
 @pytest.mark.parametrize('rounding', ['tensorflow', 'lerp', 'optax', 'nnx'])
