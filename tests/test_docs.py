@@ -263,7 +263,55 @@ def test_docs_build_with_warnings_as_errors(tmp_path):
       'The docs build failed (warnings are errors). Rebuild with\n'
       '  python -m sphinx -W --keep-going -b html docs docs/_build/html\n'
       f'{done.stdout[-4000:]}\n{done.stderr[-8000:]}')
-  assert (tmp_path / 'html' / 'api.html').is_file()
+  html = tmp_path / 'html'
+  api = (html / 'api.html').read_text()
+  # Short signatures: a rate's alias by name, never the union it stands for.
+  for name in ('emax.ema', 'emax.with_ema', 'emax.update'):
+    start = api.index(f'id="{name}"')
+    signature = re.sub(r'<[^>]+>', '', api[start:api.index('</dt>', start)])
+    assert re.search(r'\bdecay: \w+ \| None = None', signature), signature
+    assert 'Callable' not in signature and 'ForwardRef' not in signature, (
+        signature)
+  # The command line is in the reference, with its --help as it runs now.
+  assert '--sigma-rel' in api and 'python -m emax.posthoc' in api
+  # Nothing is loaded from the network when a page is read: MathJax too.
+  for page in html.glob('*.html'):
+    remote = re.findall(r'<(?:script|link)[^>]+(?:src|href)="(https?:[^"]+)"',
+                        page.read_text())
+    assert not remote, f'{page.name} loads {remote}'
+  assert (html / '_static' / 'mathjax' / 'tex-chtml.js').is_file()
+
+
+def test_docs_extra_installs_what_the_build_imports():
+  """``pip install ".[docs]"`` must be enough for the README's Sphinx
+  command: each extension of docs/conf.py and each integration that autodoc
+  imports comes from a requirement of the ``docs`` extra."""
+  import importlib.metadata
+  import tomllib
+  extras = tomllib.loads((ROOT / 'pyproject.toml').read_text())[
+      'project']['optional-dependencies']
+
+  def names(extra):
+    found = set()
+    for requirement in extras[extra]:
+      name = re.match(r'[\w.-]+', requirement)[0].lower()
+      inner = re.fullmatch(r'emax\[([\w,]+)\]', requirement.replace(' ', ''))
+      found |= set().union(*map(names, inner[1].split(','))) if inner else {
+          name.replace('_', '-')}
+    return found
+
+  docs = names('docs')
+  conf = {'__file__': str(DOCS / 'conf.py'), '__name__': 'conf'}
+  exec(compile((DOCS / 'conf.py').read_text(), str(DOCS / 'conf.py'), 'exec'),
+       conf)
+  modules = [e for e in conf['extensions'] if not e.startswith('sphinx.')]
+  modules += ['sphinx', 'flax', 'orbax']  # autodoc imports emax.flax & co.
+  distributions = importlib.metadata.packages_distributions()
+  for module in modules:
+    provided = {d.lower() for d in distributions.get(module.split('.')[0], [])}
+    assert provided & docs, (
+        f'docs/conf.py needs {module!r} (from {sorted(provided)}), which the'
+        f' docs extra of pyproject.toml does not install: {sorted(docs)}.')
 
 
 # --- a core install names the extra ------------------------------------------
