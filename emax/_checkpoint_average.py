@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import numbers
+import os
 from typing import Any, Optional, Union
 
 import jax
@@ -33,17 +34,96 @@ _Selection = tuple[Any, list[tuple[Any, ...]], list[tuple[tuple[int, ...],
                                                           np.dtype]]]
 
 
-def average(directory_or_manager: Any,
-            steps: Optional[Sequence[int]],
-            weights: Optional[Sequence[float]], *,
-            last: Optional[int],
-            path: Union[str, int, Sequence[Union[str, int]],
-                        Callable[[Any], Any]],
-            item: Optional[str],
-            sharding: Any,
-            accumulator_dtype: Any,
-            collect_above_bytes: int) -> Params:
-  """:func:`emax.checkpoint.average`; see its docstring."""
+def average(directory_or_manager: Union[str, os.PathLike, Any],
+            steps: Optional[Sequence[int]] = None,
+            weights: Optional[Sequence[float]] = None, *,
+            last: Optional[int] = None,
+            path: Union[str, Sequence[Union[str, int]],
+                        Callable[[Any], Any]] = ('params',),
+            item: Optional[str] = None,
+            sharding: Optional[Union[Sharding, Any]] = None,
+            accumulator_dtype: Optional[Any] = None) -> Params:
+  r"""Averages the params (or any subtree) of saved Orbax checkpoints.
+
+  .. math:: \bar\theta = \sum_i \frac{w_i}{\sum_j w_j}\, \theta_{s_i}
+
+  over the checkpoints at steps :math:`s_i`: a uniform average by default
+  (uniform model soups; LAWA, Sanyal et al. 2023, with ``last=k``), or a
+  weighted one. Works on any checkpoint of a pytree saved with
+  ``ocp.args.StandardSave`` (or :func:`emax.checkpoint.save`), also one that never held an
+  average: that is how a finished run gets one.
+
+  Streams: for each checkpoint only the selected arrays are read from disk
+  (Orbax's partial restore), added into the running sum and dropped before
+  the next checkpoint is read, so memory holds the sum and at most one
+  checkpoint's selection. The weighted sum is kept in float32 (float64 for
+  float64 leaves) or ``accumulator_dtype`` and divided by the total weight
+  at the end; each leaf is then rounded to its saved dtype (bf16 params give
+  bf16). In float64 the result is the exact mean rounded once, for uniform
+  and small integer weights.
+
+  Args:
+    directory_or_manager: the checkpoint directory (the manager's
+      ``directory``), or an ``orbax.checkpoint.CheckpointManager`` (its saves
+      still in flight are waited for first).
+    steps: the steps to average, in any order; ``None``: every finished
+      checkpoint in the directory.
+    weights: one non-negative weight per averaged step, not all zero, in
+      the order of ``steps`` (of the sorted steps when ``steps`` is None or
+      ``last`` is given); normalized to sum to 1. ``None``: uniform.
+    last: average only the ``last`` highest of those steps (LAWA).
+    path: what to average, in the tree as Orbax stored it (dicts by key;
+      lists, tuples and the fields of named tuples and dataclasses as Orbax
+      wrote them: lists by index, named tuples and dataclasses as dicts by
+      field name). A key, a sequence of keys from the root (``('params',)``,
+      ``('opt_state', 1, 'average')``; ``()``: everything), or a callable
+      that takes the stored tree (nested dicts and lists whose leaves are
+      Orbax's array metadata, with ``shape`` and ``dtype``) and returns parts
+      of it, in any structure (``lambda t: {'p': t['params'], 'b':
+      t['batch_stats']}``). Every selected leaf must be floating-point.
+    item: the item of a manager that saves several (``item_names``); by
+      default the single item that a ``CheckpointManager`` saves.
+    sharding: where the arrays go. ``None``: host memory; the result is
+      NumPy arrays (``jax.device_put`` them where they belong). A
+      ``jax.sharding.Sharding``, or a tree of them shaped like the result:
+      each checkpoint is restored straight into that sharding, summed there,
+      and the result is ``jax.Array``\ s placed so (for models that do not
+      fit in one host's memory).
+    accumulator_dtype: ``None``, ``jnp.float32`` or ``jnp.float64``: the
+      least precise dtype of the running sum (float64 leaves always sum in
+      float64). float64 with ``sharding`` needs ``jax_enable_x64``.
+
+  Returns:
+    The average, in the structure that ``path`` selects (the stored tree's
+    dicts and lists: a Flax ``params`` dict is a dict again), each leaf in its
+    saved dtype.
+
+  Raises:
+    FileNotFoundError: if the directory holds no finished checkpoint or not
+      every step asked for (the message lists the steps there are).
+    KeyError: if ``path`` is not in a checkpoint (the message says what is
+      there instead).
+    TypeError: if a selected leaf is not floating-point, or an argument has
+      the wrong type.
+    ValueError: for bad ``weights`` (wrong length, negative, not finite, all
+      zero), a bad ``last``, repeated steps, or checkpoints whose selections
+      differ in structure, shape or dtype.
+
+  Examples:
+    >>> import tempfile, numpy as np, orbax.checkpoint as ocp
+    >>> import emax.checkpoint
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   with ocp.CheckpointManager(directory) as manager:
+    ...     for step in (1, 2, 3):
+    ...       _ = emax.checkpoint.save(
+    ...           manager, step, {'params': {'w': np.full(2, step, np.float32)},
+    ...                           'step': step})
+    ...   soup = emax.checkpoint.average(directory)
+    ...   lawa = emax.checkpoint.average(directory, last=2)
+    ...   late = emax.checkpoint.average(directory, [1, 3], weights=[1, 3])
+    >>> print(soup['w'], lawa['w'], late['w'], soup['w'].dtype)
+    [2. 2.] [2.5 2.5] [2.5 2.5] float32
+  """
   directory, found = _checkpoint_files.finished_steps(directory_or_manager,
                                                       _WHERE)
   chosen = _choose_steps(found, steps, last, directory)
@@ -51,7 +131,7 @@ def average(directory_or_manager: Any,
   acc_floor = _check_accumulator_dtype(accumulator_dtype, sharding)
   path = _check_path(path)
 
-  with _checkpoint_files.Reader(collect_above_bytes) as reader:
+  with _checkpoint_files.Reader() as reader:
     # Read every selection's metadata first: a mismatch fails before any
     # array is read.
     plans = []

@@ -21,9 +21,9 @@ from jax.sharding import Sharding
 
 from emax import _stored_tree
 
-# Above this many bytes per checkpoint, a Reader runs a full garbage
-# collection after each one (about 0.2 s, against reading this much).
 COLLECT_ABOVE_BYTES = 64 << 20
+"""Above this many bytes per checkpoint, a :class:`Reader` runs a full garbage
+collection after each one (about 0.2 s, against reading this much)."""
 
 
 def orbax() -> types.ModuleType:
@@ -139,6 +139,15 @@ def custom_metadata(step_dir: Any) -> Optional[dict[str, Any]]:
     return None
 
 
+def manager_custom_metadata(manager: Any,
+                            step: int) -> Optional[dict[str, Any]]:
+  """The ``custom_metadata`` a manager saved with ``step``, or None."""
+  try:
+    return manager.metadata(step).custom_metadata
+  except (ValueError, FileNotFoundError, AttributeError):  # none saved
+    return None
+
+
 def _subdirectories(directory: Any) -> list[str]:
   return sorted(p.name for p in directory.iterdir() if p.is_dir())
 
@@ -193,18 +202,16 @@ class Reader:
 
   A context manager: Orbax's checkpointer is closed on exit.
 
-  Args:
-    collect_above_bytes: after a checkpoint of at least this many bytes is
-      dropped (:meth:`done`), run a full garbage collection: Orbax's restore
-      leaves reference cycles (asyncio futures) that hold on to a restored
-      array until Python's next full collection.
+  After a checkpoint of at least :data:`COLLECT_ABOVE_BYTES` is dropped
+  (:meth:`done`), it runs a full garbage collection: Orbax's restore leaves
+  reference cycles (asyncio futures) that hold on to a restored array until
+  Python's next full collection.
   """
 
-  def __init__(self, collect_above_bytes: int = COLLECT_ABOVE_BYTES) -> None:
+  def __init__(self) -> None:
     self._ocp = orbax()
     self._handler = self._ocp.PyTreeCheckpointHandler()
     self._checkpointer = self._ocp.Checkpointer(self._handler)
-    self._collect_above_bytes = collect_above_bytes
 
   def __enter__(self) -> Reader:
     return self
@@ -237,5 +244,5 @@ class Reader:
 
   def done(self, nbytes: int) -> None:
     """Says that a checkpoint of ``nbytes`` read bytes is dropped."""
-    if nbytes >= self._collect_above_bytes:
+    if nbytes >= COLLECT_ABOVE_BYTES:
       gc.collect()  # Orbax's reference cycles hold restored arrays

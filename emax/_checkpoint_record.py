@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+from optax import Params
 
 from emax import _checkpoint_files
 from emax import _layout
@@ -31,9 +32,92 @@ METADATA_KEY = 'emax'
 _FORMAT = 1
 
 
-def save(manager: Any, step: int, state: Any, *, sigma_rels: Any,
-         wait: Any, **kwargs: Any) -> bool:
-  """:func:`emax.checkpoint.save`; see its docstring."""
+def save(manager: Any, step: int, state: Params, *,
+         sigma_rels: Any = None, wait: bool = True, **kwargs: Any) -> bool:
+  """Saves ``state`` at ``step``; by default returns once it is on disk.
+
+  Runs ``manager.save(step, args=ocp.args.StandardSave(state), **kwargs)``
+  and then, with ``wait=True``, ``manager.wait_until_finished()``. When it
+  returns, the checkpoint is complete and committed under its final name: a
+  manager opened afterwards, in this process or another, lists it in
+  ``all_steps()``, and the script may exit. A save interrupted before that
+  (an exception, a kill) leaves the earlier checkpoints as they were; see the
+  module docstring for what Orbax guarantees.
+
+  What a checkpoint cannot hold, it records. The static parts of every
+  :class:`emax.EmaState` in ``state`` (where it sits in the tree, the names
+  of its averages, the params' dtypes, ``debias``, its layout) and the
+  ``sigma_rels`` given here go into the step's custom metadata, under the
+  key ``'emax'`` (JSON, a few hundred bytes, next to any
+  ``custom_metadata`` you pass). :func:`emax.checkpoint.read_average` and
+  :func:`emax.posthoc.from_checkpoints` read it; Orbax's own restores, and
+  :func:`emax.checkpoint.restore` and :func:`emax.checkpoint.average`, ignore it. A state without an
+  average saves exactly as before.
+
+  Args:
+    manager: an ``orbax.checkpoint.CheckpointManager``.
+    step: the step to save under.
+    state: any pytree of arrays: a train state, ``{'params': ...,
+      'opt_state': ...}``, an :class:`emax.EmaState`.
+    sigma_rels: the widths of the power-function averages in ``state``, for
+      post-hoc EMA (:mod:`emax.posthoc`): the mapping given to
+      :func:`emax.ema` (``{name: emax.power_function_decay(sigma_rel=...)}``:
+      each schedule knows its ``sigma_rel``), or ``{name: sigma_rel}`` (a
+      subset of the names is fine: other averages get none); for a single
+      unnamed average, one number or schedule. ``None``: record none.
+    wait: ``True`` (the default): block until the checkpoint is written and
+      committed, also when the manager saves asynchronously (Orbax's
+      default); earlier asynchronous saves of the manager finish too.
+      ``False``: return as soon as Orbax lets training go on (after the
+      arrays are copied off the devices) while the files are written in
+      background threads. The checkpoint is then **not** safely written when
+      this returns: call ``manager.wait_until_finished()`` or
+      ``manager.close()`` (or leave the manager's ``with`` block) before the
+      process exits, or the checkpoint is lost, and expect an interrupted
+      background save to leave only a temporary directory.
+    **kwargs: passed on to ``manager.save``: ``metrics``, ``force``,
+      ``custom_metadata`` (a dict; the key ``'emax'`` is emax's).
+
+  Returns:
+    Whether the manager saved: ``False`` when its policy skips ``step``
+    (``save_interval_steps``, a step not after its latest one); with
+    ``wait=True`` the pending saves are written even then.
+
+  Raises:
+    TypeError: if ``wait`` is not a bool, or ``sigma_rels`` holds a schedule
+      without a ``sigma_rel`` (only :func:`emax.power_function_decay` has
+      one) or something that is not a number.
+    ValueError: if ``sigma_rels`` names an average ``state`` does not hold,
+      a width is outside ``(0, 1/sqrt(12))``, or ``custom_metadata`` already
+      has the key ``'emax'``.
+    ImportError: if orbax-checkpoint is not installed.
+
+  Examples:
+    >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
+    >>> import emax.checkpoint
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   with ocp.CheckpointManager(directory) as manager:
+    ...     emax.checkpoint.save(manager, 1, {'w': jnp.ones(2)})
+    ...   ocp.CheckpointManager(directory).latest_step()
+    True
+    1
+
+    With two power-function averages, record their widths for
+    :func:`emax.posthoc.from_checkpoints`:
+
+    >>> import optax, emax
+    >>> decays = {'s05': emax.power_function_decay(sigma_rel=0.05),
+    ...           's10': emax.power_function_decay(sigma_rel=0.10)}
+    >>> tx = emax.with_ema(optax.sgd(0.1), decays)
+    >>> state = {'params': {'w': jnp.ones(2)}}
+    >>> state['opt_state'] = tx.init(state['params'])
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   with ocp.CheckpointManager(directory) as manager:
+    ...     _ = emax.checkpoint.save(manager, 1, state, sigma_rels=decays)
+    ...     record = manager.metadata(1).custom_metadata['emax']
+    >>> [(a['path'], a['names'], a['sigma_rels']) for a in record['averages']]
+    [(['opt_state', 'ema_state'], ['s05', 's10'], [0.05, 0.1])]
+  """
   ocp = _checkpoint_files.orbax()
   if not isinstance(wait, bool):
     raise TypeError(
@@ -190,6 +274,38 @@ def recorded(metadata: Any) -> Optional[list[dict[str, Any]]]:
         f'The checkpoint\'s emax record has format {record.get("format")!r};'
         f' this emax reads format {_FORMAT}. Upgrade emax.')
   return record['averages']
+
+
+def check_names(recorded_averages: Optional[list[dict[str, Any]]],
+                like: Any, where: str) -> None:
+  """Refuses a target whose averages are named otherwise than the record.
+
+  A restore with a target reads the stored arrays by position: averages
+  saved as ``('fast', 'slow')`` restored into a state built as ``('slow',
+  'fast')`` would come back under each other's names.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_ema_state)
+  for keypath, x in flat:
+    if not _is_ema_state(x):
+      continue
+    path = tuple(stored_key(k) for k in keypath)
+    entry = entry_at(recorded_averages, path)
+    if entry is None:
+      continue
+    saved = None if entry.get('names') is None else tuple(entry['names'])
+    if saved == x.info.names:
+      continue
+    def show(names: Optional[tuple[str, ...]]) -> str:
+      return 'one unnamed average' if names is None else f'{list(names)}'
+    raise ValueError(
+        f'{where}: the averages at {list(path)} were saved as {show(saved)},'
+        f' in that order, but like holds {show(x.info.names)}. A restore'
+        ' reads the arrays by position, so they would come back under each'
+        ' other\'s names. Build like as the run was built (the mapping given'
+        f' to emax.ema with the names in the order {show(saved)}), or read'
+        ' one average by its name with emax.checkpoint.read_average('
+        'manager.restore(step, args=ocp.args.StandardRestore()), name=...,'
+        ' metadata=manager.metadata(step)).')
 
 
 def entry_at(recorded_averages: Optional[list[dict[str, Any]]],

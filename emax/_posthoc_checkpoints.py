@@ -31,13 +31,97 @@ from emax._streaming_sum import TreeSum
 _WHERE = 'emax.posthoc.from_checkpoints'
 
 
-def from_checkpoints(
-    directory: Any, target_sigma_rel: Any, *, target_step: Optional[int],
-    sigma_rels: Any, path: Optional[Sequence[Union[str, int]]], like: Any,
-    item: Optional[str],
-    progress: Optional[Callable[[list[int]], Iterable[int]]],
-    collect_above_bytes: int = _checkpoint_files.COLLECT_ABOVE_BYTES) -> Any:
-  """:func:`emax.posthoc.from_checkpoints`; see its docstring."""
+def from_checkpoints(directory: Any, target_sigma_rel: Any, *,
+                     target_step: int | None = None, sigma_rels: Any = None,
+                     path: Sequence[str | int] | None = None, like: Any = None,
+                     item: str | None = None,
+                     progress: Callable[[list[int]], Iterable[int]] | None
+                     = None) -> Any:
+  """Post-hoc EMA from the Orbax checkpoints that training wrote.
+
+  Each checkpoint step up to ``target_step`` gives one snapshot per
+  power-function average in it: its step is the :attr:`emax.EmaState.count`
+  saved with it (not the checkpoint's step number), its width the
+  ``sigma_rel`` that :func:`emax.checkpoint.save` recorded (or that
+  ``sigma_rels`` gives). The weights come from :func:`emax.posthoc.coefficients`, for each
+  target; then the checkpoints are read one at a time, each by a partial
+  restore of its average alone (the params and the optimizer state are not
+  read), and every snapshot is added, debiased as
+  ``emax.ema_params(..., dtypes='accumulator')`` reads it, into a float64 sum per target, as
+  :func:`emax.posthoc.reconstruct` does. Host memory holds one float64 sum per target (8
+  bytes per param) plus one checkpoint's averages, whatever the number of
+  checkpoints; several targets cost one read of the checkpoints.
+
+  Checkpoints whose average has seen no step (``count`` 0, e.g. saved
+  before training) hold no snapshot and are skipped.
+
+  Args:
+    directory: the checkpoint directory of an ``orbax.checkpoint``
+      ``CheckpointManager`` (or the manager; its saves in flight are waited
+      for first).
+    target_sigma_rel: the width to reconstruct, or a sequence of widths.
+    target_step: the checkpoint step to reconstruct at (its ``count`` is the
+      target time; later checkpoints are not read); the latest by default.
+    sigma_rels: the widths of the saved averages, when the checkpoints do
+      not record them or to override the record: ``{name: sigma_rel}`` (or
+      the mapping given to :func:`emax.ema`: power-function schedules know
+      their ``sigma_rel``), a sequence with one entry per average in the
+      order given to :func:`emax.ema` (``None`` leaves one out), or one
+      number for a single average.
+    path: where the average sits in the saved tree (keys from the root,
+      e.g. ``('opt_state', 'ema_state')``), when it holds several.
+    like: the abstract state (``jax.eval_shape(tx.init, params)``), needed
+      for ``pack=True`` and ``offload=True`` averages, or a tree shaped like
+      the params (for their dtypes and tree types); see
+      :func:`emax.checkpoint.read_average`.
+    item: the item of a manager that saves several (``item_names``).
+    progress: wraps the list of checkpoint steps read in the summing pass,
+      e.g. ``tqdm.tqdm``, to show progress.
+
+  Returns:
+    The reconstructed params in the params' dtypes (as recorded, or from
+    ``like``; else the stored dtypes), NumPy arrays on the host, in the
+    stored dicts and lists (``like``'s tree types when given); a list of
+    them, one per target, when ``target_sigma_rel`` is a sequence.
+
+  Raises:
+    FileNotFoundError: if the directory holds no finished checkpoint or none
+      at ``target_step`` (the message lists the steps).
+    ValueError: for anything :func:`emax.posthoc.coefficients` rejects; if no average or
+      no width is found (the message says what to save or pass), two
+      checkpoints hold the same ``count``, or the checkpoints differ in what
+      they hold.
+
+  Examples:
+    Train with two power-function averages and save them now and then,
+    recording their widths; after training, rebuild other widths:
+
+    >>> import tempfile, jax, jax.numpy as jnp, optax, orbax.checkpoint as ocp
+    >>> import emax, emax.checkpoint, emax.posthoc
+    >>> decays = {'s05': emax.power_function_decay(sigma_rel=0.05),
+    ...           's10': emax.power_function_decay(sigma_rel=0.10)}
+    >>> tx = emax.with_ema(optax.sgd(1.0), decays)
+    >>> params = {'w': jnp.zeros(2)}
+    >>> opt_state = tx.init(params)
+    >>> @jax.jit
+    ... def train_step(params, opt_state):  # params['w'] becomes the step
+    ...   updates, opt_state = tx.update({'w': -jnp.ones(2)}, opt_state, params)
+    ...   return optax.apply_updates(params, updates), opt_state
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   with ocp.CheckpointManager(directory) as manager:
+    ...     for step in range(1, 101):
+    ...       params, opt_state = train_step(params, opt_state)
+    ...       if step % 20 == 0:
+    ...         _ = emax.checkpoint.save(manager, step, {'params': params,
+    ...             'opt_state': opt_state}, sigma_rels=decays)
+    ...   s10, s07 = emax.posthoc.from_checkpoints(directory, [0.10, 0.07])
+    >>> print(s10['w'], emax.ema_params(opt_state, 's10')['w'], s07['w'])
+    [89.30 89.30] [89.30 89.30] [92.81 92.81]
+
+  A tracked width comes back as itself; a 0.07 average tracked during
+  training would have been 92.94 (from ten snapshots, the reconstruction is
+  close, not exact).
+  """
   _checkpoint_files.orbax()
   targets, single = _posthoc_solve.targets(target_sigma_rel)
   root, found = _checkpoint_files.finished_steps(directory, _WHERE)
@@ -53,7 +137,7 @@ def from_checkpoints(
         f' steps are {sorted(found)}. Pass one of them, or None for the'
         ' latest.')
   chosen = sorted(s for s in found if s <= target_step)
-  with _checkpoint_files.Reader(collect_above_bytes) as reader:
+  with _checkpoint_files.Reader() as reader:
     # Metadata first (no arrays): a mismatch fails before anything is read.
     checkpoints: list[_Checkpoint] = []
     for step in chosen:

@@ -21,9 +21,70 @@ from emax._streaming_sum import TreeSum
 Snapshot = tuple[Any, Any, Union[optax.Params, Callable[[], optax.Params]]]
 
 
-def reconstruct(snapshots: Iterable[Snapshot], target_sigma_rel: Any,
-                target_step: Any) -> optax.Params:
-  """:func:`emax.posthoc.reconstruct`; see its docstring."""
+def reconstruct(snapshots: Iterable[Snapshot], target_sigma_rel: float,
+                target_step: float | None = None) -> optax.Params:
+  """Rebuilds the average of another width from snapshots of averages.
+
+  Reads ``snapshots`` once into a list, computes the weights with
+  :func:`emax.posthoc.coefficients`, then adds the snapshots one at a time: each tree is
+  loaded (if a loader is given), its float leaves are added, weighted, into
+  float64 accumulators on the host (complex128 for complex leaves), and it is
+  dropped before the next one is loaded. With loaders, at most one loaded
+  snapshot is alive besides the running sum, whatever the number of
+  snapshots. Snapshots taken after ``target_step`` have weight 0 and are
+  never loaded.
+
+  Float leaves come back rounded once from float64 to the snapshots' own
+  dtypes (bf16 snapshots give a bf16 result). Non-float leaves (counters and
+  the like) are taken from the latest snapshot used (the first given of
+  those at that step), as :func:`emax.update` keeps the latest value of a
+  non-float param. A leaf that is a
+  ``jax.Array`` in the first snapshot used comes back as a ``jax.Array`` with
+  its sharding; other leaves come back as NumPy arrays.
+
+  Args:
+    snapshots: an iterable (a list, a generator...) of ``(step, sigma_rel,
+      tree_or_loader)``: the step the snapshot was taken at
+      (:attr:`emax.EmaState.count`), the ``sigma_rel`` it was tracked with,
+      and its tree of arrays (for example ``emax.ema_params(state)``) or a
+      function of no arguments that loads it. Any callable is taken as a
+      loader. Arrays are read on the host, so jax arrays must be fully
+      addressable (single process).
+    target_sigma_rel: the width to reconstruct.
+    target_step: the step to reconstruct at, one of the snapshots' steps;
+      the last snapshot's step by default.
+
+  Returns:
+    The reconstructed tree, structured like the snapshots.
+
+  Raises:
+    ValueError: for anything :func:`emax.posthoc.coefficients` rejects; if ``snapshots``
+      is not an iterable of 3-tuples; if a loader returns ``None``; or if the
+      snapshots' trees differ in structure, shapes or dtypes.
+
+  Examples:
+    Snapshots given by loaders, from a generator; a width that was tracked
+    comes back as its own snapshot:
+
+    >>> import numpy as np
+    >>> import emax.posthoc
+    >>> def loader(value):
+    ...   return lambda: {'w': np.full(2, value, np.float32)}
+    >>> snapshots = ((step, sigma_rel, loader(step * 10 * sigma_rel))
+    ...              for step in (500, 1000) for sigma_rel in (0.05, 0.10))
+    >>> emax.posthoc.reconstruct(snapshots, 0.10)
+    {'w': array([1000., 1000.], dtype=float32)}
+
+    Trees work as well as loaders; snapshots after ``target_step`` are
+    skipped:
+
+    >>> snapshots = [(500, 0.05, {'w': np.float32(1.0)}),
+    ...              (500, 0.10, {'w': np.float32(2.0)}),
+    ...              (1000, 0.10, {'w': np.float32(9.0)})]
+    >>> out = emax.posthoc.reconstruct(snapshots, 0.08, target_step=500)
+    >>> out['w'].dtype, round(float(out['w']), 3)
+    (dtype('float32'), 1.742)
+  """
   entries = _entries(snapshots)
   steps = _column(entries, 0, 'step')
   sigma_rels = _column(entries, 1, 'sigma_rel')

@@ -7,7 +7,7 @@ restored tree (:func:`found_states`, :func:`pick`), works out from the dict,
 from what the save recorded (:mod:`emax._checkpoint_record`) and from
 ``like`` how to read one (:class:`Plan`: names, dtypes, tree, layout), and
 reads an average the way :func:`emax.ema_params` would: debiased as
-:func:`emax.bias_correction` debiases, in the params' dtypes.
+:func:`emax.ema_params` debiases, in the params' dtypes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from optax import Params
 
 from emax import _checkpoint_record
 from emax import _stored_tree
-from emax._read import bias_correction
 from emax._read import ema_params
 from emax._state import EmaState
 
@@ -35,29 +34,117 @@ _TARGET_HINT = (
 _Found = tuple[tuple[Any, ...], Any]  # (path in the tree, state dict)
 
 
-def read_average(restored: Any, *, name: Optional[Union[str, int]],
-                 like: Any, path: Optional[Sequence[Union[str, int]]],
-                 metadata: Any) -> Params:
-  """:func:`emax.checkpoint.read_average`; see its docstring."""
+def read_average(restored: Any, *, name: Optional[Union[str, int]] = None,
+                 like: Any = None,
+                 path: Optional[Sequence[Union[str, int]]] = None,
+                 metadata: Any = None) -> Params:
+  """The average in a checkpoint restored without a target, to evaluate with.
+
+  A checkpoint restored without a target (``manager.restore(step)`` with no
+  ``args``, ``ocp.args.StandardRestore()``, or
+  ``flax.serialization.msgpack_restore``) gives plain dicts and lists: the
+  :class:`emax.EmaState` is a dict with the keys ``count``, ``average``,
+  ``weight``, ``step_size`` and ``skipped``, wherever it sat (in an optax
+  chain's list, under ``opt_state``, under ``ema_state`` of
+  :func:`emax.with_ema`). This finds it and returns the average as
+  :func:`emax.ema_params` would have: debiased and in the params' dtypes.
+
+  Debiasing follows :func:`emax.ema_params`: the stored average divided
+  by its ``weight``, in the stored dtype; a weight of exactly 1 (an average
+  that started as a copy) or 0 (``debias=True`` before its first averaging
+  step, which still holds the initial params) gives the stored value itself.
+  The division happens where the arrays are: NumPy arrays (flax
+  serialization) are divided by NumPy, correctly rounded; ``jax.Array``
+  leaves (Orbax) on their devices, as :func:`emax.ema_params` divides
+  (XLA on CPU rounds about a third of the quotients one ulp away from the
+  correctly rounded one).
+
+  What the dicts lose comes back from what the save recorded, the one
+  description of the stored average: the ``metadata`` that
+  :func:`emax.checkpoint.save` wrote, or the ``'info'`` that flax
+  serialization stores in the state dict. It gives the names of the
+  averages in their stored order (an average is read by its recorded name,
+  whatever order ``like`` lists the names in), the params' dtypes (a bf16
+  param averaged in float32 comes back as bf16) and, from ``save``, the
+  layout. Without a record, ``like`` gives the names and dtypes; without
+  either, pick an average by its index (``name=0``, ``1``..., in the order
+  the mapping given to :func:`emax.ema` listed them); it comes back in its
+  stored dtype. Where each param sits in a ``pack=True`` or
+  ``offload=True`` average is saved nowhere: those need ``like``.
+
+  To read a state restored with a target (:func:`emax.checkpoint.restore`),
+  use :func:`emax.ema_params`.
+
+  Args:
+    restored: the restored tree, or any part of it holding the average.
+    name: which named average: a name, or an index in the stored order.
+    like: the abstract state, such as ``jax.eval_shape(tx.init, params)`` or
+      :func:`emax.checkpoint.abstract_state` of a freshly built state
+      (needed for packed and offloaded averages; it gives the params' own
+      tree types, and the names and dtypes where nothing was recorded); or
+      a tree shaped like the params (arrays or ``jax.ShapeDtypeStruct``),
+      for their tree types (and dtypes where none were recorded).
+    path: where the average sits in ``restored`` (keys from the root, e.g.
+      ``('opt_state', 1)``), when it holds several (an ``EmaTrainState`` that
+      also averages ``batch_stats``).
+    metadata: what Orbax gives for the step, ``manager.metadata(step)`` or
+      its ``custom_metadata``: what :func:`emax.checkpoint.save` recorded.
+
+  Returns:
+    A tree shaped like the params: the stored dicts and lists (flax
+    serialization's ``'0'``, ``'1'``... keys for tuples stay), or ``like``'s
+    tree types when ``like`` is given; arrays of the restored kind (NumPy
+    for flax serialization, ``jax.Array`` for Orbax), or what
+    :func:`emax.ema_params` returns when ``like`` is a state.
+
+  Raises:
+    ValueError: if no (or more than one, without ``path``) average is found
+      (the message says what the tree held), the average found is already
+      an :class:`emax.EmaState`, ``name`` is missing, unknown or out of
+      range, the average is packed or offloaded and ``like`` is missing, or
+      ``like`` does not fit the checkpoint (other names than the record's,
+      another layout, other shapes).
+
+  Examples:
+    A flax-serialized state, restored without a target; the names and bf16
+    dtype come back from the saved ``'info'``:
+
+    >>> import flax.serialization, jax.numpy as jnp, optax, emax
+    >>> import emax.checkpoint
+    >>> params = {'w': jnp.ones(2, jnp.bfloat16)}
+    >>> tx = emax.with_ema(optax.sgd(0.1), {'fast': 0.5, 'slow': 0.9})
+    >>> opt_state = tx.init(params)
+    >>> _, opt_state = tx.update({'w': jnp.ones(2, jnp.bfloat16)}, opt_state,
+    ...                          params)
+    >>> raw = flax.serialization.msgpack_restore(
+    ...     flax.serialization.to_bytes({'params': params,
+    ...                                  'opt_state': opt_state}))
+    >>> fast = emax.checkpoint.read_average(raw, name='fast')
+    >>> print(type(raw), fast['w'].dtype, fast['w'])
+    <class 'dict'> bfloat16 [0.949219 0.949219]
+  """
   where = 'emax.checkpoint.read_average'
   chosen_path, node = pick(found_states(restored), path, restored, where)
   if isinstance(node, EmaState):
-    if isinstance(name, (int, np.integer)) and not isinstance(name, bool):
-      names = node.info.names or ()
-      name = names[name] if 0 <= name < len(names) else name
-    # An index out of range stays an int: ema_params names the averages.
-    return ema_params(node, cast(Optional[str], name))
+    raise ValueError(
+        f'{where}: the average at {list(chosen_path)} is an emax.EmaState'
+        ' already (restored with a target): read it with'
+        ' emax.ema_params(state, name).')
   plan = Plan(node, chosen_path, like=like,
               recorded=_checkpoint_record.recorded(metadata), where=where)
   if plan.like_state is not None:
     state = pour(node, plan.like_state, where)
-    return ema_params(state, plan.name_at(plan.index(name, where)))
+    return ema_params(state, plan.like_name(plan.index(name, where)))
   leaves, _ = debiased(node, plan, plan.index(name, where), where)
   return plan.shape([_cast(x, d) for x, d in zip(leaves, plan.dtypes)])
 
 
 def found_states(tree: Any) -> list[_Found]:
-  """``[(path, node)]``: every dict shaped like an EmaState, or EmaState."""
+  """``[(path, node)]``: every dict shaped like an EmaState, or EmaState.
+
+  An EmaState found is returned too, so that the caller can say that it is
+  typed already.
+  """
   found: list[_Found] = []
 
   def walk(node: Any, path: tuple[Any, ...]) -> None:
@@ -115,24 +202,20 @@ def _is_inexact(x: Any) -> bool:
   return bool(jnp.issubdtype(dtype, jnp.inexact))
 
 
-def _stored_layout(average: Any) -> str:
-  """The layout a restored ``average`` dict looks like it was stored in."""
-  if isinstance(average, dict):
-    keys = set(average)
-    if keys == {'buffers', 'rest'}:
-      return 'packed'
-    if keys == {'leaves'} and any(
-        jnp.issubdtype(getattr(x, 'dtype', np.int8), jnp.unsignedinteger)
-        for _, x in _stored_tree.flatten(average)):
-      return 'offloaded'
-  return 'plain'
-
-
 class Plan:
   """How to read the averages of one restored EmaState dict.
 
+  What the save recorded is the one description of the stored average: the
+  entry that :func:`emax.checkpoint.save` wrote into the step's metadata, or
+  the ``'info'`` that flax serialization stores with the state. ``like``
+  gives the tree types, and for packed or offloaded averages the layout; it
+  never renames what the record names. Without a record, ``like`` is all
+  there is (names, dtypes); without either, the average is read as a plain
+  tree in its stored dtypes, by index.
+
   Attributes:
-    names: the names of the averages, or None (unknown, or a single one).
+    names: the names of the averages in stored order, or None (unknown, or
+      a single one).
     count: how many averages it holds (1 for a single, unstacked one).
     stacked: whether float leaves have a leading axis, one per average.
     dtypes: per stored leaf of the average (``_stored_tree.flatten``
@@ -148,10 +231,7 @@ class Plan:
                where: str) -> None:
     self.path = path
     self.treedef: Any = None
-    self.like_state: Optional[EmaState] = None
     self._average = node['average']  # its structure (arrays or metadata)
-    entry = _checkpoint_record.entry_at(recorded, path)
-    info = node.get('info') if isinstance(node.get('info'), dict) else None
     weight = node['weight']
     shape = tuple(getattr(weight, 'shape', np.shape(weight)))
     count_shape = tuple(getattr(node['count'], 'shape', ()))
@@ -163,29 +243,25 @@ class Plan:
           ' jax.tree.map(lambda x: x[0], restored).')
     self.stacked = len(shape) == 1
     self.count = shape[0] if self.stacked else 1
-    names: Optional[tuple[str, ...]] = None
-    if info is not None and info.get('names') is not None:
-      names = tuple(info['names'])
-    elif entry is not None and entry.get('names') is not None:
-      names = tuple(entry['names'])
-    layout = entry['layout'] if entry else _stored_layout(node['average'])
-    like_state, params_like = _like_parts(like, path, where)
-    if like_state is not None:
-      self.like_state = like_state
-      names = like_state.info.names
-    elif layout != 'plain':
-      raise ValueError(
-          f'{where}: the average at {list(path)} was stored {layout}'
-          f' ({"pack=True" if layout == "packed" else "offload=True"}): where'
-          ' each param sits in it is static and is not in the checkpoint.'
-          + _TARGET_HINT)
-    if names is not None and len(names) != self.count:
+    record = _Record.of(node, path, recorded)
+    self.like_state, params_like = _like_parts(like, path, where)
+    if record is not None:
+      self.names = record.names
+      if self.like_state is not None:
+        _same_names(record.names, self.like_state.info.names, path, where)
+    else:
+      self.names = (None if self.like_state is None
+                    else self.like_state.info.names)
+    if self.names is not None and len(self.names) != self.count:
       raise ValueError(
           f'{where}: the average at {list(path)} holds {self.count}'
-          f' averages but its names are {list(names)}.')
-    self.names = names
+          f' averages but its names are {list(self.names)}.')
     stored = _stored_tree.flatten(node['average'])
+    if self.like_state is None and record is not None:
+      record.check_plain(stored, path, where)
     self.dtypes: list[Optional[np.dtype]] = [None] * len(stored)
+    if record is not None:
+      self.dtypes = record.dtypes(stored)
     if params_like is not None:
       leaves, treedef = jax.tree.flatten(params_like)
       if len(leaves) != len(stored):
@@ -193,22 +269,14 @@ class Plan:
             f'{where}: like has {len(leaves)} leaves but the average at'
             f' {list(path)} has {len(stored)}. Pass the params the average'
             ' was made of (or their jax.eval_shape), or the abstract state.')
-      self.dtypes = [np.dtype(getattr(x, 'dtype', np.asarray(x).dtype))
-                     for x in leaves]
+      if record is None:
+        self.dtypes = [np.dtype(getattr(x, 'dtype', np.asarray(x).dtype))
+                       for x in leaves]
       self.treedef = treedef
-    elif entry is not None and entry.get('param_paths') is not None:
-      by_path = {tuple(map(str, p)): d for p, d in zip(
-          entry['param_paths'], entry['param_dtypes'])}
-      self.dtypes = [_dtype(by_path.get(tuple(map(str, p))))
-                     for p, _ in stored]
-    elif info is not None and info.get('param_dtypes') is not None:
-      dtypes = info['param_dtypes']
-      if len(dtypes) == len(stored):
-        self.dtypes = [_dtype(d) for d in dtypes]
 
   def index(self, name: Optional[Union[str, int]],
             where: str) -> Optional[int]:
-    """The position of average ``name`` (None for a single, unstacked one)."""
+    """The stored position of average ``name`` (None: a single one)."""
     if not self.stacked:
       if name is not None and name != 0:
         raise ValueError(
@@ -234,18 +302,25 @@ class Plan:
       raise ValueError(
           f'{where}: got name={name!r}, but the names of the'
           f' {self.count} averages were not saved (Orbax drops them; save'
-          ' with emax.checkpoint.save to record them). Pass an index 0 to'
-          f' {self.count - 1} instead: the averages are in the order given'
-          ' to emax.ema.')
+          ' with emax.checkpoint.save and pass metadata=, to read them by'
+          f' name). Pass an index 0 to {self.count - 1} instead: the'
+          ' averages are in the order given to emax.ema.')
     if name not in self.names:
       raise ValueError(
           f'{where}: no average named {name!r}; the state holds'
           f' {list(self.names)}.')
     return self.names.index(name)
 
-  def name_at(self, index: Optional[int]) -> Optional[str]:
-    """The name of the average at ``index`` (None: unnamed or unknown)."""
-    return None if index is None or self.names is None else self.names[index]
+  def like_name(self, index: Optional[int]) -> Optional[str]:
+    """The name under which ``like_state`` holds stored position ``index``.
+
+    The stored leaves are poured into ``like_state`` by position, so stored
+    average ``index`` sits where ``like_state`` names its ``index``-th one,
+    whatever name the record gives it.
+    """
+    assert self.like_state is not None
+    names = self.like_state.info.names
+    return None if index is None or names is None else names[index]
 
   def shape(self, leaves: Sequence[Any]) -> Params:
     """``leaves`` (stored order) as the params: ``like``'s tree or stored."""
@@ -254,8 +329,80 @@ class Plan:
     return _stored_tree.rebuild(self._average, leaves)
 
 
-def _dtype(name: Optional[str]) -> Optional[np.dtype]:
-  return None if name is None else jnp.dtype(name)
+class _Record:
+  """What a save recorded about one average: names, dtypes, layout."""
+
+  def __init__(self, names: Optional[tuple[str, ...]],
+               param_dtypes: Sequence[str],
+               param_paths: Optional[Sequence[Sequence[Any]]],
+               layout: Optional[str], source: str) -> None:
+    self.names = names
+    self.param_dtypes = [np.dtype(d) for d in param_dtypes]
+    self.param_paths = param_paths
+    self.layout = layout  # None: not recorded (flax serialization's info)
+    self.source = source
+
+  @classmethod
+  def of(cls, node: dict[str, Any], path: tuple[Any, ...],
+         recorded: Optional[list[dict[str, Any]]]) -> Optional[_Record]:
+    """The record of the average at ``path``: the save's, or flax's info."""
+    entry = _checkpoint_record.entry_at(recorded, path)
+    if entry is not None:
+      names = entry.get('names')
+      return cls(None if names is None else tuple(names),
+                 entry['param_dtypes'], entry.get('param_paths'),
+                 entry['layout'], 'the metadata emax.checkpoint.save wrote')
+    info = node.get('info')
+    if isinstance(info, dict) and info.get('param_dtypes') is not None:
+      names = info.get('names')
+      return cls(None if names is None else _stored_tree.sequence(names),
+                 _stored_tree.sequence(info['param_dtypes']), None, None,
+                 "the state's stored info")
+    return None
+
+  def check_plain(self, stored: list[tuple[tuple[Any, ...], Any]],
+                  path: tuple[Any, ...], where: str) -> None:
+    """Refuses a packed or offloaded average, which needs ``like``."""
+    layout = self.layout
+    if layout is None:  # no layout recorded: the leaves must fit the params
+      fits = len(stored) == len(self.param_dtypes) and all(
+          _is_inexact(x) or not jnp.issubdtype(d, jnp.inexact)
+          for (_, x), d in zip(stored, self.param_dtypes))
+      layout = 'plain' if fits else 'packed or offloaded'
+    if layout == 'plain':
+      return
+    how = {'packed': 'pack=True', 'offloaded': 'offload=True'}.get(
+        layout, 'pack=True or offload=True')
+    raise ValueError(
+        f'{where}: the average at {list(path)} was stored {layout} ({how}):'
+        ' where each param sits in it is static and is not in the'
+        ' checkpoint.' + _TARGET_HINT)
+
+  def dtypes(self, stored: list[tuple[tuple[Any, ...], Any]]
+             ) -> list[Optional[np.dtype]]:
+    """The params' dtype of each stored leaf (None where not recorded)."""
+    if self.param_paths is not None:
+      by_path = {tuple(map(str, p)): d
+                 for p, d in zip(self.param_paths, self.param_dtypes)}
+      return [by_path.get(tuple(map(str, p))) for p, _ in stored]
+    if len(self.param_dtypes) == len(stored):
+      return list(self.param_dtypes)
+    return [None] * len(stored)
+
+
+def _same_names(recorded: Optional[tuple[str, ...]],
+                like: Optional[tuple[str, ...]], path: tuple[Any, ...],
+                where: str) -> None:
+  """``like`` must hold the recorded averages (in any order)."""
+  if recorded == like or (recorded is not None and like is not None
+                          and sorted(recorded) == sorted(like)):
+    return
+  def show(names: Optional[tuple[str, ...]]) -> str:
+    return 'a single unnamed average' if names is None else str(list(names))
+  raise ValueError(
+      f'{where}: the average at {list(path)} was saved holding'
+      f' {show(recorded)}, but like holds {show(like)}: like is not the'
+      ' state that was saved. Build like with the averages the run had.')
 
 
 def _like_parts(like: Any, path: tuple[Any, ...], where: str
@@ -305,7 +452,7 @@ def pour(node: dict[str, Any], like_state: EmaState, where: str) -> EmaState:
 
 
 def _debias(x: Any, weight: Any) -> Any:
-  """The rule of :func:`emax.bias_correction`: ``average / weight``.
+  """The rule of :func:`emax.ema_params`: ``average / weight``.
 
   A weight of 1 (an average that started as a copy) or 0 (``debias=True``
   before its first averaging step, which still holds the initial params)
@@ -331,8 +478,8 @@ def debiased(node: dict[str, Any], plan: Plan, index: Optional[int],
     leaves are in the stored order, for :meth:`Plan.shape`).
   """
   if plan.like_state is not None:
-    tree = bias_correction(pour(node, plan.like_state, where),
-                           plan.name_at(index))
+    tree = ema_params(pour(node, plan.like_state, where),
+                      plan.like_name(index), dtypes='accumulator')
     leaves, treedef = jax.tree.flatten(tree)
     return leaves, treedef
   weight = node['weight'] if index is None else node['weight'][index]

@@ -44,19 +44,15 @@ number of snapshots.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 import sys
-from typing import Any
 
 import numpy as np
-import optax
 
-from emax import _posthoc_checkpoints
-from emax import _posthoc_snapshots
 from emax import _posthoc_solve
-from emax import checkpoint as _checkpoint
+from emax._posthoc_checkpoints import from_checkpoints
 from emax._posthoc_cli import main
-from emax._posthoc_snapshots import Snapshot
+from emax._posthoc_snapshots import reconstruct
 
 __all__ = ('coefficients', 'from_checkpoints', 'reconstruct')
 
@@ -124,173 +120,6 @@ def coefficients(steps: Sequence[float], sigma_rels: Sequence[float],
       _posthoc_solve.vector(sigma_rels, 'sigma_rels'), target_sigma_rel,
       target_step, ('steps', 'sigma_rels'))
   return weights
-
-
-def reconstruct(snapshots: Iterable[Snapshot], target_sigma_rel: float,
-                target_step: float | None = None) -> optax.Params:
-  """Rebuilds the average of another width from snapshots of averages.
-
-  Reads ``snapshots`` once into a list, computes the weights with
-  :func:`coefficients`, then adds the snapshots one at a time: each tree is
-  loaded (if a loader is given), its float leaves are added, weighted, into
-  float64 accumulators on the host (complex128 for complex leaves), and it is
-  dropped before the next one is loaded. With loaders, at most one loaded
-  snapshot is alive besides the running sum, whatever the number of
-  snapshots. Snapshots taken after ``target_step`` have weight 0 and are
-  never loaded.
-
-  Float leaves come back rounded once from float64 to the snapshots' own
-  dtypes (bf16 snapshots give a bf16 result). Non-float leaves (counters and
-  the like) are taken from the latest snapshot used (the first given of
-  those at that step), as :func:`emax.update` keeps the latest value of a
-  non-float param. A leaf that is a
-  ``jax.Array`` in the first snapshot used comes back as a ``jax.Array`` with
-  its sharding; other leaves come back as NumPy arrays.
-
-  Args:
-    snapshots: an iterable (a list, a generator...) of ``(step, sigma_rel,
-      tree_or_loader)``: the step the snapshot was taken at
-      (:attr:`emax.EmaState.count`), the ``sigma_rel`` it was tracked with,
-      and its tree of arrays (for example ``emax.ema_params(state)``) or a
-      function of no arguments that loads it. Any callable is taken as a
-      loader. Arrays are read on the host, so jax arrays must be fully
-      addressable (single process).
-    target_sigma_rel: the width to reconstruct.
-    target_step: the step to reconstruct at, one of the snapshots' steps;
-      the last snapshot's step by default.
-
-  Returns:
-    The reconstructed tree, structured like the snapshots.
-
-  Raises:
-    ValueError: for anything :func:`coefficients` rejects; if ``snapshots``
-      is not an iterable of 3-tuples; if a loader returns ``None``; or if the
-      snapshots' trees differ in structure, shapes or dtypes.
-
-  Examples:
-    Snapshots given by loaders, from a generator; a width that was tracked
-    comes back as its own snapshot:
-
-    >>> import numpy as np
-    >>> import emax.posthoc
-    >>> def loader(value):
-    ...   return lambda: {'w': np.full(2, value, np.float32)}
-    >>> snapshots = ((step, sigma_rel, loader(step * 10 * sigma_rel))
-    ...              for step in (500, 1000) for sigma_rel in (0.05, 0.10))
-    >>> emax.posthoc.reconstruct(snapshots, 0.10)
-    {'w': array([1000., 1000.], dtype=float32)}
-
-    Trees work as well as loaders; snapshots after ``target_step`` are
-    skipped:
-
-    >>> snapshots = [(500, 0.05, {'w': np.float32(1.0)}),
-    ...              (500, 0.10, {'w': np.float32(2.0)}),
-    ...              (1000, 0.10, {'w': np.float32(9.0)})]
-    >>> out = emax.posthoc.reconstruct(snapshots, 0.08, target_step=500)
-    >>> out['w'].dtype, round(float(out['w']), 3)
-    (dtype('float32'), 1.742)
-  """
-  return _posthoc_snapshots.reconstruct(snapshots, target_sigma_rel,
-                                        target_step)
-
-
-def from_checkpoints(directory: Any, target_sigma_rel: Any, *,
-                     target_step: int | None = None, sigma_rels: Any = None,
-                     path: Sequence[str | int] | None = None, like: Any = None,
-                     item: str | None = None,
-                     progress: Callable[[list[int]], Iterable[int]] | None
-                     = None) -> Any:
-  """Post-hoc EMA from the Orbax checkpoints that training wrote.
-
-  Each checkpoint step up to ``target_step`` gives one snapshot per
-  power-function average in it: its step is the :attr:`emax.EmaState.count`
-  saved with it (not the checkpoint's step number), its width the
-  ``sigma_rel`` that :func:`emax.checkpoint.save` recorded (or that
-  ``sigma_rels`` gives). The weights come from :func:`coefficients`, for each
-  target; then the checkpoints are read one at a time, each by a partial
-  restore of its average alone (the params and the optimizer state are not
-  read), and every snapshot is added, debiased as
-  :func:`emax.bias_correction` reads it, into a float64 sum per target, as
-  :func:`reconstruct` does. Host memory holds one float64 sum per target (8
-  bytes per param) plus one checkpoint's averages, whatever the number of
-  checkpoints; several targets cost one read of the checkpoints.
-
-  Checkpoints whose average has seen no step (``count`` 0, e.g. saved
-  before training) hold no snapshot and are skipped.
-
-  Args:
-    directory: the checkpoint directory of an ``orbax.checkpoint``
-      ``CheckpointManager`` (or the manager; its saves in flight are waited
-      for first).
-    target_sigma_rel: the width to reconstruct, or a sequence of widths.
-    target_step: the checkpoint step to reconstruct at (its ``count`` is the
-      target time; later checkpoints are not read); the latest by default.
-    sigma_rels: the widths of the saved averages, when the checkpoints do
-      not record them or to override the record: ``{name: sigma_rel}`` (or
-      the mapping given to :func:`emax.ema`: power-function schedules know
-      their ``sigma_rel``), a sequence with one entry per average in the
-      order given to :func:`emax.ema` (``None`` leaves one out), or one
-      number for a single average.
-    path: where the average sits in the saved tree (keys from the root,
-      e.g. ``('opt_state', 'ema_state')``), when it holds several.
-    like: the abstract state (``jax.eval_shape(tx.init, params)``), needed
-      for ``pack=True`` and ``offload=True`` averages, or a tree shaped like
-      the params (for their dtypes and tree types); see
-      :func:`emax.checkpoint.read_average`.
-    item: the item of a manager that saves several (``item_names``).
-    progress: wraps the list of checkpoint steps read in the summing pass,
-      e.g. ``tqdm.tqdm``, to show progress.
-
-  Returns:
-    The reconstructed params in the params' dtypes (as recorded, or from
-    ``like``; else the stored dtypes), NumPy arrays on the host, in the
-    stored dicts and lists (``like``'s tree types when given); a list of
-    them, one per target, when ``target_sigma_rel`` is a sequence.
-
-  Raises:
-    FileNotFoundError: if the directory holds no finished checkpoint or none
-      at ``target_step`` (the message lists the steps).
-    ValueError: for anything :func:`coefficients` rejects; if no average or
-      no width is found (the message says what to save or pass), two
-      checkpoints hold the same ``count``, or the checkpoints differ in what
-      they hold.
-
-  Examples:
-    Train with two power-function averages and save them now and then,
-    recording their widths; after training, rebuild other widths:
-
-    >>> import tempfile, jax, jax.numpy as jnp, optax, orbax.checkpoint as ocp
-    >>> import emax, emax.checkpoint, emax.posthoc
-    >>> decays = {'s05': emax.power_function_decay(sigma_rel=0.05),
-    ...           's10': emax.power_function_decay(sigma_rel=0.10)}
-    >>> tx = emax.with_ema(optax.sgd(1.0), decays)
-    >>> params = {'w': jnp.zeros(2)}
-    >>> opt_state = tx.init(params)
-    >>> @jax.jit
-    ... def train_step(params, opt_state):  # params['w'] becomes the step
-    ...   updates, opt_state = tx.update({'w': -jnp.ones(2)}, opt_state, params)
-    ...   return optax.apply_updates(params, updates), opt_state
-    >>> with tempfile.TemporaryDirectory() as directory:
-    ...   with ocp.CheckpointManager(directory) as manager:
-    ...     for step in range(1, 101):
-    ...       params, opt_state = train_step(params, opt_state)
-    ...       if step % 20 == 0:
-    ...         _ = emax.checkpoint.save(manager, step, {'params': params,
-    ...             'opt_state': opt_state}, sigma_rels=decays)
-    ...   s10, s07 = emax.posthoc.from_checkpoints(directory, [0.10, 0.07])
-    >>> print(s10['w'], emax.ema_params(opt_state, 's10')['w'], s07['w'])
-    [89.30 89.30] [89.30 89.30] [92.81 92.81]
-
-  A tracked width comes back as itself; a 0.07 average tracked during
-  training would have been 92.94 (from ten snapshots, the reconstruction is
-  close, not exact).
-  """
-  # One garbage-collection threshold for every checkpoint reader: its knob.
-  collect = _checkpoint._COLLECT_ABOVE_BYTES  # pylint: disable=protected-access
-  return _posthoc_checkpoints.from_checkpoints(
-      directory, target_sigma_rel, target_step=target_step,
-      sigma_rels=sigma_rels, path=path, like=like, item=item,
-      progress=progress, collect_above_bytes=collect)
 
 
 if __name__ == '__main__':

@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import emax
 import emax.checkpoint
+from emax import _checkpoint_files
 from helpers import child_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -472,7 +473,7 @@ def test_average_reads_one_checkpoint_at_a_time(tmp_path, monkeypatch):
   monkeypatch.setattr(ocp.Checkpointer, 'restore', counting_restore)
   # As for checkpoints of 64 MiB and more: a full garbage collection after
   # each one frees the restored arrays that Orbax's reference cycles hold.
-  monkeypatch.setattr(emax.checkpoint, '_COLLECT_ABOVE_BYTES', 0)
+  monkeypatch.setattr(_checkpoint_files, 'COLLECT_ABOVE_BYTES', 0)
   tracemalloc.start()
   try:
     got = emax.checkpoint.average(tmp_path)
@@ -878,7 +879,7 @@ def test_read_average_without_names_or_dtypes(tmp_path):
                                 stored['dense']['bias'][1])
   np.testing.assert_array_equal(
       got['dense']['bias'],
-      emax.bias_correction(opt_state, 'slow')['dense']['bias'])
+      emax.ema_params(opt_state, 'slow', dtypes='accumulator')['dense']['bias'])
   with pytest.raises(ValueError, match=r"got name='slow', but the names of"
                      r' the 2 averages were not saved .* Pass an index 0 to'
                      ' 1 instead'):
@@ -929,8 +930,12 @@ def test_read_average_of_packed_and_offloaded_needs_like(tmp_path, layout,
     raw, metadata = _save_and_restore_raw(tmp_path, opt_state)
   else:
     raw, metadata = _flax_raw(opt_state), None
-  stored = 'packed' if layout == 'pack' else 'offloaded'
-  with pytest.raises(ValueError, match=rf'was stored {stored} \({layout}=True'
+  # Orbax: the layout save recorded; flax: the leaves do not fit the params.
+  stored, option = (('packed', 'pack') if layout == 'pack' else
+                    ('offloaded', 'offload'))
+  if source == 'flax':
+    stored, option = 'packed or offloaded', 'pack=True or offload'
+  with pytest.raises(ValueError, match=rf'was stored {stored} \({option}=True'
                      r'\).* Pass like= the abstract state'):
     emax.checkpoint.read_average(raw, name='slow', metadata=metadata)
   like = jax.eval_shape(tx.init, params)
@@ -970,9 +975,10 @@ def test_read_average_of_a_train_state_with_two_averages(saved):
                typed.eval_variables()['batch_stats'])
   with pytest.raises(ValueError, match=r"no average at path \['nowhere'\]"):
     emax.checkpoint.read_average(raw, path='nowhere')
-  # A typed state is read as emax.ema_params reads it.
-  jax.tree.map(np.testing.assert_array_equal,
-               emax.checkpoint.read_average(typed.opt_state), want)
+  # A typed state is read with emax.ema_params, not here.
+  with pytest.raises(ValueError, match=r'is an emax.EmaState already .* read'
+                     r' it with emax.ema_params\(state, name\)'):
+    emax.checkpoint.read_average(typed.opt_state)
 
 
 def test_read_average_names_what_it_could_not_find():
@@ -996,3 +1002,60 @@ def test_read_average_names_what_it_could_not_find():
   with pytest.raises(ValueError, match=r'count of shape \(2,\): it was saved'
                      r' replicated \(jax.pmap\)'):
     emax.checkpoint.read_average(replicated, name='a')
+
+
+# --- averages are read by their recorded names, whatever the target's order ---
+
+
+def _fast_slow_run(names):
+  """One step of emax.ema with decays named in the order of ``names``."""
+  decays = {'fast': 0.5, 'slow': 0.9}
+  tx = emax.ema({n: decays[n] for n in names})
+  params = {'w': jnp.zeros(2)}
+  state = tx.init(params)
+  _, state = tx.update({'w': jnp.ones(2)}, state, params)
+  return tx, params, state
+
+
+def test_restore_refuses_averages_named_in_another_order(tmp_path):
+  _, params, state = _fast_slow_run(('fast', 'slow'))
+  reordered_tx, _, _ = _fast_slow_run(('slow', 'fast'))
+  reordered = {'ema': reordered_tx.init(params)}
+  with ocp.CheckpointManager(tmp_path) as manager:
+    emax.checkpoint.save(manager, 1, {'ema': state})
+    with pytest.raises(ValueError, match=(
+        r"restore \(step 1\): the averages at \['ema'\] were saved as"
+        r" \['fast', 'slow'\], in that order, but like holds \['slow',"
+        r" 'fast'\]")):
+      emax.checkpoint.restore(manager, reordered)
+    other = {'ema': emax.ema({'a': 0.5, 'b': 0.9}).init(params)}
+    with pytest.raises(ValueError, match=r"saved as \['fast', 'slow'\]"):
+      emax.checkpoint.restore(manager, other)
+    # The order the run was built in restores, by name.
+    restored = emax.checkpoint.restore(manager, {'ema': state})
+  for name in ('fast', 'slow'):
+    np.testing.assert_array_equal(emax.ema_params(restored['ema'], name)['w'],
+                                  emax.ema_params(state, name)['w'])
+
+
+@pytest.mark.parametrize('source', ['orbax', 'flax'])
+def test_read_average_reads_by_the_recorded_names_not_like(tmp_path, source):
+  _, params, state = _fast_slow_run(('fast', 'slow'))
+  reordered_tx, _, _ = _fast_slow_run(('slow', 'fast'))
+  like = jax.eval_shape(reordered_tx.init, params)
+  if source == 'orbax':
+    raw, metadata = _save_and_restore_raw(tmp_path, {'ema': state})
+  else:
+    raw, metadata = _flax_raw({'ema': state}), None
+  fast = np.asarray(emax.ema_params(state, 'fast')['w'])
+  slow = np.asarray(emax.ema_params(state, 'slow')['w'])
+  assert not np.array_equal(fast, slow)
+  for name, want in (('slow', slow), ('fast', fast)):
+    got = emax.checkpoint.read_average(raw, name=name, like=like,
+                                       metadata=metadata)
+    np.testing.assert_array_equal(np.asarray(got['w']), want)
+  other = jax.eval_shape(emax.ema({'a': 0.5, 'b': 0.9}).init, params)
+  with pytest.raises(ValueError, match=(
+      r"was saved holding \['fast', 'slow'\], but like holds \['a', 'b'\]")):
+    emax.checkpoint.read_average(raw, name='fast', like=other,
+                                 metadata=metadata)

@@ -16,6 +16,7 @@ import pytest
 import emax
 import emax.checkpoint
 from emax import posthoc
+from emax import _checkpoint_files
 import reference_posthoc as ref
 
 EVERY_100 = (np.repeat(np.arange(100, 1201, 100), 2), [0.05, 0.10] * 12)
@@ -479,7 +480,7 @@ def _train_and_save(directory, *, steps=120, every=20, decays=DECAYS,
   """Trains with named averages and saves every ``every`` steps.
 
   Returns the final state and the snapshots as emax reads them in memory:
-  ``(count, sigma_rel, emax.bias_correction(opt_state, name))`` for every
+  ``(count, sigma_rel, emax.ema_params(opt_state, name, dtypes='accumulator'))`` for every
   saved step and every name of ``record``, in that order.
   """
   params = _small_params() if params is None else params
@@ -502,7 +503,7 @@ def _train_and_save(directory, *, steps=120, every=20, decays=DECAYS,
         for name in (record or ()):
           if t:
             snapshots.append((count, record[name].sigma_rel, jax.tree.map(
-                np.asarray, emax.bias_correction(opt_state, name))))
+                np.asarray, emax.ema_params(opt_state, name, dtypes='accumulator'))))
   return tx, params, opt_state, snapshots
 
 
@@ -559,7 +560,7 @@ def test_from_checkpoints_reads_one_average_at_a_time(tmp_path, monkeypatch):
     return out
 
   monkeypatch.setattr(ocp.Checkpointer, 'restore', counting_restore)
-  monkeypatch.setattr(emax.checkpoint, '_COLLECT_ABOVE_BYTES', 0)
+  monkeypatch.setattr(_checkpoint_files, 'COLLECT_ABOVE_BYTES', 0)
   tracemalloc.start()
   try:
     got = posthoc.from_checkpoints(tmp_path, 0.08)
