@@ -187,6 +187,18 @@ def test_ema_model_checks_shapes_and_names_the_leaf(trained):
     emax.nnx.ema_model(other, optimizer)
 
 
+def test_ema_model_refuses_a_transposed_kernel(trained):
+  """Same number of elements, other shape: refused, naming the kernel."""
+  _, optimizer, _ = trained
+  transposed = Net(nnx.Rngs(0))
+  kernel = transposed.linear.kernel[...]
+  assert kernel.shape == (3, 4)
+  transposed.linear.kernel = nnx.Param(kernel.T)
+  with pytest.raises(ValueError, match=r"model's \['linear'\]\['kernel'\] has"
+                     r' shape \(4, 3\) but its average has shape \(3, 4\)'):
+    emax.nnx.ema_model(transposed, optimizer)
+
+
 # --- a decay of 0 is a bitwise copy (issue 15, Done-when) -------------------
 
 
