@@ -1,17 +1,19 @@
 """emax: exponential moving averages of parameters (any pytree) for JAX.
 
 Pure functions (:func:`init`, :func:`update`, :func:`ema_params`,
-:func:`bias_correction`, :func:`reset`, :func:`metrics`) and optax
-transformations (:func:`with_ema`, :func:`ema`) that follow any optimizer.
-Flax helpers live in :mod:`emax.flax` and :mod:`emax.nnx`, Orbax helpers in
-:mod:`emax.checkpoint` (each imported on demand).
+:func:`reset`, :func:`metrics`) and optax transformations (:func:`with_ema`,
+:func:`ema`) that follow any optimizer. Flax helpers live in :mod:`emax.flax`
+and :mod:`emax.nnx`, Orbax helpers in :mod:`emax.checkpoint`, post-hoc EMA in
+:mod:`emax.posthoc`: each is imported on first use (``emax.flax`` after
+``import emax`` works), so ``import emax`` loads neither flax nor orbax and
+changes nothing outside emax.
 """
 
-from emax._bema import BemaConfig
+import importlib as _importlib
+
 from emax._bema import BemaState
 from emax._bema import bema
 from emax._bema import bema_params
-from emax._read import bias_correction
 from emax._read import ema_params
 from emax._read import get_ema_state
 from emax._read import metrics
@@ -25,9 +27,7 @@ from emax._schedules import scale_decay
 from emax._schedules import sigma_rel_to_gamma
 from emax._schedules import tf_decay
 from emax._state import EmaState
-from emax._state import StateInfo
 from emax._state import init
-from emax._state import register_flax_serialization as _register
 from emax._step import reset
 from emax._step import update
 from emax._transform import WithEmaState
@@ -37,15 +37,12 @@ from emax._transform import with_ema
 __version__ = '0.2.0.dev0'
 
 __all__ = (
-    'BemaConfig',
     'BemaState',
     'EmaState',
     'Schedule',
-    'StateInfo',
     'WithEmaState',
     'bema',
     'bema_params',
-    'bias_correction',
     'ema',
     'ema_params',
     'gamma_to_sigma_rel',
@@ -64,4 +61,27 @@ __all__ = (
     'with_ema',
 )
 
-_register()  # only does something when flax is already imported
+_SUBMODULES = {
+    'checkpoint': 'pip install "emax[flax]" (orbax-checkpoint)',
+    'flax': 'pip install "emax[flax]"',
+    'nnx': 'pip install "emax[flax]"',
+    'posthoc': 'pip install "emax[flax]" (orbax-checkpoint, for checkpoints)',
+}
+
+
+def __getattr__(name: str) -> object:
+  """Imports ``emax.checkpoint``, ``emax.flax``... on first use (PEP 562)."""
+  if name not in _SUBMODULES:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  try:
+    return _importlib.import_module(f'{__name__}.{name}')
+  except ModuleNotFoundError as e:
+    if (e.name or 'emax').partition('.')[0] == 'emax':
+      raise
+    raise ImportError(
+        f'emax.{name} needs {e.name}, which is not installed:'
+        f' {_SUBMODULES[name]}.') from e
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_SUBMODULES))

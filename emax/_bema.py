@@ -19,7 +19,6 @@ updates happen on steps ``burn_in + k * update_every``.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -37,9 +36,18 @@ from emax._state import EmaState
 NAMES = ('ema', 'snapshot')
 
 
+class _BemaFields(NamedTuple):
+  kappa: float = 0.5
+  eta: float = 0.2
+  rho: float = 10.0
+  gamma: float = 1.0
+  burn_in: int = 0
+  update_every: int = 1
+  min_step_size: float = 0.0
+
+
 @jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class BemaConfig:
+class BemaConfig(_BemaFields):
   """The hyper-parameters of a BEMA average (static: no leaves).
 
   Attributes:
@@ -52,13 +60,7 @@ class BemaConfig:
     min_step_size: a floor of the EMA's step size.
   """
 
-  kappa: float = 0.5
-  eta: float = 0.2
-  rho: float = 10.0
-  gamma: float = 1.0
-  burn_in: int = 0
-  update_every: int = 1
-  min_step_size: float = 0.0
+  __slots__ = ()
 
   def step_size(self, count: jax.typing.ArrayLike) -> jax.Array:
     """``beta`` of the update after ``count`` steps (at step ``count + 1``)."""
@@ -88,7 +90,7 @@ class BemaState(NamedTuple):
 def bema(*, kappa: float = 0.5, eta: float = 0.2, rho: float = 10.0,
          gamma: float = 1.0, burn_in: int = 0, update_every: int = 1,
          min_step_size: float = 0.0,
-         **options: Any) -> optax.GradientTransformation:
+         **options: Any) -> optax.GradientTransformationExtraArgs:
   r"""A BEMA average of the params (Block and Zhang, 2025).
 
   Keeps an EMA with step size :math:`\beta_t = (\rho + \gamma t)^{-\kappa}` and
@@ -126,7 +128,7 @@ def bema(*, kappa: float = 0.5, eta: float = 0.2, rho: float = 10.0,
   Examples:
     >>> import jax.numpy as jnp, optax, emax
     >>> params = {'w': jnp.zeros(2)}
-    >>> tx = emax.with_ema(optax.sgd(1.0), emax.bema())
+    >>> tx = emax.with_ema(optax.sgd(1.0), average=emax.bema())
     >>> opt_state = tx.init(params)
     >>> for _ in range(3):
     ...   updates, opt_state = tx.update({'w': -jnp.ones(2)}, opt_state, params)
@@ -158,15 +160,18 @@ def bema(*, kappa: float = 0.5, eta: float = 0.2, rho: float = 10.0,
     return BemaState(average.init(params), config)
 
   def update_fn(updates: optax.Updates, state: BemaState,
-                params: Optional[Params] = None
-                ) -> tuple[optax.Updates, BemaState]:
+                params: Optional[Params] = None, *,
+                finite: Optional[jax.typing.ArrayLike] = None,
+                **extra_args: Any) -> tuple[optax.Updates, BemaState]:
+    del extra_args  # other transformations' extra arguments
     if not isinstance(state, BemaState):
       raise ValueError(
           f'emax.bema expected its BemaState, got {type(state).__name__}.')
-    updates, ema_state = average.update(updates, state.ema_state, params)
+    updates, ema_state = average.update(updates, state.ema_state, params,
+                                        finite=finite)
     return updates, BemaState(ema_state, state.config)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _nonnegative(value: Any, name: str) -> float:
@@ -189,7 +194,7 @@ def bema_params(state: Any, params: Params) -> Params:
 
   Args:
     state: a :class:`emax.BemaState`, or any state holding exactly one (the
-      state of ``emax.with_ema(optimizer, emax.bema())``, an optax chain).
+      state of ``emax.with_ema(optimizer, average=emax.bema())``, an optax chain).
     params: the current params (after the latest step).
 
   Returns:

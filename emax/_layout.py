@@ -31,13 +31,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from optax import Params
 
+from emax import _node
 from emax import _tree
 
 CHUNK = 1 << 20
@@ -100,12 +101,16 @@ class Layout:
             f' {len(self.groups)} buffers)')
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class PackedTree:
+class _PackedFields(NamedTuple):
+  buffers: tuple[jax.Array, ...]
+  rest: tuple[Any, ...]
+
+
+class PackedTree(_PackedFields):
   """Averages with their small float leaves packed (``pack=True``).
 
   Not a tree shaped like the params: read it with :func:`emax.ema_params`.
+  A named tuple whose class carries the layout (see :mod:`emax._node`).
 
   Attributes:
     buffers: tuple of 1-D arrays (2-D, ``(K, n)``, for named averages).
@@ -114,9 +119,18 @@ class PackedTree:
     layout: static :class:`Layout`.
   """
 
-  buffers: tuple[jax.Array, ...]
-  rest: tuple[Any, ...]
-  layout: Layout = dataclasses.field(metadata=dict(static=True))
+  __slots__ = ()
+
+  def __new__(cls, buffers: tuple[jax.Array, ...], rest: tuple[Any, ...],
+              layout: Optional[Layout] = None) -> 'PackedTree':
+    return _node.new(cls, PackedTree, layout, buffers, rest)
+
+  @property
+  def layout(self) -> Layout:
+    return type(self).static  # type: ignore[attr-defined]
+
+  def __reduce__(self) -> Any:
+    return PackedTree, (self.buffers, self.rest, self.layout)
 
   def __getitem__(self, key: Any) -> Any:
     raise TypeError(f'Cannot index a packed average with {key!r}. '

@@ -23,13 +23,14 @@ read from the arrays themselves.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from optax import Params
+
+from emax import _node
 
 
 HOST = jax.memory.Space.Host
@@ -45,10 +46,14 @@ HINT = (
 _BITS = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class OffloadedTree:
+class _OffloadedFields(NamedTuple):
+  leaves: tuple[Any, ...]
+
+
+class OffloadedTree(_OffloadedFields):
   """An average kept in host memory (``offload=True``).
+
+  A named tuple whose class carries the static part (see :mod:`emax._node`).
 
   Attributes:
     leaves: the leaves of the average in flattening order: float arrays as
@@ -58,9 +63,23 @@ class OffloadedTree:
     dtypes: static, the dtype of each leaf before it was stored as bits.
   """
 
-  leaves: tuple[Any, ...]
-  treedef: Any = dataclasses.field(metadata=dict(static=True))
-  dtypes: tuple[Any, ...] = dataclasses.field(metadata=dict(static=True))
+  __slots__ = ()
+
+  def __new__(cls, leaves: tuple[Any, ...], treedef: Any = None,
+              dtypes: Optional[tuple[Any, ...]] = None) -> 'OffloadedTree':
+    static = None if treedef is None else (treedef, tuple(dtypes or ()))
+    return _node.new(cls, OffloadedTree, static, leaves)
+
+  @property
+  def treedef(self) -> Any:
+    return type(self).static[0]  # type: ignore[attr-defined]
+
+  @property
+  def dtypes(self) -> tuple[Any, ...]:
+    return type(self).static[1]  # type: ignore[attr-defined]
+
+  def __reduce__(self) -> Any:
+    return OffloadedTree, (self.leaves, self.treedef, self.dtypes)
 
   def __getitem__(self, key: Any) -> Any:
     raise TypeError(f'Cannot index an offloaded average with {key!r}. {HINT}')

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Optional, Union
 
@@ -59,8 +60,15 @@ def check_int(value: Any, name: str, minimum: int,
   if not minimum <= int(value) <= maximum:
     raise ValueError(
         f'{name} must be an int in [{minimum}, {maximum}], got {value!r}'
-        ' instead. Steps are counted in int32.')
+        f' instead (steps are counted in int32).{_INT_HINTS.get(name, "")}')
   return int(value)
+
+
+_INT_HINTS: dict[str, str] = {
+    'first_update': (' Steps count from 1; leave first_update out (or pass 0)'
+                     ' to average on steps update_every, 2 * update_every...'),
+    'update_every': ' Leave it out (or pass 1) to average on every step.',
+}
 
 
 def check_accumulator_dtype(accumulator_dtype: Any) -> Optional[np.dtype]:
@@ -220,11 +228,15 @@ def check_rate_value(value: Any, name: str) -> Any:
       ' instead.')
 
 
-RateArg = Union[float, jax.typing.ArrayLike, Callable[[jax.Array], Any],
-                Mapping[str, Any], None]
+RateLike = Union[float, jax.typing.ArrayLike,
+                 Callable[[jax.Array], jax.typing.ArrayLike]]
+"""One average's rate: a float, a 0-d array, or a schedule ``count -> rate``."""
+
+RatesLike = Union[RateLike, Mapping[str, RateLike]]
+"""A rate, or a mapping ``{name: rate}`` for named averages."""
 
 
-def check_rates(decay: RateArg, step_size: RateArg
+def check_rates(decay: Optional[RatesLike], step_size: Optional[RatesLike]
                 ) -> tuple[Optional[tuple[str, ...]], tuple[Rate, ...]]:
   """``decay`` or ``step_size`` (one of them), each possibly a mapping.
 
@@ -296,7 +308,8 @@ class StepOptions:
         self.start_step == 0)
 
 
-def step_options(decay: RateArg = None, step_size: RateArg = None, *,
+def step_options(decay: Optional[RatesLike] = None,
+                 step_size: Optional[RatesLike] = None, *,
                  update_every: Any = 1, first_update: Any = None,
                  start_step: Any = 0, per_update: Any = False,
                  skip_nonfinite: Any = True,
@@ -307,9 +320,10 @@ def step_options(decay: RateArg = None, step_size: RateArg = None, *,
   # every int argument into an array hyperparameter, leaves them alone).
   update_every = 1 if update_every is None else check_int(
       update_every, 'update_every', 1)
-  if first_update is None:
-    first_update = update_every
-  first_update = check_int(first_update, 'first_update', 1)
+  # 0 is the grid's own start: steps 0, update_every, 2 * update_every...
+  # of which step 0 never happens (steps count from 1), so the default.
+  first_update = update_every if first_update is None else check_int(
+      first_update, 'first_update', 0) or update_every
   return StepOptions(
       names=names, rates=rates, update_every=update_every,
       first_update=first_update,
@@ -339,3 +353,59 @@ def check_constant(value: Any, name: str) -> float:
     _concrete_scalar(value, name)
     return float(np.asarray(value))
   return check_number(value, name)
+
+
+def check_write_back(every: Any, name: Any,
+                     names: Optional[tuple[str, ...]]) -> Optional[int]:
+  """``write_back_every`` and ``write_back_name`` against the averages' names.
+
+  Returns ``write_back_every`` as an int, or ``None`` (no write-back).
+  """
+  if every is not None:
+    every = check_int(every, 'write_back_every', 1)
+  if name is not None:
+    if names is None:
+      raise ValueError(
+          f'write_back_name={name!r} names an average, but there is a single'
+          ' unnamed one; leave write_back_name out.')
+    if name not in names:
+      raise ValueError(
+          f'write_back_name={name!r} is not one of the averages {list(names)};'
+          f' pass one of them, e.g. write_back_name={names[0]!r}.')
+    if every is None:
+      raise ValueError(
+          f'write_back_name={name!r} says which average to write back, but'
+          ' not when: pass write_back_every=N too (every N steps the params'
+          ' are set to that average).')
+  elif every is not None and names is not None and len(names) > 1:
+    raise ValueError(
+        f'write_back_every={every} with the named averages {list(names)}:'
+        ' say which one to write back, e.g.'
+        f' write_back_name={names[-1]!r}.')
+  return every
+
+
+LOW_DECAY = 0.5
+"""Constant decays below this warn: they are most often a step size."""
+
+
+def warn_if_step_size(decay: Any) -> None:
+  """Warns once per call site when a constant decay looks like a step size.
+
+  ``emax.ema(0.001)`` keeps 0.1% of the average each step: almost a copy of
+  the params, and most often ``tau`` (a step size) written where the decay
+  belongs. Passing the same rate as ``step_size=1 - d`` says it is meant.
+  """
+  values = decay.items() if isinstance(decay, Mapping) else [(None, decay)]
+  for name, value in values:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, numbers.Real) or not 0.0 <= float(value) < LOW_DECAY:
+      continue
+    where = f' for the average {name!r}' if name is not None else ''
+    warnings.warn(
+        f'decay={float(value)!r}{where} keeps only {float(value):.1%} of the'
+        ' average each step, so the average is nearly a copy of the params.'
+        ' If this is a step size (tau, the weight of the new params), pass'
+        f' step_size={float(value)!r} instead; if you mean this decay, pass'
+        f' step_size={1.0 - float(value)!r} to say so.', UserWarning,
+        stacklevel=4)

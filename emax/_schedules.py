@@ -91,7 +91,8 @@ def tf_decay(decay: float, *, after_minimize: bool = False) -> Schedule:
     >>> float(emax.tf_decay(0.99, after_minimize=True)(0))
     0.18181818723678589
   """
-  ceiling = np.float32(_options.check_constant(decay, 'decay'))
+  given = _options.check_constant(decay, 'decay')
+  ceiling = np.float32(given)
   shift = 1.0 if _options.check_bool(after_minimize, 'after_minimize') else 0.0
 
   def decay_at(n: jax.Array) -> jax.Array:
@@ -100,7 +101,7 @@ def tf_decay(decay: float, *, after_minimize: bool = False) -> Schedule:
 
   return Schedule(
       decay_at, lambda n: 1.0 - decay_at(n),  # TensorFlow's own order
-      f'tf_decay({float(ceiling)!r}'
+      f'tf_decay({given!r}'
       f'{", after_minimize=True" if shift else ""})')
 
 

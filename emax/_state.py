@@ -7,10 +7,6 @@ state (an optax state, a train state, a checkpoint restored without a target).
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.abc
-import importlib.util
-import sys
 import warnings
 from typing import Any, NamedTuple, Optional
 
@@ -25,28 +21,48 @@ from emax import _options
 from emax import _tree
 
 
+class _InfoFields(NamedTuple):
+  param_dtypes: tuple[str, ...]
+  names: Optional[tuple[str, ...]]
+  debias: bool
+
+
+def _sequence(x: Any) -> Any:
+  """A tuple from a sequence, or from flax's ``{'0': .., '1': ..}`` form."""
+  if isinstance(x, dict):
+    return tuple(x[str(i)] for i in range(len(x)))
+  return tuple(x)
+
+
 @jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class StateInfo:
+class StateInfo(_InfoFields):
   """What an :class:`EmaState` knows statically (a pytree node, no leaves).
 
   It travels in the tree structure, so it survives ``jit``, ``eval_shape``,
   ``lax.scan`` and checkpoint restores with a target, and costs nothing at run
-  time or in a checkpoint.
+  time. A named tuple of strings and a bool: ``flax.serialization`` stores it
+  and restores it from what was stored, so averages restored into a target
+  whose names come in another order keep their stored order (and their
+  names), never a swapped one.
 
   Attributes:
-    param_dtypes: the dtypes of the averaged params, one per leaf, so that
-      :func:`emax.ema_params` hands the average back in those dtypes.
+    param_dtypes: the names of the dtypes of the averaged params, one per
+      leaf, so that :func:`emax.ema_params` hands the average back in those
+      dtypes.
     names: the names of the averages, or ``None`` for a single average.
     debias: whether the average started at zero weight (``debias=True``).
   """
 
-  param_dtypes: tuple[np.dtype, ...]
-  names: Optional[tuple[str, ...]] = None
-  debias: bool = False
+  __slots__ = ()
+
+  def __new__(cls, param_dtypes: Any, names: Any = None,
+              debias: bool = False) -> 'StateInfo':
+    return super().__new__(
+        cls, tuple(str(np.dtype(d)) for d in _sequence(param_dtypes)),
+        None if names is None else _sequence(names), bool(debias))
 
   def __repr__(self) -> str:
-    dtypes = ', '.join(str(d) for d in self.param_dtypes)
+    dtypes = ', '.join(self.param_dtypes)
     extra = f', names={self.names}' if self.names is not None else ''
     extra += ', debias=True' if self.debias else ''
     return f'StateInfo(param_dtypes=({dtypes}){extra})'
@@ -185,7 +201,6 @@ def init(params: Params, *, names: Optional[Any] = None, debias: bool = False,
   if offload:
     average = _offload.to_host(average)
   shape = () if count is None else (count,)
-  register_flax_serialization()
   return EmaState(
       count=jnp.zeros([], jnp.int32),
       average=average,
@@ -328,103 +343,3 @@ def replace(tree: Any, new: EmaState) -> Any:
   find(tree)
   return jax.tree.map(lambda x: new if _is_state(x) else x, tree,
                       is_leaf=_is_state)
-
-
-# ------------------------------------------------- flax.serialization support
-
-
-def _info_to_dict(info: StateInfo) -> dict[str, Any]:
-  return {'param_dtypes': [str(d) for d in info.param_dtypes],
-          'names': list(info.names) if info.names is not None else None,
-          'debias': info.debias}
-
-
-def _info_from_dict(target: StateInfo, state: Any) -> StateInfo:
-  del state  # static: the target's own info is the truth
-  return target
-
-
-def _packed_to_dict(tree: _layout.PackedTree) -> dict[str, Any]:
-  serialization = sys.modules['flax.serialization']
-  return {'buffers': serialization.to_state_dict(list(tree.buffers)),
-          'rest': serialization.to_state_dict(list(tree.rest))}
-
-
-def _packed_from_dict(target: _layout.PackedTree,
-                      state: dict[str, Any]) -> _layout.PackedTree:
-  serialization = sys.modules['flax.serialization']
-  buffers = serialization.from_state_dict(list(target.buffers),
-                                          state['buffers'])
-  rest = serialization.from_state_dict(list(target.rest), state['rest'])
-  return _layout.PackedTree(tuple(buffers), tuple(rest), target.layout)
-
-
-def _offloaded_to_dict(tree: _offload.OffloadedTree) -> dict[str, Any]:
-  serialization = sys.modules['flax.serialization']
-  return {'leaves': serialization.to_state_dict(list(tree.leaves))}
-
-
-def _offloaded_from_dict(target: _offload.OffloadedTree,
-                         state: dict[str, Any]) -> _offload.OffloadedTree:
-  serialization = sys.modules['flax.serialization']
-  leaves = serialization.from_state_dict(list(target.leaves), state['leaves'])
-  return _offload.OffloadedTree(tuple(leaves), target.treedef, target.dtypes)
-
-
-_REGISTERED: list[bool] = []
-
-
-class _AfterImport(importlib.abc.MetaPathFinder):
-  """Registers with ``flax.serialization`` right after it is imported.
-
-  A one-shot import hook: flax may be imported after emax and after the
-  states were built, and ``flax.serialization.to_bytes`` must still work.
-  """
-
-  def find_spec(self, name: str, path: Any = None,
-                target: Any = None) -> Any:
-    if name != 'flax.serialization':
-      return None
-    if self in sys.meta_path:
-      sys.meta_path.remove(self)
-    spec = importlib.util.find_spec(name)
-    loader = getattr(spec, 'loader', None)
-    if loader is None or not hasattr(loader, 'exec_module'):
-      return spec
-    run = loader.exec_module
-
-    def exec_module(module: Any) -> None:
-      run(module)
-      register_flax_serialization()
-
-    loader.exec_module = exec_module
-    return spec
-
-
-def _register_when_imported() -> None:
-  if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
-    sys.meta_path.insert(0, _AfterImport())
-
-
-def register_flax_serialization() -> None:
-  """Teaches ``flax.serialization`` emax's static parts, once flax is loaded.
-
-  emax never imports flax itself; when flax is already imported (any program
-  that could call ``flax.serialization.to_bytes``), this registers
-  :class:`StateInfo` and the packed layout so that states holding an
-  :class:`EmaState` round-trip through ``to_bytes`` / ``from_bytes``.
-  """
-  serialization = sys.modules.get('flax.serialization')
-  if _REGISTERED:
-    return
-  if serialization is None:
-    _register_when_imported()
-    return
-  serialization.register_serialization_state(
-      StateInfo, _info_to_dict, _info_from_dict, override=True)
-  serialization.register_serialization_state(
-      _layout.PackedTree, _packed_to_dict, _packed_from_dict, override=True)
-  serialization.register_serialization_state(
-      _offload.OffloadedTree, _offloaded_to_dict, _offloaded_from_dict,
-      override=True)
-  _REGISTERED.append(True)

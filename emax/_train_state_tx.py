@@ -2,51 +2,25 @@
 
 :meth:`EmaTrainState.create` gets the average in one of two ways: inside
 ``tx`` (``emax.with_ema``), or as ``ema`` beside a plain optimizer. Here that
-choice is checked and turned into the one ``tx`` the state runs (``tx``
-itself, or ``tx`` then ``ema`` with the state of :func:`emax.with_ema`),
-such that under ``optax.MultiSteps`` an average moves once per real step,
-never on micro-steps. :func:`on_real_steps` is that rule, for the params'
-average here and for the ``batch_stats`` average in ``emax.flax``.
+choice is checked and turned into the one ``tx`` the state runs: ``tx``
+itself, or ``emax.with_ema(tx, average=ema)``. Either way the average moves
+once per real step under ``optax.MultiSteps``, by the rule of
+:func:`emax.with_ema`.
 
 Plain optax and JAX: no flax here (``emax.flax`` holds the state itself).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import optax
-from jax import lax
 from optax import Params
 
 from emax import _state
-from emax import _tree
+from emax import _transform
 from emax._state import EmaState
-from emax._transform import WithEmaState
-
-T = TypeVar('T')
-
-
-def _is_multisteps(x: Any) -> bool:
-  return isinstance(x, optax.MultiStepsState)
-
-
-def on_real_steps(old: Any, new: Any, step: Callable[[], T],
-                  unchanged: T) -> T:
-  """``step()`` if the optimizer took a real step from ``old`` to ``new``.
-
-  Any optimizer but ``optax.MultiSteps`` takes a real step every time:
-  ``step()`` runs as it is. Under ``optax.MultiSteps`` (``old`` its state) a
-  ``lax.cond`` on whether its ``gradient_step`` moved gives ``step()`` on
-  real steps and ``unchanged`` on micro-steps.
-  """
-  if not _is_multisteps(old):
-    return step()
-  moved = new.gradient_step != old.gradient_step
-  return lax.cond(moved, step, lambda: unchanged)
 
 
 def check_ema(ema: Any, params: Params) -> None:
@@ -72,72 +46,32 @@ def check_ema(ema: Any, params: Params) -> None:
       ' e.g. tx=optax.adam(1e-3), ema=emax.ema(0.999).')
 
 
-@dataclasses.dataclass(frozen=True)
-class _Init:
-  optimizer: Any
-  ema: optax.GradientTransformation
-
-  def __call__(self, params: Params) -> WithEmaState:
-    inner = optax.with_extra_args_support(self.optimizer)
-    return WithEmaState(inner.init(params), self.ema.init(params))
+def _is_multisteps(x: Any) -> bool:
+  return isinstance(x, optax.MultiStepsState)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Update:
-  optimizer: Any
-  ema: optax.GradientTransformation
+def _check_accumulation(abstract: Any) -> None:
+  """Under ``optax.MultiSteps`` the average in ``tx`` must skip micro-steps.
 
-  def __call__(self, updates: optax.Updates, state: WithEmaState,
-               params: Optional[Params] = None, **extra_args: Any
-               ) -> tuple[optax.Updates, WithEmaState]:
-    if params is None:
-      raise ValueError(
-          'EmaTrainState\'s optimizer needs the params: call'
-          ' state.tx.update(grads, state.opt_state, state.params).')
-    inner = optax.with_extra_args_support(self.optimizer)
-    updates, inner_state = inner.update(updates, state.inner_state, params,
-                                        **extra_args)
-    updates, ema_state = on_real_steps(
-        state.inner_state, inner_state,
-        lambda: self.ema.update(updates, state.ema_state, params),
-        (updates, state.ema_state))
-    return updates, WithEmaState(inner_state, ema_state)
-
-
-def _average_after(optimizer: Any, ema: optax.GradientTransformation
-                   ) -> optax.GradientTransformationExtraArgs:
-  """``optimizer`` then ``ema``, as :func:`emax.with_ema` (same state type).
-
-  Under ``optax.MultiSteps`` the average moves only on real steps (when the
-  accumulated update is applied), never on micro-steps. Built from the same
-  ``optimizer`` and ``ema`` objects, two results compare equal: states made
-  by separate ``create`` calls share one tree structure, so a jitted step
-  compiles once and a restore target matches.
+  It does inside ``optax.MultiSteps(emax.with_ema(opt, d), k)`` and in
+  ``emax.with_ema(optax.MultiSteps(opt, k), d)``; anywhere else it would
+  move on every micro-step.
   """
-  return optax.GradientTransformationExtraArgs(_Init(optimizer, ema),
-                                               _Update(optimizer, ema))
-
-
-def _check_accumulation(abstract: Any, ema_given: bool) -> None:
-  """The average must move once per real step under ``optax.MultiSteps``."""
-  found = [x for x in jax.tree.leaves(abstract, is_leaf=_is_multisteps)
-           if _is_multisteps(x)]
-  if not found:
+  nodes = jax.tree.leaves(abstract, is_leaf=lambda x: _is_multisteps(x) or (
+      isinstance(x, _transform.WithEmaState)
+      and _is_multisteps(x.inner_state)))
+  if not any(_is_multisteps(x) for x in jax.tree.leaves(
+      abstract, is_leaf=_is_multisteps)):
     return
-  if ema_given:
-    if not _is_multisteps(abstract):
-      raise ValueError(
-          'tx holds an optax.MultiSteps inside another transformation, so'
-          ' EmaTrainState cannot tell micro-steps from real steps. Make'
-          ' MultiSteps the outermost: tx=optax.MultiSteps(opt, k), with'
-          ' ema=emax.ema(...).')
-    return
-  if not any(_state.all_states(ms.inner_opt_state) for ms in found):
+  covered = [s for x in nodes
+             if _is_multisteps(x) or isinstance(x, _transform.WithEmaState)
+             for s in _state.all_states(x)]
+  if len(covered) < len(_state.all_states(abstract)):
     raise ValueError(
         'The average sits outside optax.MultiSteps, so it would move on every'
-        ' micro-step. Put it inside: tx=optax.MultiSteps(emax.with_ema(opt,'
-        ' decay), k); or pass tx=optax.MultiSteps(opt, k) and'
-        ' ema=emax.ema(decay).')
+        ' micro-step. Use tx=emax.with_ema(optax.MultiSteps(opt, k), decay)'
+        ' (or optax.MultiSteps(emax.with_ema(opt, decay), k)); or pass'
+        ' tx=optax.MultiSteps(opt, k) and ema=emax.ema(decay).')
 
 
 def full_tx(tx: Any, ema: Optional[optax.GradientTransformation],
@@ -158,8 +92,7 @@ def full_tx(tx: Any, ema: Optional[optax.GradientTransformation],
           ' tx=emax.with_ema(opt, decay, ...) and no ema, or tx=opt and'
           ' ema=emax.ema(decay, ...) (needed to average batch_stats; for'
           ' gradient accumulation, tx=optax.MultiSteps(opt, k)).')
-    _check_accumulation(abstract, ema_given=True)
-    return _average_after(tx, ema)
+    return _transform.with_ema(tx, average=ema)
   if found == 0:
     raise ValueError(
         'EmaTrainState.create got a tx that holds no average and no ema. Pass'
@@ -178,25 +111,5 @@ def full_tx(tx: Any, ema: Optional[optax.GradientTransformation],
         ' ema=emax.ema(decay, ...) (the state then runs the average after'
         ' opt, as emax.with_ema does); or keep this tx and pass'
         ' batch_stats_policy=\'copy\' to evaluate with the live statistics.')
-  _check_accumulation(abstract, ema_given=False)
+  _check_accumulation(abstract)
   return tx
-
-
-def check_grads(params: Params, grads: Params) -> None:
-  """``grads`` must be shaped like ``params`` before the optimizer runs."""
-  pairs, missing, extra = _tree.leaves_by_key(
-      params, grads, is_leaf=lambda x: x is None)
-  if missing or extra:
-    raise ValueError(
-        'EmaTrainState.apply_gradients: grads do not match state.params'
-        f' (missing from grads: {missing}; not in state.params:'
-        f' {extra}). Pass the gradients with respect to state.params,'
-        ' e.g. jax.grad(loss_fn)(state.params).')
-  for key, p, g in pairs:
-    if p is None or g is None or jnp.shape(p) == jnp.shape(g):
-      continue
-    raise ValueError(
-        f'EmaTrainState.apply_gradients: grads leaf {key} has shape'
-        f' {jnp.shape(g)} but state.params has shape {jnp.shape(p)} there.'
-        ' Pass the gradients with respect to state.params, e.g.'
-        ' jax.grad(loss_fn)(state.params).')

@@ -1,13 +1,17 @@
-"""The optax doors onto the step: :func:`ema` and :func:`with_ema`."""
+"""The optax doors onto the step: :func:`ema`, and :func:`with_ema` (an
+optimizer, then an average of the params it produces, on real steps only)."""
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, NamedTuple, Optional
+import dataclasses
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional, TypeVar
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 from optax import Params
 
 from emax import _options
@@ -44,15 +48,16 @@ def _write_back(updates: Params, state: EmaState, params: Params,
   return jax.tree.map(leaf, updates, params, target, is_leaf=is_none)
 
 
-def ema(decay: _options.RateArg = None, *, step_size: _options.RateArg = None,
-        debias: bool = False, accumulator_dtype: Any = None,
+def ema(decay: Optional[_options.RatesLike] = None, *,
+        step_size: Optional[_options.RatesLike] = None, debias: bool = False,
+        accumulator_dtype: Optional[jax.typing.DTypeLike] = None,
         update_every: Optional[int] = None,
         first_update: Optional[int] = None,
         start_step: Optional[int] = None, per_update: bool = False,
         skip_nonfinite: bool = True, offload: bool = False,
         pack: bool | int = False, rounding: str = 'tensorflow',
         write_back_every: Optional[int] = None,
-        write_back: Optional[str] = None
+        write_back_name: Optional[str] = None
         ) -> optax.GradientTransformationExtraArgs:
   r"""Track exponential moving averages of the parameters.
 
@@ -75,7 +80,9 @@ def ema(decay: _options.RateArg = None, *, step_size: _options.RateArg = None,
     step_size: instead of ``decay``, the weight of the new params, ``1 - d``
       (``tau``, as ``optax.incremental_update`` and RL code take it), in the
       same forms. A Python float is turned into a float32 step size once, in
-      float64 on the host.
+      float64 on the host. A constant ``decay`` below 0.5 warns (it is most
+      often a step size written in the wrong place); pass it as
+      ``step_size=1 - decay`` to say it is meant.
     debias: start each average with zero weight and divide by the weight it
       has gathered when read (Adam-style bias correction), instead of
       starting it as a copy of the params (TensorFlow's default).
@@ -88,8 +95,8 @@ def ema(decay: _options.RateArg = None, *, step_size: _options.RateArg = None,
       steps stays that of averaging every step. Steps in between neither read
       the params nor write the average.
     first_update: the first averaging step (steps count from 1); averaging
-      steps are then ``first_update + j * update_every``. Default:
-      ``update_every``.
+      steps are then ``first_update + j * update_every``. Default (``None``
+      or ``0``, the grid's start before the first step): ``update_every``.
     start_step: the first ``start_step`` steps copy the params into the
       average; averaging begins after them (``None`` means 0).
     per_update: apply the decay (or step size) as given on each averaging
@@ -119,7 +126,8 @@ def ema(decay: _options.RateArg = None, *, step_size: _options.RateArg = None,
       the average in the params' dtype (exactly when the two are within a
       factor of two, else within one ulp). The optimizer's own state (e.g.
       Adam's moments) is left as it is.
-    write_back: with named averages, the name of the one to write back.
+    write_back_name: with named averages, the name of the one to write
+      back (required then, with ``write_back_every``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -154,13 +162,9 @@ def ema(decay: _options.RateArg = None, *, step_size: _options.RateArg = None,
   debias = _options.check_bool(debias, 'debias')
   acc = _options.check_accumulator_dtype(accumulator_dtype)
   _options.check_layout(pack, offload)
-  if write_back_every is not None:
-    write_back_every = _options.check_int(write_back_every,
-                                          'write_back_every', 1)
-  if write_back is not None and options.names is None:
-    raise ValueError(
-        f'write_back names an average ({write_back!r}), but there is a single'
-        ' unnamed one; leave write_back out.')
+  write_back_every = _options.check_write_back(
+      write_back_every, write_back_name, options.names)
+  _options.warn_if_step_size(decay)
 
   def init_fn(params: Params) -> EmaState:
     return _state.init(params, names=options.names, debias=debias,
@@ -179,10 +183,13 @@ def ema(decay: _options.RateArg = None, *, step_size: _options.RateArg = None,
                        finite=finite)
     if write_back_every is not None:
       updates = _write_back(updates, state, params, write_back_every,
-                            write_back)
+                            write_back_name)
     return updates, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+T = TypeVar('T')
 
 
 def _is_transformation(x: Any) -> bool:
@@ -190,14 +197,40 @@ def _is_transformation(x: Any) -> bool:
       x, type)
 
 
-_EMA_DEFAULTS = {
-    name: p.default for name, p in inspect.signature(ema).parameters.items()
-    if p.kind == inspect.Parameter.KEYWORD_ONLY}
+def _is_multisteps(x: Any) -> bool:
+  return isinstance(x, optax.MultiStepsState)
 
 
-def _is_default(value: Any, default: Any) -> bool:
-  return value is default or (type(value) is type(default) and
-                              value == default)
+def on_real_steps(old: Any, new: Any, step: Callable[[], T],
+                  unchanged: T) -> T:
+  """``step()`` if the optimizer took a real step from state ``old`` to ``new``.
+
+  Any optimizer but ``optax.MultiSteps`` takes a real step every time:
+  ``step()`` runs as it is. Under ``optax.MultiSteps`` (``old`` its state) a
+  ``lax.cond`` on whether its ``gradient_step`` moved gives ``step()`` on
+  real steps and ``unchanged`` on micro-steps.
+  """
+  if not _is_multisteps(old):
+    return step()
+  moved = new.gradient_step != old.gradient_step
+  return lax.cond(moved, step, lambda: unchanged)
+
+
+def check_real_steps(inner_state: Any) -> None:
+  """The average must be able to tell real steps from micro-steps.
+
+  An ``optax.MultiSteps`` anywhere but at the top of the optimizer's state
+  would hide its micro-steps from :func:`on_real_steps`: refused.
+  """
+  if _is_multisteps(inner_state):
+    return
+  if any(_is_multisteps(x) for x in jax.tree.leaves(
+      inner_state, is_leaf=_is_multisteps)):
+    raise ValueError(
+        'The optimizer holds optax.MultiSteps inside another transformation,'
+        ' so its average cannot tell micro-steps from real steps and would'
+        ' move on every micro-step. Make MultiSteps the outermost'
+        ' transformation of the optimizer: optax.MultiSteps(opt, k).')
 
 
 class WithEmaState(NamedTuple):
@@ -205,51 +238,94 @@ class WithEmaState(NamedTuple):
 
   Attributes:
     inner_state: the wrapped optimizer's state.
-    ema_state: the :class:`emax.EmaState` of the averages.
+    ema_state: the state of the averages: an :class:`emax.EmaState` (or the
+      state of the averaging transformation given as ``average``).
   """
 
   inner_state: optax.OptState
-  ema_state: EmaState
+  ema_state: optax.OptState
+
+
+def check_average(average: Any, where: str) -> None:
+  """``average`` must be an averaging transformation (``emax.ema``...)."""
+  if not isinstance(average, optax.GradientTransformation):
+    raise TypeError(
+        f'{where} expected average to be an averaging transformation such as'
+        f' emax.ema(0.999) or emax.bema(), got {type(average).__name__}'
+        ' instead. Pass a decay as decay=, a transformation as average=.')
+
+
+@dataclasses.dataclass(frozen=True)
+class _Init:
+  optimizer: optax.GradientTransformation
+  average: optax.GradientTransformation
+
+  def __call__(self, params: Params) -> WithEmaState:
+    inner_state = optax.with_extra_args_support(self.optimizer).init(params)
+    check_real_steps(inner_state)
+    return WithEmaState(inner_state, self.average.init(params))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Update:
+  optimizer: optax.GradientTransformation
+  average: optax.GradientTransformation
+
+  def __call__(self, updates: optax.Updates, state: WithEmaState,
+               params: Optional[Params] = None, **extra_args: Any
+               ) -> tuple[optax.Updates, WithEmaState]:
+    _state.require_params(params, 'emax.with_ema')
+    _tree.check_updates(params, updates)  # before the optimizer's own error
+    inner = optax.with_extra_args_support(self.optimizer)
+    average = optax.with_extra_args_support(self.average)
+    new_updates, inner_state = inner.update(updates, state.inner_state,
+                                            params, **extra_args)
+    new_updates, ema_state = on_real_steps(
+        state.inner_state, inner_state,
+        lambda: average.update(new_updates, state.ema_state, params,
+                               **extra_args),
+        (new_updates, state.ema_state))
+    return new_updates, WithEmaState(inner_state, ema_state)
 
 
 def with_ema(optimizer: optax.GradientTransformation,
-             decay: Any = None, *, step_size: _options.RateArg = None,
-             debias: bool = False, accumulator_dtype: Any = None,
-             update_every: Optional[int] = None,
-             first_update: Optional[int] = None,
-             start_step: Optional[int] = None, per_update: bool = False,
-             skip_nonfinite: bool = True, offload: bool = False,
-             pack: bool | int = False, rounding: str = 'tensorflow',
-             write_back_every: Optional[int] = None,
-             write_back: Optional[str] = None
-             ) -> optax.GradientTransformationExtraArgs:
+             decay: Optional[_options.RatesLike] = None, *,
+             step_size: Optional[_options.RatesLike] = None,
+             average: Optional[optax.GradientTransformation] = None,
+             **options: Any) -> optax.GradientTransformationExtraArgs:
   """``optimizer`` followed by averages of the params it produces.
 
-  The safe way to add an average to an optimizer: it runs
-  ``optimizer.update`` and then averages ``params + updates``, the params
-  after the step, so it cannot be placed before a transformation that
-  changes the updates. Same as ``optax.chain(optimizer, emax.ema(decay,
-  **options))`` placed right, with a state that says what it holds.
+  The way to add an average to an optimizer: it runs ``optimizer.update``
+  and then averages ``params + updates``, the params after the step, so it
+  cannot be placed before a transformation that changes the updates. Under
+  ``optax.MultiSteps`` (as ``optimizer``, or around the result) the average
+  moves once per real step, never on micro-steps.
 
   Args:
     optimizer: any optax ``GradientTransformation`` (extra arguments of its
-      ``update``, e.g. ``value`` for line searches, are passed through).
-    decay: as :func:`emax.ema` (a float, 0-d array, schedule, or a mapping
-      for named averages); or an averaging transformation built by
-      :func:`emax.ema` or :func:`emax.bema`, used as it is.
-    step_size: see :func:`emax.ema`; likewise every other option: debias,
-      accumulator_dtype, update_every, first_update, start_step,
-      per_update, skip_nonfinite, offload, pack, rounding,
-      write_back_every, write_back.
+      ``update``, e.g. ``value`` for line searches, are passed through; so
+      is ``finite=``, to the average).
+    decay: as :func:`emax.ema`: a float, 0-d array, schedule, or a mapping
+      ``{name: decay}`` for named averages.
+    step_size: instead of ``decay``, as :func:`emax.ema`.
+    average: instead of ``decay`` or ``step_size`` and the options, an
+      averaging transformation used as it is: ``emax.ema(...)`` or
+      ``emax.bema(...)``.
+    **options: the options of :func:`emax.ema` (``debias``,
+      ``update_every``, ``write_back_every``...), stated there once.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
     :class:`emax.WithEmaState`; :func:`emax.ema_params` (and
-    :func:`emax.bema_params`) read it directly.
+    :func:`emax.bema_params`) read it directly. Built twice from the same
+    ``optimizer`` and ``average`` objects, the results compare equal.
 
   Raises:
-    TypeError: if ``optimizer`` is not an optax transformation; otherwise as
-      :func:`emax.ema`.
+    TypeError: if ``optimizer`` is not an optax transformation, ``average``
+      is not one or comes with a decay or options, or an option is unknown;
+      otherwise as :func:`emax.ema`.
+    ValueError: (at ``init``) if ``optimizer`` holds an ``optax.MultiSteps``
+      below its top, where micro-steps cannot be told from real steps.
 
   Examples:
     >>> import jax.numpy as jnp, optax, emax
@@ -260,46 +336,26 @@ def with_ema(optimizer: optax.GradientTransformation,
     ...                                opt_state, params)
     >>> emax.ema_params(opt_state)['w']
     Array([0.99, 1.99], dtype=float32)
+    >>> tx = emax.with_ema(optax.sgd(0.1), average=emax.bema(burn_in=10))
   """
   if not _is_transformation(optimizer):
     raise TypeError(
         'emax.with_ema expected an optax optimizer (a GradientTransformation'
         f' such as optax.adam(1e-3)), got {type(optimizer).__name__} instead.')
-  inner = optax.with_extra_args_support(optimizer)
-  options = dict(
-      step_size=step_size, debias=debias, accumulator_dtype=accumulator_dtype,
-      update_every=update_every, first_update=first_update,
-      start_step=start_step, per_update=per_update,
-      skip_nonfinite=skip_nonfinite, offload=offload, pack=pack,
-      rounding=rounding, write_back_every=write_back_every,
-      write_back=write_back)
-  if _is_transformation(decay):
-    given = sorted(k for k, v in options.items()
-                   if not _is_default(v, _EMA_DEFAULTS[k]))
+  if average is None:
+    if _is_transformation(decay):
+      raise TypeError(
+          'emax.with_ema got a transformation as decay; pass it as average:'
+          ' emax.with_ema(opt, average=emax.bema()).')
+    average = ema(decay, step_size=step_size, **options)
+  else:
+    check_average(average, 'emax.with_ema')
+    given = [k for k, v in (('decay', decay), ('step_size', step_size))
+             if v is not None] + sorted(options)
     if given:
       raise TypeError(
-          'emax.with_ema got an averaging transformation and options'
-          f' {given}; give the options to the transformation itself,'
-          ' e.g. emax.with_ema(opt, emax.bema(burn_in=100)).')
-    average: Any = decay
-  else:
-    average = ema(decay, **options)
-
-  def init_fn(params: Params) -> WithEmaState:
-    return WithEmaState(inner.init(params), average.init(params))
-
-  def update_fn(updates: optax.Updates, state: WithEmaState,
-                params: Optional[Params] = None,
-                **extra_args: Any) -> tuple[optax.Updates, WithEmaState]:
-    if params is None:
-      raise ValueError(
-          'emax.with_ema needs the params: call tx.update(grads, opt_state,'
-          ' params). The average follows params + updates.')
-    _tree.check_updates(params, updates)  # before the optimizer's own error
-    updates, inner_state = inner.update(updates, state.inner_state, params,
-                                        **extra_args)
-    updates, ema_state = optax.with_extra_args_support(average).update(
-        updates, state.ema_state, params, **extra_args)
-    return updates, WithEmaState(inner_state, ema_state)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+          f'emax.with_ema got average= and also {given}; give those to the'
+          ' averaging transformation itself, e.g. emax.with_ema(opt,'
+          ' average=emax.ema(0.999, debias=True)).')
+  return optax.GradientTransformationExtraArgs(_Init(optimizer, average),
+                                               _Update(optimizer, average))

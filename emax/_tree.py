@@ -218,23 +218,28 @@ def check_matches(shapes: Params, params: Params,
           ' change kind; re-initialise the EMA state if it must.')
 
 
-def check_updates(params: Params, updates: Params) -> None:
-  """Checks that ``updates`` fit ``params`` (``None`` leaves allowed)."""
+UPDATES_FIX = ('The updates must be shaped like the params, as the optimizer'
+               ' returns them (None where a param gets no update).')
+
+
+def check_updates(params: Params, updates: Params, what: str = 'updates',
+                  fix: str = UPDATES_FIX) -> None:
+  """Checks that ``updates`` (or grads: ``what``) fit ``params``.
+
+  ``None`` leaves are allowed on either side. Raises a ``ValueError`` that
+  names the leaf path and ends with ``fix``.
+  """
   is_none = lambda x: x is None  # noqa: E731
-  _check_structure(
-      params, updates, 'updates', 'the params',
-      'The updates must be shaped like the params, as the optimizer returns'
-      ' them (None where a param gets no update).', none_leaves=True)
+  _check_structure(params, updates, what, 'the params', fix,
+                   none_leaves=True)
   flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)[0]
   for (path, p), u in zip(flat, jax.tree.leaves(updates, is_leaf=is_none)):
     if p is None or u is None:
       continue
     if jnp.shape(p) != jnp.shape(u):
       raise ValueError(
-          f'updates leaf {jax.tree_util.keystr(path)} has shape'
-          f' {jnp.shape(u)} but the param has shape {jnp.shape(p)}. The'
-          ' updates must be shaped like the params (what the optimizer'
-          ' returns).')
+          f'{what} leaf {jax.tree_util.keystr(path)} has shape'
+          f' {jnp.shape(u)} but the param has shape {jnp.shape(p)}. {fix}')
 
 
 def promote(a: Any, b: Any) -> Any:

@@ -11,8 +11,8 @@ routes, pick one:
   ``emax.ema_params(state.opt_state)`` (no batch_stats average).
 
 Both states round-trip through ``flax.serialization.to_bytes`` /
-``from_bytes`` (importing this module teaches ``flax.serialization`` the
-static parts of an :class:`emax.EmaState`).
+``from_bytes`` (every emax state is made of named tuples and arrays, which
+flax serializes as they are).
 
 :func:`recompute_batch_stats` recomputes BatchNorm statistics for averaged
 weights from data, as ``torch.optim.swa_utils.update_bn`` does.
@@ -43,6 +43,8 @@ from emax import _read
 from emax import _state
 from emax import _step
 from emax import _train_state_tx
+from emax import _transform
+from emax import _tree
 from emax._state import EmaState
 
 __all__ = (
@@ -52,7 +54,6 @@ __all__ = (
 
 POLICIES = _options.BATCH_STATS_POLICIES
 
-_state.register_flax_serialization()
 
 
 class EmaTrainState(train_state.TrainState):
@@ -229,12 +230,15 @@ class EmaTrainState(train_state.TrainState):
           ' created without them. Pass batch_stats=variables["batch_stats"]'
           ' to EmaTrainState.create.')
     bs_ema = _batch_stats.checked(self.batch_stats_ema)
-    _train_state_tx.check_grads(self.params, grads)
+    _tree.check_updates(
+        self.params, grads, 'grads',
+        'Pass the gradients with respect to state.params, e.g.'
+        ' jax.grad(loss_fn)(state.params).')
     new = super().apply_gradients(grads=grads, **kwargs)
     if batch_stats is None:
       return new
     if bs_ema is not None and self.ema_tx is not None:
-      batch_stats, bs_ema = _train_state_tx.on_real_steps(
+      batch_stats, bs_ema = _transform.on_real_steps(
           getattr(self.opt_state, 'inner_state', None),
           getattr(new.opt_state, 'inner_state', None),
           functools.partial(_batch_stats.average, self.ema_tx, batch_stats,
@@ -257,7 +261,7 @@ class EmaTrainState(train_state.TrainState):
         name_hint='This property takes no name: read one with'
         ' state.eval_variables(name=...)["params"].')
 
-  def eval_variables(self, name: Optional[str] = None) -> dict:
+  def eval_variables(self, name: Optional[str] = None) -> dict[str, Params]:
     """The variables to evaluate with: ``{'params': average, ...}``.
 
     Args:

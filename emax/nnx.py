@@ -32,7 +32,6 @@ __all__ = (
 
 M = TypeVar('M')
 
-_state.register_flax_serialization()
 
 
 def _check_optimizer(optimizer: nnx.Optimizer, where: str) -> None:

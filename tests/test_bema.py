@@ -97,7 +97,7 @@ def test_nan_step_moves_neither_ema_nor_snapshot():
 
 def test_bema_params_in_params_dtype_and_errors():
   params = {'w': jnp.ones(4, jnp.bfloat16), 'i': jnp.arange(2)}
-  tx = emax.with_ema(optax.sgd(0.5), emax.bema())
+  tx = emax.with_ema(optax.sgd(0.5), average=emax.bema())
   opt_state = tx.init(params)
   grads = {'w': jnp.ones(4, jnp.bfloat16), 'i': None}
   updates, opt_state = tx.update(grads, opt_state, params)
@@ -111,5 +111,7 @@ def test_bema_params_in_params_dtype_and_errors():
     emax.bema(decay=0.9)
   with pytest.raises(ValueError, match='rho must be a finite number > 0'):
     emax.bema(rho=0.0)
-  with pytest.raises(TypeError, match='give the options to the transformation'):
-    emax.with_ema(optax.sgd(0.1), emax.bema(), debias=True)
+  with pytest.raises(TypeError, match=r"average= and also \['debias'\]"):
+    emax.with_ema(optax.sgd(0.1), average=emax.bema(), debias=True)
+  with pytest.raises(TypeError, match='pass it as average'):
+    emax.with_ema(optax.sgd(0.1), emax.bema())

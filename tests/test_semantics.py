@@ -518,8 +518,8 @@ def test_write_back_moves_params_onto_the_average(scale):
         close = (np.abs(a) <= 2 * np.abs(old)) & (np.abs(old) <= 2 * np.abs(a))
         close &= np.sign(a) == np.sign(old)
         assert np.all(p[close] == a[close]), k
-  with pytest.raises(ValueError, match='write_back names an average'):
-    emax.ema(0.9, write_back='fast')
+  with pytest.raises(ValueError, match='write_back_name=.fast. names an'):
+    emax.ema(0.9, write_back_every=2, write_back_name='fast')
 
 
 def test_metrics_values_and_one_compile():
