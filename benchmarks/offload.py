@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 import emax
 from benchmarks import peers
+from benchmarks import rows
 from benchmarks import timing
 from benchmarks import trees
 
@@ -53,8 +54,7 @@ def _round_trip_runner(params):
     on_device = jax.device_put(host, jax.memory.Space.Device)
     return jax.device_put(on_device, jax.memory.Space.Host)
 
-  return timing.Runner('round trip (device_put there and back)', step,
-                       info=dict(compile_s=0.0))
+  return timing.Runner(rows.ROUND_TRIP, step, info=dict(compile_s=0.0))
 
 
 def offload(ctx) -> dict:
@@ -64,7 +64,7 @@ def offload(ctx) -> dict:
   out = dict(device=f'{device.platform} ({device.device_kind})',
              memories=kinds, sizes=[])
   if 'pinned_host' not in kinds:
-    ctx.skip('offload', 'offload', '(whole section)',
+    ctx.skip('offload', 'offload', rows.WHOLE_SECTION,
              f'{device.platform} has no pinned_host memory (has {kinds})')
     return out
   ctx.log(f'\noffload: {out["device"]}, memories {kinds}')
@@ -73,30 +73,31 @@ def offload(ctx) -> dict:
     params = _params(n)
     table = f'offload, {n:,} params'
     builders = [
-        ('device', lambda p=params: _step_runner('device', p)),
-        ('offload', lambda p=params: _step_runner('offload', p,
-                                                  offload=True)),
-        ('offload, update_every=4', lambda p=params: _step_runner(
-            'offload, update_every=4', p, offload=True, update_every=4)),
-        ('round trip', lambda p=params: _round_trip_runner(p)),
+        (rows.ON_DEVICE, lambda p=params: _step_runner(rows.ON_DEVICE, p)),
+        (rows.OFFLOAD, lambda p=params: _step_runner(rows.OFFLOAD, p,
+                                                     offload=True)),
+        (rows.OFFLOAD_UPDATE_EVERY, lambda p=params: _step_runner(
+            rows.OFFLOAD_UPDATE_EVERY, p, offload=True, update_every=4)),
+        (rows.ROUND_TRIP, lambda p=params: _round_trip_runner(p)),
     ]
     runners = []
-    for row, build in builders:
-      r = ctx.build('offload', table, peers.Impl(row, build))
+    for name, build in builders:
+      r = ctx.build('offload', table, peers.Impl(name, build))
       if r is not None:
         runners.append(r)
     times = ctx.measure(runners)
-    rows = []
+    table_rows = []
     nbytes = 4 * n
     for r in runners:
       row = dict(impl=r.name, **timing.summary(times[r.name]),
                  compile_s=r.info.get('compile_s'))
-      if r.name.startswith('round trip'):
+      if r.name == rows.ROUND_TRIP:
         row['transfer_gbps'] = 2 * nbytes / (row['median_ms'] / 1e3) / 1e9
-      if 'device' in times and r.name != 'device':
-        row['added'] = timing.paired_diff(times[r.name], times['device'])
-      rows.append(row)
+      if rows.ON_DEVICE in times and r.name != rows.ON_DEVICE:
+        row['added'] = timing.paired_diff(times[r.name],
+                                          times[rows.ON_DEVICE])
+      table_rows.append(row)
       ctx.log(f"  {n:>12,} {r.name:<40} {row['median_ms']:9.3f} ms")
-    out['sizes'].append(dict(params=n, mbytes=nbytes / 1e6, rows=rows))
+    out['sizes'].append(dict(params=n, mbytes=nbytes / 1e6, rows=table_rows))
     del runners, times, params, builders
   return out

@@ -1,19 +1,18 @@
 """The implementations the suite compares: registries of rows.
 
-Each table of the suite is a registry here; a row is one entry. To add a row,
-write a builder and register it (see the ``HOOKS`` section at the end for the
-rows of features that may not exist yet)::
+Each table of the suite is a registry here; a row is one entry, registered
+under its name from :mod:`benchmarks.rows`. To add a row, name it there,
+then write a builder and register it::
 
-  @update_impl('emax.update, my variant', requires=lambda: None)
+  @update_impl(rows.MY_VARIANT)
   def _mine(tree):
-    return jax_runner('emax.update, my variant',
+    return jax_runner(rows.MY_VARIANT,
                       lambda s, p: emax.update(s, p, DECAY, mine=True),
                       emax.init(tree.params), tree.params, unit=tree.unit)
 
 A builder returns a :class:`timing.Runner`, or raises :class:`Skip` with the
-reason the row cannot run here (printed and listed in the results). A
-``requires`` callable returns such a reason before anything is built (e.g. a
-keyword the installed emax does not have yet), or None. The registries:
+reason the row cannot run here (e.g. torch is not installed; printed and
+listed in the results). The registries:
 
 * ``UPDATES``: the per-tree tables (one EMA step on a param tree).
 * ``OPTIONS``: ``emax.ema`` options, standalone ``tx.update``.
@@ -30,7 +29,6 @@ params)`` averages ``params + updates``); ``'none'`` moves nothing useful
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import sys
 from typing import Any, Callable
@@ -41,9 +39,9 @@ import numpy as np
 import optax
 
 import emax
+from benchmarks import rows
 from benchmarks import timing
 from benchmarks.trees import tree_bytes
-from emax import _numerics as emax_numerics
 
 DECAY = 0.999
 TORCH = dict(disabled=False)  # --no-torch sets it
@@ -53,37 +51,12 @@ class Skip(Exception):
   """A row that cannot run here; the message says why."""
 
 
-def accepts(fn: Callable, name: str) -> bool:
-  """Whether ``fn`` takes a parameter ``name`` (feature detection)."""
-  try:
-    return name in inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    return False
-
-
-def needs(fn_name: str, param: str | None = None) -> Callable[[], str | None]:
-  """A ``requires`` check: ``emax.<fn_name>`` exists (and takes ``param``)."""
-  def check():
-    fn = getattr(emax, fn_name, None)
-    if fn is None:
-      return f'emax.{fn_name} does not exist in this emax'
-    if param is not None and not accepts(fn, param):
-      return f'emax.{fn_name} has no {param!r} argument in this emax'
-    return None
-  return check
-
-
-def _always():
-  return None
-
-
 @dataclasses.dataclass(frozen=True)
 class Impl:
   """A registered row: ``build(arg) -> timing.Runner``."""
   name: str
   build: Callable[..., timing.Runner]
   kind: str = 'update'
-  requires: Callable[[], str | None] = _always
   where: Callable[[Any], bool] = lambda tree: True  # which trees
   extra: dict = dataclasses.field(default_factory=dict)
 
@@ -94,10 +67,10 @@ TRAIN: list[Impl] = []
 AVERAGES: list[Impl] = []
 
 
-def _register(registry, name, kind='update', requires=_always,
-              where=lambda tree: True, **extra):
+def _register(registry, name, kind='update', where=lambda tree: True,
+              **extra):
   def deco(build):
-    registry.append(Impl(name, build, kind, requires, where, extra))
+    registry.append(Impl(name, build, kind, where, extra))
     return build
   return deco
 
@@ -217,28 +190,34 @@ def _many(tree):
   return tree.many_leaves
 
 
-@update_impl('emax.update')
+def _update_runner(name, tree, state, **kw):
+  return jax_runner(name, lambda s, p: emax.update(s, p, DECAY, **kw), state,
+                    tree.params, unit=tree.unit)
+
+
+@update_impl(rows.EMAX_UPDATE)
 def _emax_update(tree):
-  return jax_runner('emax.update', lambda s, p: emax.update(s, p, DECAY),
-                    emax.init(tree.params), tree.params, unit=tree.unit)
+  return _update_runner(rows.EMAX_UPDATE, tree, emax.init(tree.params))
 
 
-@update_impl('emax.update skip_nonfinite=False')
+@update_impl(rows.EMAX_UPDATE_UNGUARDED)
 def _emax_update_unguarded(tree):
   # The arithmetic alone (TensorFlow's two roundings), without the NaN
-  # guard's extra read of the params: what target 6 compares.
-  return jax_runner('emax.update skip_nonfinite=False',
-                    lambda s, p: emax.update(s, p, DECAY,
-                                             skip_nonfinite=False),
-                    emax.init(tree.params), tree.params, unit=tree.unit)
+  # guard's extra read of the params.
+  return _update_runner(rows.EMAX_UPDATE_UNGUARDED, tree,
+                        emax.init(tree.params), skip_nonfinite=False)
 
 
-@update_impl('emax.update pack=True')
+@update_impl(rows.EMAX_UPDATE_PACKED)
 def _emax_update_packed(tree):
-  return jax_runner('emax.update pack=True',
-                    lambda s, p: emax.update(s, p, DECAY),
-                    emax.init(tree.params, pack=True), tree.params,
-                    unit=tree.unit)
+  return _update_runner(rows.EMAX_UPDATE_PACKED, tree,
+                        emax.init(tree.params, pack=True))
+
+
+@update_impl(rows.EMAX_UPDATE_LERP)
+def _emax_update_lerp(tree):
+  return _update_runner(rows.EMAX_UPDATE_LERP, tree, emax.init(tree.params),
+                        rounding='lerp', skip_nonfinite=False)
 
 
 def _ema_tx(tree, name, **kw):
@@ -248,18 +227,17 @@ def _ema_tx(tree, name, **kw):
                     unit=tree.unit)
 
 
-@update_impl('emax.ema tx.update', kind='transform')
+@update_impl(rows.EMA_TX, kind='transform')
 def _emax_ema_default(tree):
-  return _ema_tx(tree, 'emax.ema tx.update')
+  return _ema_tx(tree, rows.EMA_TX)
 
 
-@update_impl('emax.ema(skip_nonfinite=False) tx.update', kind='transform')
+@update_impl(rows.EMA_TX_UNGUARDED, kind='transform')
 def _emax_ema_unguarded(tree):
-  return _ema_tx(tree, 'emax.ema(skip_nonfinite=False) tx.update',
-                 skip_nonfinite=False)
+  return _ema_tx(tree, rows.EMA_TX_UNGUARDED, skip_nonfinite=False)
 
 
-@update_impl('optax.apply_updates + incremental_update', kind='transform')
+@update_impl(rows.OPTAX_APPLY_INCREMENTAL, kind='transform')
 def _optax_apply_incremental(tree):
   c = jnp.float32(1 - DECAY)
 
@@ -268,9 +246,8 @@ def _optax_apply_incremental(tree):
     return optax.incremental_update(
         jax.tree.map(lambda x, a: x.astype(a.dtype), new, avg), avg, c)
 
-  return jax_runner('optax.apply_updates + incremental_update', step,
-                    acc_copy(tree.params), tree.updates, tree.params,
-                    unit=tree.unit)
+  return jax_runner(rows.OPTAX_APPLY_INCREMENTAL, step, acc_copy(tree.params),
+                    tree.updates, tree.params, unit=tree.unit)
 
 
 def _lerp(avg, p):
@@ -279,111 +256,82 @@ def _lerp(avg, p):
       lambda a, x: a - c.astype(a.dtype) * (a - x.astype(a.dtype)), avg, p)
 
 
-def _check_runner(name, leaves_of, tree, *args):
-  """The NaN guard's own pass, alone: emax's finiteness check over the new
-  params (``p`` for the pure update, ``p + u`` computed inside the reduction
-  for ``tx.update``), timed as a row so that its cost can be added to the
-  guard-off step (the floor of any exact guard, see benchmarks.targets)."""
-  def fn(s, *a):
-    return s + emax_numerics.all_finite(leaves_of(*a)).astype(s.dtype)
-  return jax_runner(name, fn, jnp.zeros([], jnp.float32), *args,
-                    unit=tree.unit)
-
-
-@update_impl('one read of p and u: sum(p) + sum(u)', kind='none')
+@update_impl(rows.READ_PARAMS_UPDATES, kind='none')
 def _read_params_updates(tree):
-  """The least an exact guard must add to a standalone ``tx.update``: one
-  read-only pass over ``p`` and ``u`` (plain sums, nothing written)."""
+  """The least an exact NaN guard must add to a standalone ``tx.update``:
+  one read-only pass over ``p`` and ``u`` (plain sums, nothing written)."""
   def fn(s, u, p):
     sums = [jnp.sum(x) for x in jax.tree.leaves((u, p))]
     return s + sum(sums).astype(s.dtype)
-  return jax_runner('one read of p and u: sum(p) + sum(u)', fn,
-                    jnp.zeros([], jnp.float32), tree.updates, tree.params,
-                    unit=tree.unit)
+  return jax_runner(rows.READ_PARAMS_UPDATES, fn, jnp.zeros([], jnp.float32),
+                    tree.updates, tree.params, unit=tree.unit)
 
 
-@update_impl("the guard's pass alone: check p", kind='none')
-def _check_params(tree):
-  return _check_runner("the guard's pass alone: check p",
-                       lambda p: jax.tree.leaves(p), tree, tree.params)
-
-
-@update_impl("the guard's pass alone: check p + u", kind='none')
-def _check_params_updates(tree):
-  return _check_runner(
-      "the guard's pass alone: check p + u",
-      lambda u, p: jax.tree.leaves(optax.apply_updates(p, u)), tree,
-      tree.updates, tree.params)
-
-
-@update_impl('tree.map lerp, donated')
+@update_impl(rows.LERP_DONATED)
 def _lerp_donated(tree):
-  return jax_runner('tree.map lerp, donated', _lerp, acc_copy(tree.params),
+  return jax_runner(rows.LERP_DONATED, _lerp, acc_copy(tree.params),
                     tree.params, unit=tree.unit)
 
 
-@update_impl('tree.map lerp, not donated')
+@update_impl(rows.LERP_NOT_DONATED)
 def _lerp_not_donated(tree):
-  return jax_runner('tree.map lerp, not donated', _lerp,
-                    acc_copy(tree.params), tree.params, unit=tree.unit,
-                    donate=False)
+  return jax_runner(rows.LERP_NOT_DONATED, _lerp, acc_copy(tree.params),
+                    tree.params, unit=tree.unit, donate=False)
 
 
-@update_impl('optax.incremental_update')
+@update_impl(rows.OPTAX_INCREMENTAL)
 def _optax_incremental(tree):
   c = jnp.float32(1 - DECAY)
   return jax_runner(
-      'optax.incremental_update',
+      rows.OPTAX_INCREMENTAL,
       lambda s, p: optax.incremental_update(
           jax.tree.map(lambda x, a: x.astype(a.dtype), p, s), s, c),
       acc_copy(tree.params), tree.params, unit=tree.unit)
 
 
-@update_impl('optax.ema on params')
+@update_impl(rows.OPTAX_EMA)
 def _optax_ema(tree):
   tx = optax.ema(DECAY)
   # The carried state holds the returned "updates" (the average) too, so
   # that the donated input and the output have the same structure.
   state = (jax.tree.map(jnp.zeros_like, acc_copy(tree.params)),
            tx.init(acc_copy(tree.params)))
-  return jax_runner('optax.ema on params',
+  return jax_runner(rows.OPTAX_EMA,
                     lambda s, p: tx.update(acc_copy(p), s[1]), state,
                     tree.params, unit=tree.unit)
 
 
-@update_impl('torch._foreach_lerp_')
+@update_impl(rows.TORCH_LERP)
 def _torch_lerp(tree):
-  name = 'torch._foreach_lerp_'
+  name = rows.TORCH_LERP
   if np.dtype(tree.dtype) != np.float32:
     name += ' (f32 params)'
-  r = torch_lerp_runner(name, tree.np_params, backend=tree.backend,
-                        threads=tree.threads, cooldown_s=tree.cooldown_s)
-  r.info['row'] = 'torch._foreach_lerp_'
-  return r
+  return torch_lerp_runner(name, tree.np_params, backend=tree.backend,
+                           threads=tree.threads, cooldown_s=tree.cooldown_s)
 
 
-@update_impl('jitted identity over the leaves', kind='none', where=_many)
+@update_impl(rows.IDENTITY, kind='none', where=_many)
 def _identity(tree):
   """XLA's per-buffer floor: a donated identity over every leaf."""
-  return jax_runner('jitted identity over the leaves', lambda s: s,
-                    acc_copy(tree.params), unit=tree.unit)
+  return jax_runner(rows.IDENTITY, lambda s: s, acc_copy(tree.params),
+                    unit=tree.unit)
 
 
-@update_impl('stacked into one array: emax.update', where=_many)
+@update_impl(rows.STACKED, where=_many)
 def _stacked(tree):
   """The same params as one (leaves, size) array, as stacked layers hold them
   (``nn.scan``, ``vmap``-ed init): one buffer instead of thousands."""
   stacked = jnp.asarray(np.stack(list(tree.np_params.values())))
-  return jax_runner('stacked into one array: emax.update',
-                    lambda s, p: emax.update(s, p, DECAY), emax.init(stacked),
-                    stacked, unit=tree.unit)
+  return jax_runner(rows.STACKED, lambda s, p: emax.update(s, p, DECAY),
+                    emax.init(stacked), stacked, unit=tree.unit)
 
 
 # ----------------------------------------------- OPTIONS: emax.ema options
 # Builders take a `trees.Tree` and return a runner of standalone tx.update.
 
 
-def _option(name, steps_per_call=1, **kw):
+def _option(name, steps_per_call=1, baseline=False, **kw):
+  """Registers the row ``name``: ``emax.ema(DECAY, **kw)``'s tx.update."""
   def build(tree):
     tx = emax.ema(**({'decay': DECAY} | kw))
 
@@ -395,17 +343,17 @@ def _option(name, steps_per_call=1, **kw):
     return jax_runner(name, calls, tx.init(tree.params), tree.updates,
                       tree.params, unit=tree.unit,
                       steps_per_call=steps_per_call)
-  return build
+  option_impl(name, baseline=baseline)(build)
 
 
-option_impl('skip_nonfinite=False', baseline=True)(
-    _option('skip_nonfinite=False', skip_nonfinite=False))
-option_impl('skip_nonfinite=True (default)')(
-    _option('skip_nonfinite=True (default)'))
-option_impl('debias=True')(_option('debias=True', debias=True))
-option_impl('update_every=4')(
-    _option('update_every=4', steps_per_call=4, update_every=4))
-option_impl('pack=True')(_option('pack=True', pack=True))
+_option(rows.OPT_UNGUARDED, baseline=True, skip_nonfinite=False)
+_option(rows.OPT_DEFAULT)
+_option(rows.OPT_DEBIAS, debias=True)
+_option(rows.OPT_UPDATE_EVERY, steps_per_call=4, update_every=4)
+_option(rows.OPT_PACK, pack=True)
+_option(rows.OPT_ROUNDING_LERP, rounding='lerp')
+_option(rows.OPT_ROUNDING_OPTAX, rounding='optax')
+_option(rows.OPT_STEP_SIZE, decay=None, step_size=1 - DECAY)
 
 
 # ------------------------------------------------- TRAIN: jitted Adam step
@@ -417,11 +365,14 @@ def _adam():
   return optax.adam(1e-3)
 
 
-def _train_runner(problem, name, tx):
+def _train_runner(problem, name, tx, finite=None):
+  """``finite``: a function of the grads whose value is passed as
+  ``finite=`` to ``tx.update`` (None: not passed)."""
   def step(carry, x, y):
     p, s = carry
     g = jax.grad(problem.loss)(p, x, y)
-    u, s = tx.update(g, s, p)
+    kw = {} if finite is None else dict(finite=finite(g))
+    u, s = tx.update(g, s, p, **kw)
     return optax.apply_updates(p, u), s
 
   params = problem.fresh_params()
@@ -429,22 +380,19 @@ def _train_runner(problem, name, tx):
                     problem.y, unit=problem.unit)
 
 
-@train_impl('adam', baseline=True)
-def _train_adam(problem):
-  return _train_runner(problem, 'adam', _adam())
+def _train(name, tx_fn, **extra):
+  """Registers the row ``name``: an Adam step with ``tx_fn()``."""
+  train_impl(name, **extra)(lambda problem: _train_runner(problem, name,
+                                                          tx_fn()))
 
 
-@train_impl('adam + emax.ema')
-def _train_emax(problem):
-  return _train_runner(problem, 'adam + emax.ema',
-                       optax.chain(_adam(), emax.ema(DECAY)))
-
-
-@train_impl('adam + emax.ema(skip_nonfinite=False)')
-def _train_emax_unguarded(problem):
-  return _train_runner(
-      problem, 'adam + emax.ema(skip_nonfinite=False)',
-      optax.chain(_adam(), emax.ema(DECAY, skip_nonfinite=False)))
+_train(rows.ADAM, _adam, baseline=True)
+_train(rows.ADAM_EMA, lambda: optax.chain(_adam(), emax.ema(DECAY)))
+_train(rows.ADAM_EMA_UNGUARDED, lambda: optax.chain(
+    _adam(), emax.ema(DECAY, skip_nonfinite=False)))
+_train(rows.ADAM_EMA_LERP, lambda: optax.chain(
+    _adam(), emax.ema(DECAY, rounding='lerp')))
+_train(rows.ADAM_WITH_EMA, lambda: emax.with_ema(_adam(), DECAY))
 
 
 # With gradient clipping in the chain: the guard's signal for free. The
@@ -456,35 +404,20 @@ def _clip_adam():
   return optax.chain(optax.clip_by_global_norm(1.0), _adam())
 
 
-@train_impl('clip + adam')
-def _train_clip_adam(problem):
-  return _train_runner(problem, 'clip + adam', _clip_adam())
+_train(rows.CLIP_ADAM, _clip_adam)
+_train(rows.CLIP_ADAM_EMA_UNGUARDED, lambda: optax.chain(
+    _clip_adam(), emax.ema(DECAY, skip_nonfinite=False)),
+       base=rows.CLIP_ADAM)
 
 
-@train_impl('clip + adam + emax.ema(skip_nonfinite=False)', base='clip + adam')
-def _train_clip_unguarded(problem):
-  return _train_runner(
-      problem, 'clip + adam + emax.ema(skip_nonfinite=False)',
-      optax.chain(_clip_adam(), emax.ema(DECAY, skip_nonfinite=False)))
-
-
-@train_impl('clip + adam + emax.ema, finite= the norm', base='clip + adam')
+@train_impl(rows.CLIP_ADAM_EMA_FINITE, base=rows.CLIP_ADAM)
 def _train_clip_finite(problem):
-  tx = optax.chain(_clip_adam(), emax.ema(DECAY))
-
-  def step(carry, x, y):
-    p, s = carry
-    g = jax.grad(problem.loss)(p, x, y)
-    u, s = tx.update(g, s, p, finite=jnp.isfinite(optax.global_norm(g)))
-    return optax.apply_updates(p, u), s
-
-  params = problem.fresh_params()
-  return jax_runner('clip + adam + emax.ema, finite= the norm', step,
-                    (params, tx.init(params)), problem.x, problem.y,
-                    unit=problem.unit)
+  return _train_runner(problem, rows.CLIP_ADAM_EMA_FINITE,
+                       optax.chain(_clip_adam(), emax.ema(DECAY)),
+                       finite=lambda g: jnp.isfinite(optax.global_norm(g)))
 
 
-@train_impl('adam + optax.incremental_update')
+@train_impl(rows.ADAM_OPTAX_INCREMENTAL)
 def _train_optax(problem):
   tx = _adam()
   c = jnp.float32(1 - DECAY)
@@ -497,91 +430,47 @@ def _train_optax(problem):
     return p, s, optax.incremental_update(p, avg, c)
 
   params = problem.fresh_params()
-  return jax_runner('adam + optax.incremental_update', step,
+  return jax_runner(rows.ADAM_OPTAX_INCREMENTAL, step,
                     (params, tx.init(params), problem.fresh_params()),
                     problem.x, problem.y, unit=problem.unit)
 
 
-# =====================================================================
-# HOOKS: rows of features that land with the core rewrite. Each is guarded
-# by feature detection (`requires`): before the API exists the row is
-# skipped with the printed reason; once it exists the row appears by itself.
-# Add new feature rows here, the same way.
-# =====================================================================
-
-_ROUNDING = needs('ema', 'rounding')
-
-
-@update_impl("emax.update rounding='lerp' skip_nonfinite=False",
-             requires=needs('update', 'rounding'))
-def _emax_update_lerp(tree):
-  return jax_runner("emax.update rounding='lerp' skip_nonfinite=False",
-                    lambda s, p: emax.update(s, p, DECAY, rounding='lerp',
-                                             skip_nonfinite=False),
-                    emax.init(tree.params), tree.params, unit=tree.unit)
-
-
-option_impl("rounding='lerp'", requires=_ROUNDING)(
-    _option("rounding='lerp'", rounding='lerp'))
-option_impl("rounding='optax'", requires=_ROUNDING)(
-    _option("rounding='optax'", rounding='optax'))
-option_impl('step_size=1 - d (instead of decay)',
-            requires=needs('ema', 'step_size'))(
-                _option('step_size=1 - d (instead of decay)', decay=None,
-                        step_size=1 - DECAY))
-
-
-@train_impl('adam + emax.ema(rounding=\'lerp\')', requires=_ROUNDING)
-def _train_emax_lerp(problem):
-  return _train_runner(
-      problem, "adam + emax.ema(rounding='lerp')",
-      optax.chain(_adam(), emax.ema(DECAY, rounding='lerp')))
-
-
-@train_impl('emax.with_ema(adam)', requires=needs('with_ema'))
-def _train_with_ema(problem):
-  return _train_runner(problem, 'emax.with_ema(adam)',
-                       emax.with_ema(_adam(), DECAY))
-
-
-# AVERAGES: K averages of one tree, pure update form. Builders take
-# (tree, k). Traffic: the param read once (4 B) + K averages read and written
-# (8K B): the (4 + 8K) bytes/param roofline.
+# --------------------------------------------- AVERAGES: K of one tree
+# Pure update form. Builders take (tree, k). Traffic: the param read once
+# (4 B) + K averages read and written (8K B): the (4 + 8K) bytes/param
+# roofline.
 
 
 def _decays(k):
   return [1 - 10.0 ** -(3 + i / 2) for i in range(k)]
 
 
-@averages_impl('named averages (one state)', requires=needs('init', 'names'))
-def _named(tree, k):
+def _named_runner(name, tree, k, **kw):
   names = tuple(f'a{i}' for i in range(k))
   decays = dict(zip(names, _decays(k)))
-  return jax_runner(f'named averages, K={k}',
-                    lambda s, p: emax.update(s, p, decays),
+  return jax_runner(f'{name}, K={k}',
+                    lambda s, p: emax.update(s, p, decays, **kw),
                     emax.init(tree.params, names=names), tree.params,
                     unit=tree.unit)
 
 
-@averages_impl('named averages, skip_nonfinite=False',
-               requires=needs('init', 'names'))
+@averages_impl(rows.NAMED)
+def _named(tree, k):
+  return _named_runner(rows.NAMED, tree, k)
+
+
+@averages_impl(rows.NAMED_UNGUARDED)
 def _named_unguarded(tree, k):
   """The same without the NaN guard: the layout's own traffic, (4 + 8K)."""
-  names = tuple(f'a{i}' for i in range(k))
-  decays = dict(zip(names, _decays(k)))
-  return jax_runner(f'named averages, K={k}, skip_nonfinite=False',
-                    lambda s, p: emax.update(s, p, decays,
-                                             skip_nonfinite=False),
-                    emax.init(tree.params, names=names), tree.params,
-                    unit=tree.unit)
+  return _named_runner(rows.NAMED_UNGUARDED, tree, k, skip_nonfinite=False)
 
 
-@averages_impl('K separate averages (K emax.update)', baseline=True)
+@averages_impl(rows.SEPARATE, baseline=True)
 def _separate(tree, k):
   decays = _decays(k)
   states = tuple(emax.init(tree.params) for _ in range(k))
   return jax_runner(
-      f'K separate averages, K={k}',
+      f'{rows.SEPARATE}, K={k}',
       lambda ss, p: tuple(emax.update(s, p, d) for s, d in zip(ss, decays)),
       states, tree.params, unit=tree.unit)
 

@@ -1,9 +1,10 @@
-"""Writing one run's results: JSON, Markdown, the docs page and the plot.
+"""Writing one run's results: the docs page and its plot, or JSON too.
 
-``<out>/<mode>.json`` holds everything (every sample, in round order);
-``<out>/<mode>.md`` and ``<out>/<mode>.png`` are what a person reads; with
-``--docs`` the same page and plot become ``docs/performance.md`` and
-``docs/performance.png``, generated, never edited by hand.
+With ``--docs`` the page and the plot are ``docs/performance.md`` and
+``docs/performance.png``: the only results kept in the repository,
+generated, never edited by hand. With ``--out DIR``, ``DIR/<mode>.json``
+holds everything (every sample, in round order) and ``DIR/<mode>.md`` and
+``DIR/<mode>.png`` are the same page and plot.
 """
 
 from __future__ import annotations
@@ -47,11 +48,11 @@ the params and one average, nothing more.
 """
 
 _FLOOR = """\
-**Why targets 1 and 3 carry proof rows.** The NaN guard keeps the whole
-average unchanged when any new param is NaN or Inf, and the average is
-updated in place (its buffer is donated). So every new param must be read
-before the first average is written: the check cannot share the averaging
-pass, whatever its formulation. It could only ride along with the pass
+**Why the NaN guard and K averages targets carry proof rows.** The NaN
+guard keeps the whole average unchanged when any new param is NaN or Inf,
+and the average is updated in place (its buffer is donated). So every new
+param must be read before the first average is written: the check cannot
+share the averaging pass, whatever its formulation. It could only ride along with the pass
 that *produces* the new params (the optimizer's `apply_updates`, as one
 multi-output fusion), and XLA CPU does not fuse a reduction into an
 elementwise pass (`tests/test_hlo.py` pins the separate pass, and that in
@@ -77,14 +78,16 @@ _RERUN = """\
 ```bash
 python -m benchmarks.run --smoke          # seconds: tiny trees (the tests run this)
 python -m benchmarks.run --quick          # minutes: trees shrunk 8x, 2,000 small leaves
-python -m benchmarks.run --full --docs    # the full run; rewrites this page and its plot
+python -m benchmarks.run --full           # the full run; rewrites this page and its plot
 python -m benchmarks.run --gpu --docs     # the same tables on one GPU, under 5 minutes
 ```
 
-Results go to `benchmarks/results/<mode>.json` (every sample), `<mode>.md`
-and `<mode>.png`. `--only updates,train` runs some sections; `--no-torch`
-leaves torch out. Add a row by registering an implementation in
-`benchmarks/peers.py` (see its docstring).
+This page and its plot are the only results kept in the repository.
+`--out DIR` also writes `DIR/<mode>.json` (every sample), `<mode>.md` and
+`<mode>.png`; `--from-json DIR/<mode>.json --docs` rewrites this page from
+such a saved run. `--only updates,train` runs some sections; `--no-torch`
+leaves torch out. Add a row by naming it in `benchmarks/rows.py` and
+registering an implementation in `benchmarks/peers.py` (see its docstring).
 """
 
 
@@ -336,37 +339,44 @@ def plot(result, path) -> bool:
   return True
 
 
-def write(result, out_dir, docs_dir=None, log=print) -> dict:
-  """Writes JSON, Markdown and PNG to ``out_dir`` (and the docs page).
+def write(result, out_dir=None, docs_dir=None, log=print) -> dict:
+  """Writes the page and the plot into ``docs_dir`` (as ``performance.md``
+  and ``.png``) and JSON, page and plot into ``out_dir`` (as
+  ``<mode>.json``, ``.md`` and ``.png``); either may be None.
 
-  Returns the paths written, by kind.
+  Returns the paths written, by kind (``json``, ``md``, ``png``,
+  ``docs_md``, ``docs_png``).
   """
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  stem = result['mode'] + ('-gpu' if result.get('gpu') and
-                           result['mode'] != 'gpu' else '')
-  paths = dict(json=out_dir / f'{stem}.json', md=out_dir / f'{stem}.md')
-  with open(paths['json'], 'w') as f:
-    json.dump(result, f, indent=1, default=str, allow_nan=False)
-  png = out_dir / f'{stem}.png'
-  try:
-    has_png = plot(result, png)
-  except ImportError as e:
-    log(f'no plot: {e} (pip install matplotlib)')
-    has_png = False
-  if has_png:
-    paths['png'] = png
-  paths['md'].write_text(markdown(result, png.name if has_png else None))
+  paths = {}
+  pages = []  # (kind prefix, page, plot)
+  if out_dir is not None:
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = result['mode'] + ('-gpu' if result.get('gpu') and
+                             result['mode'] != 'gpu' else '')
+    paths['json'] = out_dir / f'{stem}.json'
+    with open(paths['json'], 'w') as f:
+      json.dump(result, f, indent=1, default=str, allow_nan=False)
+    pages.append(('', out_dir / f'{stem}.md', out_dir / f'{stem}.png'))
   if docs_dir is not None:
     docs_dir = pathlib.Path(docs_dir)
     docs_dir.mkdir(parents=True, exist_ok=True)
-    image = None
-    if has_png:
-      shutil.copyfile(png, docs_dir / 'performance.png')
-      image = 'performance.png'
-      paths['docs_png'] = docs_dir / 'performance.png'
-    elif (docs_dir / 'performance.png').exists():
-      os.remove(docs_dir / 'performance.png')  # never a stale plot
-    paths['docs_md'] = docs_dir / 'performance.md'
-    paths['docs_md'].write_text(markdown(result, image))
+    pages.append(('docs_', docs_dir / 'performance.md',
+                  docs_dir / 'performance.png'))
+  drawn = None  # the first plot written, copied for the other page
+  for prefix, md, png in pages:
+    if drawn is None:
+      try:
+        drawn = png if plot(result, png) else False
+      except ImportError as e:
+        log(f'no plot: {e} (pip install matplotlib)')
+        drawn = False
+    elif drawn:
+      shutil.copyfile(drawn, png)
+    if drawn:
+      paths[prefix + 'png'] = png
+    elif png.exists():
+      os.remove(png)  # never a stale plot beside a new page
+    paths[prefix + 'md'] = md
+    md.write_text(markdown(result, png.name if drawn else None))
   return paths

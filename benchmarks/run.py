@@ -8,19 +8,24 @@ Run from the repository root::
   python -m benchmarks.run --gpu            # one GPU, under 5 minutes
   python -m benchmarks.run --quick --docs   # also rewrite docs/performance.md
 
-Options: ``--out DIR`` (default ``benchmarks/results``), ``--only
-ceiling,updates,train,options,averages,offload``, ``--tree NAME``
-(repeatable; a tree's name or its start), ``--no-torch``, ``--threads N``,
-``--from-json PATH`` (rewrite a saved run's report). ``--gpu`` refuses to
-run on a CPU backend unless ``EMAX_BENCH_GPU_ON_CPU=1`` (how the tests run
-its code path); ``--gpu --smoke`` is the GPU suite with the smoke run's
-sizes.
+Every run prints its report. Where it is written: ``--docs`` (implied by
+``--full``) writes docs/performance.md and .png, the only results kept in
+the repository (``--docs-dir DIR`` writes them elsewhere); ``--out DIR``
+writes ``DIR/<mode>.json`` (every sample), ``.md`` and ``.png``.
 
-The modules: :mod:`benchmarks.trees` (the trees), :mod:`benchmarks.peers`
-(the implementations, a registry per table), :mod:`benchmarks.timing` (the
-one timer), :mod:`benchmarks.suite` (the sections and modes),
-:mod:`benchmarks.offload` (host offload), :mod:`benchmarks.targets` and
-:mod:`benchmarks.report` (JSON, Markdown, the docs page, the plot).
+Other options: ``--only ceiling,updates,train,options,averages,offload``,
+``--tree NAME`` (repeatable; a tree's name or its start), ``--no-torch``,
+``--threads N``, ``--from-json PATH`` (rewrite a saved run's report).
+``--gpu`` refuses to run on a CPU backend unless ``EMAX_BENCH_GPU_ON_CPU=1``
+(how the tests run its code path); ``--gpu --smoke`` is the GPU suite with
+the smoke run's sizes.
+
+The modules: :mod:`benchmarks.trees` (the trees), :mod:`benchmarks.rows`
+(the rows' names), :mod:`benchmarks.peers` (the implementations, a registry
+per table), :mod:`benchmarks.timing` (the one timer),
+:mod:`benchmarks.suite` (the sections and modes), :mod:`benchmarks.offload`
+(host offload), :mod:`benchmarks.targets` and :mod:`benchmarks.report`
+(JSON, Markdown, the docs page, the plot).
 """
 
 from __future__ import annotations
@@ -98,13 +103,14 @@ def parse(argv=None):
   ap.add_argument('--gpu', action='store_true',
                   help='the GPU suite: the default accelerator, GPU sizes'
                   ' (or those of --smoke/--quick/--full), host offload')
-  ap.add_argument('--out', default=os.path.join('benchmarks', 'results'),
-                  help='where <mode>.json, .md and .png go')
+  ap.add_argument('--out', default=None, metavar='DIR',
+                  help='also write <mode>.json (every sample), .md and .png'
+                  ' into DIR')
   ap.add_argument('--docs', action='store_true',
-                  help='also write docs/performance.md and .png (implied by'
-                  ' --full)')
-  ap.add_argument('--docs-dir', default=str(report.DOCS_DIR),
-                  help=argparse.SUPPRESS)  # the tests write elsewhere
+                  help='write the docs page and its plot, performance.md and'
+                  ' .png (implied by --full)')
+  ap.add_argument('--docs-dir', default=str(report.DOCS_DIR), metavar='DIR',
+                  help='where --docs writes (default: %(default)s)')
   ap.add_argument('--only', default=None,
                   help=f'comma list of sections: {",".join(suite.SECTIONS)}')
   ap.add_argument('--tree', dest='trees', action='append', default=None,
@@ -127,6 +133,9 @@ def rewrite(args) -> dict:
   with open(args.from_json) as f:
     result = json.load(f)
   result['targets'] = targets.targets(result)
+  if args.out is None and not args.docs:
+    raise SystemExit('--from-json rewrites a report: give --docs (the docs'
+                     ' page), --out DIR, or both')
   paths = report.write(result, args.out, docs_dir=args.docs_dir if args.docs
                        else None)
   print('written: ' + ', '.join(str(p) for p in paths.values()))
@@ -188,8 +197,9 @@ def main(argv=None) -> dict:
   docs = args.docs or (mode_name == 'full' and not args.gpu)
   paths = report.write(result, args.out,
                        docs_dir=args.docs_dir if docs else None, log=log)
-  log('\n' + paths['md'].read_text())
-  log('written: ' + ', '.join(str(p) for p in paths.values()))
+  log('\n' + report.markdown(result, image=None))
+  log('written: ' + (', '.join(str(p) for p in paths.values())
+                     or 'nothing (give --docs or --out DIR to keep it)'))
   return result
 
 

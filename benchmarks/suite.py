@@ -23,16 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import peers
+from benchmarks import rows
 from benchmarks import timing
 from benchmarks import trees
 
 # Sizes and repetitions per mode. `limits`: trees with at least that many
-# leaves run only the listed rows (each other jitted row compiles for about
-# a minute on 20,000 separate leaves); the rest are listed as skipped.
-_FEW_ON_MANY = ('emax.update pack=True', 'torch._foreach_lerp_',
-                'jitted identity over the leaves',
-                'stacked into one array: emax.update',
-                'emax.update', 'optax.incremental_update')
+# leaves run only the listed rows (a per-leaf program over that many
+# separate buffers compiles slowly; each row's compile seconds are in the
+# report); the rest are listed as skipped.
+_FEW_ON_MANY = (rows.EMAX_UPDATE_PACKED, rows.TORCH_LERP, rows.IDENTITY,
+                rows.STACKED, rows.EMAX_UPDATE, rows.OPTAX_INCREMENTAL)
 MODES = {
     # Seconds: every table and every registered row at least once, on tiny
     # trees (compiling dominates: the other trees run a few rows).
@@ -40,15 +40,12 @@ MODES = {
                   max_leaves=4, rounds=7, warmup=1, ceiling=1 << 16,
                   mlp=(8, 10), batches=(32,), cooldown_s=0.0,
                   min_sample_s=0.0, averages_k=(2,),
-                  trees=('ResNet-50-like', '16 leaves',
-                         'ResNet-50-like, bf16'),
-                  rows={'ResNet-50-like, bf16': (
-                      'emax.update', 'emax.update skip_nonfinite=False',
-                      'optax.incremental_update', 'torch._foreach_lerp_'),
-                        '16 leaves': ('emax.update pack=True',
-                                      'torch._foreach_lerp_',
-                                      'jitted identity over the leaves',
-                                      'stacked into one array: emax.update')},
+                  trees=(trees.RESNET50, trees.small_leaves_name(16),
+                         trees.RESNET50_BF16),
+                  rows={trees.RESNET50_BF16: (
+                      rows.EMAX_UPDATE, rows.EMAX_UPDATE_UNGUARDED,
+                      rows.OPTAX_INCREMENTAL, rows.TORCH_LERP),
+                        trees.small_leaves_name(16): _FEW_ON_MANY[:4]},
                   offload_sizes=(4096,), limits=()),
     'quick': dict(shrink=8.0, small_leaves=2000, vector=25_000_000,
                   rounds=9, warmup=2, ceiling=25_000_000,
@@ -61,9 +58,8 @@ MODES = {
                  mlp=(784, 2048, 2048, 10), batches=(32, 256),
                  cooldown_s=0.05, min_sample_s=0.0, averages_k=(1, 2, 4),
                  offload_sizes=(1_000_000, 16_000_000),
-                 # Per-leaf programs over 20,000 buffers compile for many
-                 # minutes here: the packed route, the proof (an identity),
-                 # the stacked route and torch only.
+                 # On 20,000 separate buffers: the packed route, the proof
+                 # (an identity), the stacked route and torch only.
                  limits=((10_000, _FEW_ON_MANY[:4]),)),
     # One H100/H200-class GPU, under 5 minutes: real tree sizes, a 2 GB
     # vector, an MLP big enough that the EMA's share of a step is measurable,
@@ -98,10 +94,6 @@ class Context:
 
   def build(self, section, table, impl, *args):
     """``impl.build(*args)``, or None with the reason recorded."""
-    reason = impl.requires()
-    if reason is not None:
-      self.skip(section, table, impl.name, reason)
-      return None
     try:
       return impl.build(*args)
     except peers.Skip as e:
@@ -188,8 +180,8 @@ def _tree(ctx, name, shapes, dtype, many_leaves=False):
 
 def _allowed(ctx, name, leaves):
   """The rows a tree runs in this mode (None: all), and why not the rest."""
-  for prefix, names in ctx.mode.get('rows', {}).items():
-    if name.startswith(prefix):  # the longest prefix first (dict order)
+  for tree, names in ctx.mode.get('rows', {}).items():
+    if name == tree:
       return names, (f"--{ctx.mode['name']} times fewer rows on this tree"
                      ' (compile time)')
   allowed = None
@@ -202,7 +194,7 @@ def _allowed(ctx, name, leaves):
 
 def _row(ctx, runner, times, nbytes):
   r = dict(impl=runner.name, **timing.summary(times))
-  r.update({k: v for k, v in runner.info.items() if k != 'row'})
+  r.update(runner.info)
   med_s = r['median_ms'] / 1e3
   r['bytes'] = nbytes
   if nbytes:
@@ -214,8 +206,8 @@ def _row(ctx, runner, times, nbytes):
   return r
 
 
-REFERENCES = {'update': 'optax.incremental_update',
-              'transform': 'optax.apply_updates + incremental_update'}
+REFERENCES = {'update': rows.OPTAX_INCREMENTAL,
+              'transform': rows.OPTAX_APPLY_INCREMENTAL}
 
 
 def updates(ctx: Context) -> list[dict]:
@@ -226,7 +218,7 @@ def updates(ctx: Context) -> list[dict]:
       shrink=m['shrink'], small_leaves=m['small_leaves'],
       vector_size=m['vector'], max_leaves=m.get('max_leaves'),
       only=m.get('trees')):
-    many = 'leaves x 256' in name
+    many = trees.is_small_leaves(name)
     tree = _tree(ctx, name, shapes, dtype, many_leaves=many)
     ctx.log(f'\n{name}: {len(shapes)} leaves, {tree.n / 1e6:.3f}M params,'
             f' {np.dtype(dtype).name}')
@@ -243,7 +235,7 @@ def updates(ctx: Context) -> list[dict]:
         runners.append(r)
         kinds[r.name] = (impl.kind, impl.name)
     times = ctx.measure(runners)
-    rows = []
+    table_rows = []
     for r in runners:
       kind, row_id = kinds[r.name]
       row = _row(ctx, r, times[r.name],
@@ -253,10 +245,10 @@ def updates(ctx: Context) -> list[dict]:
       if ref in times and ref != r.name:
         row['vs_ref'] = dict(ref=ref, **timing.paired_ratio(
             times[r.name], times[ref]))
-      rows.append(row)
+      table_rows.append(row)
       ctx.log(_fmt(row))
     out.append(dict(case=name, leaves=len(shapes), params=tree.n,
-                    dtype=np.dtype(dtype).name, rows=rows))
+                    dtype=np.dtype(dtype).name, rows=table_rows))
     del runners, tree, times
     _free()
   return out
@@ -296,7 +288,7 @@ def train(ctx: Context) -> dict:
              for impl, r in built if r is not None}
     # An EMA adds a few percent to a step: more rounds to resolve it.
     times = ctx.measure(runners, ctx.mode.get('train_rounds'))
-    rows = []
+    table_rows = []
     for r in runners:
       row = dict(impl=r.name, **timing.summary(times[r.name]), **r.info)
       base = bases[r.name]
@@ -307,10 +299,10 @@ def train(ctx: Context) -> dict:
         row['added_vs_ideal'] = (None if not added['resolved'] else
                                  added['median_ms'] / ideal_ms)
         row['added_vs_ideal_ci'] = [c / ideal_ms for c in added['ci_ms']]
-      rows.append(row)
+      table_rows.append(row)
       ctx.log(f"  batch {batch:4d} {r.name:<44} {row['median_ms']:8.3f} ms"
               + _fmt_added(row))
-    batches.append(dict(batch=batch, rows=rows))
+    batches.append(dict(batch=batch, rows=table_rows))
     del runners, times
     _free()
   return dict(mlp=list(sizes), params=n, ideal_ms=ideal_ms,
@@ -334,7 +326,7 @@ def _resnet_tree(ctx):
   m = ctx.mode
   (name, shapes, dtype), = trees.cases(
       shrink=m['shrink'], small_leaves=1, vector_size=1,
-      max_leaves=m.get('max_leaves'), only=('ResNet-50-like',))[:1]
+      max_leaves=m.get('max_leaves'), only=(trees.RESNET50,))[:1]
   return _tree(ctx, name, shapes, dtype)
 
 
@@ -347,16 +339,16 @@ def options(ctx: Context) -> dict:
                          for impl in peers.OPTIONS) if r is not None]
   base = next(i.name for i in peers.OPTIONS if i.extra.get('baseline'))
   times = ctx.measure(runners)
-  rows = []
+  table_rows = []
   for r in runners:
     row = _row(ctx, r, times[r.name],
                traffic('transform', tree.n, tree.pbytes, tree.abytes))
     if base in times and r.name != base:
       row['vs_baseline'] = timing.paired_ratio(times[r.name], times[base])
-    rows.append(row)
+    table_rows.append(row)
     ctx.log(_fmt(row) + (f"  x{row['vs_baseline']['median']:.2f} vs {base}"
                          if 'vs_baseline' in row else ''))
-  return dict(case=tree.name, params=tree.n, baseline=base, rows=rows)
+  return dict(case=tree.name, params=tree.n, baseline=base, rows=table_rows)
 
 
 # --------------------------------------------------------------- averages
@@ -367,7 +359,7 @@ def averages(ctx: Context) -> dict:
   m = ctx.mode
   (name, shapes, dtype), = trees.cases(
       shrink=m['shrink'], small_leaves=1, vector_size=1,
-      max_leaves=m.get('max_leaves'), only=('GPT-2-small-like',))
+      max_leaves=m.get('max_leaves'), only=(trees.GPT2_SMALL,))
   tree = _tree(ctx, name, shapes, dtype)
   ctx.log(f'\nK averages of {name} ({tree.n / 1e6:.3f}M params), pure'
           ' update form')
@@ -382,18 +374,18 @@ def averages(ctx: Context) -> dict:
     nbytes = traffic('averages', tree.n, tree.pbytes, tree.abytes, k)
     roof_ms = nbytes / (ctx.ceiling_gbps * 1e9) * 1e3
     base_r = next((r for i, r in built if i.name == base), None)
-    rows = []
+    table_rows = []
     for impl, r in built:
       row = _row(ctx, r, times[r.name], nbytes)
       row.update(row=impl.name, k=k, roofline_ms=roof_ms,
                  vs_roofline=row['median_ms'] / roof_ms,
                  expected_units=1 + k)
-      if base_r is not None and r is not base_r and 'skip_nonfinite' not in r.name:
+      if base_r is not None and impl.name == rows.NAMED:
         row['vs_separate'] = timing.paired_ratio(times[r.name],
                                                  times[base_r.name])
-      rows.append(row)
+      table_rows.append(row)
       ctx.log(_fmt(row) + f"  {row['vs_roofline']:.2f}x roofline")
-    out.append(dict(k=k, roofline_ms=roof_ms, rows=rows))
+    out.append(dict(k=k, roofline_ms=roof_ms, rows=table_rows))
     del built, times
     _free()
   return dict(case=name, params=tree.n, tables=out)
@@ -406,7 +398,7 @@ def run_section(ctx: Context, name: str, fn: Callable[[Context], Any]):
     result = fn(ctx)
   except Exception as e:  # noqa: BLE001 (keep the other sections)
     traceback.print_exc()
-    ctx.skip(name, name, '(whole section)', f'{type(e).__name__}: {e}',
+    ctx.skip(name, name, rows.WHOLE_SECTION, f'{type(e).__name__}: {e}',
              error=True)
     result = None
   return result, time.perf_counter() - t

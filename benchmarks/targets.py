@@ -1,4 +1,4 @@
-"""The performance targets (issue 14), read off one run's results.
+"""The performance targets, read off one run's results.
 
 Each target row says what is wanted, what was measured (with its 95% CI)
 and a status:
@@ -16,9 +16,11 @@ timed in the same rounds, see :mod:`benchmarks.timing`).
 
 from __future__ import annotations
 
+from benchmarks import rows
 from benchmarks import timing
+from benchmarks import trees
 
-_LARGE_TREES = ('ResNet-50-like', 'GPT-2-small-like')
+_LARGE_TREES = (trees.RESNET50, trees.GPT2_SMALL)
 _NOT_RUN = 'the tree is not in this run (see the run\'s --tree and mode)'
 
 
@@ -50,12 +52,9 @@ def _skip_reason(result, row_prefix, table=None):
   return 'not measured in this run'
 
 
-def _find(rows, prefix):
-  return next((r for r in rows if r['impl'].startswith(prefix)), None)
-
-
-def _get(rows, name):
-  return next((r for r in rows if r['impl'] == name), None)
+def _get(table, name):
+  """The row registered as ``name`` (its printed name may say more)."""
+  return next((r for r in table if r.get('row', r['impl']) == name), None)
 
 
 def _paired(a, b):
@@ -63,21 +62,21 @@ def _paired(a, b):
 
 
 def guard(result):
-  """Target 1: the NaN guard for free (standalone and in a train step)."""
+  """The NaN guard for free (standalone and in a train step)."""
   out = []
-  trees = {t['case']: t for t in result.get('updates') or []}
+  by_case = {t['case']: t for t in result.get('updates') or []}
   for case in _LARGE_TREES:
     name = (f"{case}: `emax.ema(d)` default tx.update <= 1.15x"
             ' `optax.apply_updates` + `optax.incremental_update` (donated)')
-    tree = trees.get(case)
+    tree = by_case.get(case)
     if tree is None:
       out.append(_target(name, 'skipped', note=_NOT_RUN))
       continue
-    mine = _get(tree['rows'], 'emax.ema tx.update')
-    ref = _get(tree['rows'], 'optax.apply_updates + incremental_update')
+    mine = _get(tree['rows'], rows.EMA_TX)
+    ref = _get(tree['rows'], rows.OPTAX_APPLY_INCREMENTAL)
     if mine is None or ref is None:
       out.append(_target(name, 'skipped', note=_skip_reason(
-          result, 'emax.ema tx.update' if mine is None else 'optax.apply',
+          result, rows.EMA_TX if mine is None else rows.OPTAX_APPLY_INCREMENTAL,
           tree['case'])))
       continue
     r = _paired(mine, ref)
@@ -92,11 +91,8 @@ def guard(result):
                        ' `skip_nonfinite=False` adds, and <= 1.25x the ideal',
                        'skipped', note='the train section did not run'))
   for b in (train or {}).get('batches', []):
-    rows = b['rows']
-    dflt = next((r for r in rows if r['impl'] == 'adam + emax.ema'), None)
-    off = next((r for r in rows
-                if r['impl'] == 'adam + emax.ema(skip_nonfinite=False)'),
-               None)
+    dflt = _get(b['rows'], rows.ADAM_EMA)
+    off = _get(b['rows'], rows.ADAM_EMA_UNGUARDED)
     name = (f"train step, batch {b['batch']}: default `emax.ema` adds <="
             ' 1.05x what `skip_nonfinite=False` adds')
     name2 = (f"train step, batch {b['batch']}: default `emax.ema` adds <="
@@ -140,15 +136,14 @@ def guard(result):
 
 
 def _finite_route(batch):
-  """The route that meets target 1 in a train step: with
+  """The route that meets the NaN guard target in a train step: with
   ``optax.clip_by_global_norm`` in the chain, ``finite=`` from its norm."""
-  rows = batch['rows']
   name = (f"train step, batch {batch['batch']}, route: with"
           ' `clip_by_global_norm`, `finite=` from its norm adds <= 1.05x what'
           ' `skip_nonfinite=False` adds (sound when the params going in were'
           ' finite: docs/scaling.md)')
-  route = _get(rows, 'clip + adam + emax.ema, finite= the norm')
-  off = _get(rows, 'clip + adam + emax.ema(skip_nonfinite=False)')
+  route = _get(batch['rows'], rows.CLIP_ADAM_EMA_FINITE)
+  off = _get(batch['rows'], rows.CLIP_ADAM_EMA_UNGUARDED)
   if route is None or off is None or 'added' not in route or (
       'added' not in off):
     return _target(name, 'skipped', note='a clip row is missing')
@@ -174,7 +169,7 @@ def _standalone_floor(tree, ref):
   name = (f'{case}: proof (measured): the reference plus one read-only pass'
           ' over p and u, the least an exact guard adds, > 1.15x the'
           ' reference')
-  read = _get(tree['rows'], 'one read of p and u: sum(p) + sum(u)')
+  read = _get(tree['rows'], rows.READ_PARAMS_UPDATES)
   if read is None:
     return _target(name, 'skipped', note='the read-only row is missing')
   r = timing.paired_ratio(
@@ -193,27 +188,27 @@ def _added_text(a):
 
 
 def small_leaves(result):
-  """Target 2: many small leaves against torch, compile time, the floor."""
+  """Many small leaves: against torch, compile time, the per-buffer floor."""
   out = []
-  trees = [t for t in result.get('updates') or []
-           if 'leaves x 256' in t['case']]
-  if not trees:
+  small = [t for t in result.get('updates') or []
+           if trees.is_small_leaves(t['case'])]
+  if not small:
     return [_target('small leaves: emax vs torch, compile time, the'
                     ' per-buffer floor, the stacked route', 'skipped',
                     note=_NOT_RUN)]
-  for tree in trees:
-    case, rows = tree['case'], tree['rows']
-    torch_row = _find(rows, 'torch._foreach_lerp_')
-    emax_rows = [r for r in rows if r['impl'].startswith('emax.')
+  for tree in small:
+    case, table = tree['case'], tree['rows']
+    torch_row = _get(table, rows.TORCH_LERP)
+    emax_rows = [r for r in table if r['impl'].startswith('emax.')
                  and r.get('kind') == 'update']  # torch's work, no more
     best = min(emax_rows, key=lambda r: r['median_ms'], default=None)
-    packed = _get(rows, 'emax.update pack=True')
-    ident = _find(rows, 'jitted identity')
-    stacked = _find(rows, 'stacked into one array')
+    packed = _get(table, rows.EMAX_UPDATE_PACKED)
+    ident = _get(table, rows.IDENTITY)
+    stacked = _get(table, rows.STACKED)
     name = f'{case}: fastest emax row at least as fast as torch'
     if best is None or torch_row is None:
       out.append(_target(name, 'skipped', note=_skip_reason(
-          result, 'torch' if torch_row is None else 'emax', case)))
+          result, rows.TORCH_LERP if torch_row is None else 'emax', case)))
     else:
       r = _paired(best, torch_row)
       out.append(_target(name, _verdict(r['median'], 1.0),
@@ -224,7 +219,7 @@ def small_leaves(result):
     name = f'{case}: `pack=True` compiles in < 10 s'
     if packed is None:
       out.append(_target(name, 'skipped', note=_skip_reason(
-          result, 'emax.update pack=True', case)))
+          result, rows.EMAX_UPDATE_PACKED, case)))
     else:
       out.append(_target(name, _verdict(packed['compile_s'], 10.0),
                          f"{packed['compile_s']:.2f} s", packed['compile_s'],
@@ -233,7 +228,8 @@ def small_leaves(result):
             ' buffers is itself slower than torch (XLA\'s per-buffer floor)')
     if ident is None or torch_row is None:
       out.append(_target(name, 'skipped', note=_skip_reason(
-          result, 'torch' if torch_row is None else 'jitted identity', case)))
+          result, rows.TORCH_LERP if torch_row is None else rows.IDENTITY,
+          case)))
     else:
       r = _paired(torch_row, ident)  # <= 1: the floor alone is slower
       out.append(_target(name, _verdict(r['median'], 1.0),
@@ -246,7 +242,8 @@ def small_leaves(result):
             ' torch')
     if stacked is None or torch_row is None:
       out.append(_target(name, 'skipped', note=_skip_reason(
-          result, 'torch' if torch_row is None else 'stacked', case)))
+          result, rows.TORCH_LERP if torch_row is None else rows.STACKED,
+          case)))
     else:
       r = _paired(stacked, torch_row)
       out.append(_target(name, _verdict(r['median'], 1.0),
@@ -257,26 +254,23 @@ def small_leaves(result):
 
 
 def averages(result):
-  """Target 3: K named averages vs the roofline and K separate averages."""
+  """K named averages against the roofline and K separate averages."""
   section = result.get('averages')
   if not section:
     return [_target('K averages', 'skipped',
-                    note=_skip_reason(result, '(whole section)', 'averages'))]
+                    note=_skip_reason(result, rows.WHOLE_SECTION, 'averages'))]
   out = []
   for t in section['tables']:
     k = t['k']
-    named = next((r for r in t['rows']
-                  if r['row'] == 'named averages (one state)'), None)
-    unguarded = next((r for r in t['rows'] if r['row'] ==
-                      'named averages, skip_nonfinite=False'), None)
-    sep = next((r for r in t['rows'] if r['row'].startswith('K separate')),
-               None)
+    named = _get(t['rows'], rows.NAMED)
+    unguarded = _get(t['rows'], rows.NAMED_UNGUARDED)
+    sep = _get(t['rows'], rows.SEPARATE)
     names = [f'K={k}: named averages <= 1.1x the (4 + 8K) bytes/param'
              ' roofline',
              f'K={k}: named averages faster than K separate averages',
              f'K={k}: named averages hold 1 + K param trees (steady and peak)']
     if named is None:
-      reason = _skip_reason(result, 'named averages', f'K={k}')
+      reason = _skip_reason(result, rows.NAMED, f'K={k}')
       out += [_target(n, 'skipped', note=reason) for n in names]
       continue
     v = named['vs_roofline']
@@ -316,27 +310,27 @@ def averages(result):
 
 
 def bare_update(result):
-  """Target 6: ``emax.update``'s arithmetic at the lerp's speed.
+  """``emax.update``'s arithmetic at the lerp's speed.
 
-  The row without the NaN guard: the guard (on by default since the pure
-  update has it) reads the params once more, which target 1 measures.
+  The row without the NaN guard: the guard (on by default) reads the params
+  once more, which :func:`guard` measures.
   """
   out = []
   large = [t for t in result.get('updates') or []
-           if 'leaves x 256' not in t['case']]
+           if not trees.is_small_leaves(t['case'])]
   if not large:
     return [_target('every large tree: `emax.update skip_nonfinite=False`'
                     ' <= 1.05x'
                     ' `optax.incremental_update` (donated)', 'skipped',
                     note='the updates section did not run on a large tree')]
-  row = 'emax.update skip_nonfinite=False'
+  row = rows.EMAX_UPDATE_UNGUARDED
   for tree in large:
     name = (f"{tree['case']}: `{row}` <= 1.05x"
             ' `optax.incremental_update` (donated)')
     mine = _get(tree['rows'], row)
     if mine is None or 'vs_ref' not in mine:
       out.append(_target(name, 'skipped', note=_skip_reason(
-          result, row if mine is None else 'optax.incremental',
+          result, row if mine is None else rows.OPTAX_INCREMENTAL,
           tree['case'])))
       continue
     r = mine['vs_ref']
@@ -346,7 +340,7 @@ def bare_update(result):
 
 
 def gpu_suite(result):
-  """Target 4: the GPU suite runs in under 5 minutes (gpu mode only)."""
+  """The GPU suite runs in under 5 minutes (gpu mode only)."""
   if not result.get('gpu'):
     return []
   return [_target('`--gpu` runs in under 5 minutes',
@@ -355,11 +349,11 @@ def gpu_suite(result):
                   result['wall_s'], 300.0)]
 
 
-GROUPS = (('1. the NaN guard for free', guard),
-          ('2. small leaves', small_leaves),
-          ('3. K averages', averages),
-          ('4. GPU-ready suite', gpu_suite),
-          ('6. the bare update at the lerp\'s speed', bare_update))
+GROUPS = (('the NaN guard for free', guard),
+          ('small leaves', small_leaves),
+          ('K averages', averages),
+          ('GPU-ready suite', gpu_suite),
+          ('the bare update at the lerp\'s speed', bare_update))
 
 
 def targets(result) -> list[dict]:

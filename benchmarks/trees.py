@@ -17,6 +17,24 @@ import numpy as np
 import optax
 
 
+# The names of the suite's trees (a table's key in the results).
+RESNET50 = 'ResNet-50-like'
+RESNET50_BF16 = 'ResNet-50-like, bf16 params'
+GPT2_SMALL = 'GPT-2-small-like'
+TRANSFORMER_2K = 'transformer, 2k leaves'
+_SMALL_LEAVES = 'leaves x 256'
+
+
+def small_leaves_name(n: int) -> str:
+  """The name of the tree of ``n`` small leaves."""
+  return f'{n:,} {_SMALL_LEAVES}'
+
+
+def is_small_leaves(name: str) -> bool:
+  """Whether ``name`` is a tree of many small leaves."""
+  return name.endswith(_SMALL_LEAVES)
+
+
 def resnet50() -> list[tuple[int, ...]]:
   """ResNet-50 (161 leaves, 25.6M params): convs, BatchNorm scale/bias, fc."""
   shapes = [(7, 7, 3, 64), (64,), (64,)]
@@ -107,15 +125,13 @@ def cases(*, shrink: float, small_leaves: int, vector_size: int,
     only: names to keep (None: all); a name may be given by its prefix.
   """
   all_cases = [
-      ('ResNet-50-like', shrink_shapes(resnet50(), shrink), np.float32),
-      ('GPT-2-small-like', shrink_shapes(gpt2_small(), shrink), np.float32),
-      ('transformer, 2k leaves', shrink_shapes(transformer_2k(), shrink),
-       np.float32),
-      (f'{small_leaves:,} leaves x 256', small_leaves_shapes(small_leaves),
+      (RESNET50, shrink_shapes(resnet50(), shrink), np.float32),
+      (GPT2_SMALL, shrink_shapes(gpt2_small(), shrink), np.float32),
+      (TRANSFORMER_2K, shrink_shapes(transformer_2k(), shrink), np.float32),
+      (small_leaves_name(small_leaves), small_leaves_shapes(small_leaves),
        np.float32),
       (f'one {vector_size / 1e6:g}M vector', vector(vector_size), np.float32),
-      ('ResNet-50-like, bf16 params', shrink_shapes(resnet50(), shrink),
-       'bfloat16'),
+      (RESNET50_BF16, shrink_shapes(resnet50(), shrink), 'bfloat16'),
   ]
   return [(name, shapes[:max_leaves], dtype)
           for name, shapes, dtype in all_cases

@@ -3,6 +3,7 @@ and a NumPy reference; and a smoke run of the benchmark suite."""
 
 import json
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -228,51 +229,49 @@ def test_pack_without_small_leaves_is_the_plain_tree():
 # --- the benchmark suite (benchmarks/): structure, never timings -------------
 
 _BENCH_STATUSES = {'yes', 'NO', 'noise', 'skipped'}
-_BENCH_UPDATE_ROWS = {  # the smoke run's trees and the rows each must show
-    'ResNet-50-like': {
-        'emax.update', 'emax.update skip_nonfinite=False',
-        'emax.update pack=True', 'emax.ema tx.update',
-        'emax.ema(skip_nonfinite=False) tx.update',
-        'optax.apply_updates + incremental_update', 'tree.map lerp, donated',
-        'tree.map lerp, not donated', 'optax.incremental_update',
-        'optax.ema on params', 'torch._foreach_lerp_',
-        "emax.update rounding='lerp' skip_nonfinite=False"},
-    '16 leaves x 256': {
-        'emax.update pack=True', 'torch._foreach_lerp_',
-        'jitted identity over the leaves',
-        'stacked into one array: emax.update'},
-    'ResNet-50-like, bf16 params': {
-        'emax.update', 'emax.update skip_nonfinite=False',
-        'optax.incremental_update', 'torch._foreach_lerp_'},
-}
 
 
-def _bench_feature(row):
-  """Whether a row can run here (False: it may be skipped, with a reason)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import inspect  # pylint: disable=g-import-not-at-top
-  checks = {
-      'torch': lambda: importlib.util.find_spec('torch') is not None,
-      'rounding': lambda: 'rounding' in inspect.signature(emax.ema).parameters,
-      'step_size': lambda: 'step_size' in inspect.signature(
-          emax.ema).parameters,
-      'with_ema': lambda: hasattr(emax, 'with_ema'),
-      'named': lambda: 'names' in inspect.signature(emax.init).parameters,
+def _bench_modules():
+  """The benchmarks package (it sits beside tests/, not in emax)."""
+  root = str(pathlib.Path(__file__).parents[1])
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  from benchmarks import peers, rows, run, trees  # pylint: disable=g-import-not-at-top
+  return peers, rows, run, trees
+
+
+def _bench_update_rows():
+  """The smoke run's trees and the rows each must show."""
+  _, rows, _, trees = _bench_modules()
+  return {
+      trees.RESNET50: {
+          rows.EMAX_UPDATE, rows.EMAX_UPDATE_UNGUARDED,
+          rows.EMAX_UPDATE_PACKED, rows.EMAX_UPDATE_LERP, rows.EMA_TX,
+          rows.EMA_TX_UNGUARDED, rows.OPTAX_APPLY_INCREMENTAL,
+          rows.READ_PARAMS_UPDATES, rows.LERP_DONATED, rows.LERP_NOT_DONATED,
+          rows.OPTAX_INCREMENTAL, rows.OPTAX_EMA, rows.TORCH_LERP},
+      trees.small_leaves_name(16): {
+          rows.EMAX_UPDATE_PACKED, rows.TORCH_LERP, rows.IDENTITY,
+          rows.STACKED},
+      trees.RESNET50_BF16: {
+          rows.EMAX_UPDATE, rows.EMAX_UPDATE_UNGUARDED,
+          rows.OPTAX_INCREMENTAL, rows.TORCH_LERP},
   }
-  return all(check() for key, check in checks.items() if key in row)
 
 
-def _bench_check_rows(data, section, table, rows, expected):
-  """Each expected row is there, or skipped with a reason when it may be."""
+def _bench_check_rows(data, section, table, got, expected):
+  """Each expected row is there; only torch's may be skipped instead (when
+  torch is not installed), with the reason."""
+  _, rows, _, _ = _bench_modules()
   skipped = {s['row']: s for s in data['skipped']
              if s['section'] == section and s['table'] == table}
   for name in expected:
-    present = [r for r in rows if r['impl'] == name
-               or r.get('row') == name or r['impl'].startswith(name + ' (')]
-    if _bench_feature(name):
-      assert present, f'{table}: row {name!r} missing ({skipped.get(name)})'
+    present = [r for r in got if r.get('row', r['impl']) == name]
+    if name == rows.TORCH_LERP and not present:
+      assert skipped[name]['reason'], (table, name)
     else:
-      assert present or skipped[name]['reason'], (table, name)
+      assert len(present) == 1, (
+          f'{table}: row {name!r} missing ({skipped.get(name)})')
 
 
 def _bench_times(node, key=''):
@@ -309,18 +308,18 @@ def _bench_common(data):
         assert t['value'] <= t['threshold'], t
 
 
-def test_benchmark_smoke(tmp_path, monkeypatch):
+def test_benchmark_smoke(tmp_path):
   """`python -m benchmarks.run --smoke --docs`: every table, row and target."""
-  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1]))
-  from benchmarks import peers, run  # pylint: disable=g-import-not-at-top
+  peers, _, run, _ = _bench_modules()
   out, docs = tmp_path / 'results', tmp_path / 'docs'
   run.main(['--smoke', '--out', str(out), '--docs', '--docs-dir', str(docs)])
   data = _bench_load(out / 'smoke.json')
   _bench_common(data)
   assert data['ceiling']['gbps'] > 0
   trees = {t['case']: t for t in data['updates']}
-  assert set(trees) == set(_BENCH_UPDATE_ROWS)
-  for case, expected in _BENCH_UPDATE_ROWS.items():
+  expected_rows = _bench_update_rows()
+  assert set(trees) == set(expected_rows)
+  for case, expected in expected_rows.items():
     _bench_check_rows(data, 'updates', case, trees[case]['rows'], expected)
     for r in trees[case]['rows']:
       assert r['min_ms'] <= r['median_ms'] <= r['max_ms'], r
@@ -374,25 +373,24 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
 
 def test_benchmark_gpu_suite_code_path_on_cpu(tmp_path, monkeypatch):
   """`--gpu` (with the smoke run's sizes), on CPU by the documented switch."""
-  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1]))
-  from benchmarks import run  # pylint: disable=g-import-not-at-top
+  _, rows, run, trees = _bench_modules()
   monkeypatch.delenv(run.GPU_ON_CPU, raising=False)
   with pytest.raises(SystemExit, match=run.GPU_ON_CPU):
     run.main(['--gpu', '--out', str(tmp_path)])  # refuses CPU, says how
   monkeypatch.setenv(run.GPU_ON_CPU, '1')
   run.main(['--gpu', '--smoke', '--only', 'updates,offload', '--tree',
-            'ResNet-50-like, bf16', '--out', str(tmp_path)])
+            trees.RESNET50_BF16, '--out', str(tmp_path)])
   data = _bench_load(tmp_path / 'smoke-gpu.json')
   _bench_common(data)
   assert data['gpu'] and data['config']['min_sample_s'] > 0
   assert data['train'] is None and data['options'] is None  # not asked for
   (tree,) = data['updates']
   _bench_check_rows(data, 'updates', tree['case'], tree['rows'],
-                    _BENCH_UPDATE_ROWS[tree['case']])
+                    _bench_update_rows()[tree['case']])
   (size,) = data['offload']['sizes']
   assert [r['impl'] for r in size['rows']] == [
-      'device', 'offload', 'offload, update_every=4',
-      'round trip (device_put there and back)']
+      rows.ON_DEVICE, rows.OFFLOAD, rows.OFFLOAD_UPDATE_EVERY,
+      rows.ROUND_TRIP]
   assert size['rows'][-1]['transfer_gbps'] > 0
   (gpu_target,) = [t for t in data['targets'] if 'GPU' in t['group']]
   assert gpu_target['status'] in {'yes', 'NO'}
