@@ -137,7 +137,7 @@ def average(directory_or_manager: Union[str, os.PathLike, Any],
     plans = []
     for step in chosen:
       item_dir = _checkpoint_files.item_directory(found[step], item, step)
-      stored = reader.stored(item_dir)
+      stored = reader.stored(item_dir, step)
       plans.append((step, item_dir, stored, _select(stored, path, step)))
     first = plans[0][3]
     for step, _, _, selection in plans[1:]:

@@ -60,8 +60,12 @@ def restorable_step(manager: Any, step: Optional[int]) -> int:
 
 def _directory_of(directory_or_manager: Any,
                   where: str) -> Union[str, os.PathLike]:
+  """The directory of a manager, or the path given, made absolute."""
   if isinstance(directory_or_manager, (str, os.PathLike)):
-    return directory_or_manager
+    directory = os.fspath(directory_or_manager)
+    if '://' in str(directory):  # a URL (gs://...): absolute already
+      return directory
+    return os.path.abspath(directory)  # Orbax refuses relative paths
   if (hasattr(directory_or_manager, 'directory')
       and hasattr(directory_or_manager, 'wait_until_finished')):
     directory_or_manager.wait_until_finished()  # include saves in flight
@@ -74,17 +78,18 @@ def _directory_of(directory_or_manager: Any,
 
 def finished_steps(directory_or_manager: Any,
                    where: str) -> tuple[Any, dict[int, Any]]:
-  """The directory (an ``epath.Path``) and ``{step: step directory}``.
+  """The directory (an absolute ``epath.Path``) and ``{step: step folder}``.
 
-  Only finished checkpoints count: an interrupted save leaves a temporary
-  directory that Orbax does not list. A manager's saves in flight are
+  The steps are those a ``CheckpointManager`` with default options lists
+  (``all_steps()``): folders named by their step alone, whose save was
+  finalized. Other folders (``samples_1000``, a temporary folder of an
+  interrupted save) are not checkpoints. A manager's saves in flight are
   waited for first.
 
   Raises:
     TypeError: if ``directory_or_manager`` is neither a path nor a manager.
     FileNotFoundError: if the directory does not exist or holds no finished
       checkpoint.
-    ValueError: if two checkpoints have the same step.
   """
   ocp = orbax()
   from etils import epath  # pylint: disable=g-import-not-at-top
@@ -92,22 +97,25 @@ def finished_steps(directory_or_manager: Any,
   if not directory.is_dir():
     raise FileNotFoundError(
         f'No checkpoint directory {directory}: it does not exist.')
-  found: dict[int, Any] = {}
-  for step_dir in ocp.path.step.checkpoint_steps_paths(directory):
-    step = ocp.path.step.step_from_checkpoint_name(step_dir.name)
-    if step in found:
-      raise ValueError(
-          f'Two checkpoints for step {step} in {directory}: {found[step].name}'
-          f' and {step_dir.name}. Average from a directory that holds one'
-          ' run.')
-    found[step] = step_dir
+  found = {m.step: m.path for m in
+           ocp.path.step.standard_name_format().find_all(directory)}
   if not found:
-    unfinished = sorted(p.name for p in directory.iterdir()
-                        if ocp.path.step.TMP_DIR_SUFFIX in p.name)
+    others = sorted(p.name for p in directory.iterdir())
+    unfinished = [n for n in others if ocp.path.step.TMP_DIR_SUFFIX in n]
     raise FileNotFoundError(
         f'No finished checkpoint in {directory}'
-        + (f'; only interrupted saves: {unfinished}.' if unfinished else '.'))
+        + (f'; only interrupted saves: {unfinished}.' if unfinished else
+           f'; it holds {others}, none a folder named by its step, as an'
+           ' orbax.checkpoint.CheckpointManager saves them.' if others
+           else ': it is empty.'))
   return directory, found
+
+
+def _incomplete(step: int, step_dir: Any, what: str) -> FileNotFoundError:
+  return FileNotFoundError(
+      f'Checkpoint step {step} ({step_dir}) is incomplete: {what}. It was'
+      ' perhaps copied partly or emptied. Copy it again, delete it, or leave'
+      ' it out (steps=, or target_step= before it).')
 
 
 def item_directory(step_dir: Any, item: Optional[str], step: int) -> Any:
@@ -122,21 +130,32 @@ def item_directory(step_dir: Any, item: Optional[str], step: int) -> Any:
     return step_dir / 'default'
   if (step_dir / '_METADATA').exists():  # a Checkpointer wrote it directly
     return step_dir
+  items = _subdirectories(step_dir)
+  if not items:
+    raise _incomplete(step, step_dir,
+                      f'it holds no saved item, only {_entries(step_dir)}')
   raise FileNotFoundError(
-      f'Checkpoint step {step} ({step_dir}) saves several items'
-      f' {_subdirectories(step_dir)}; pass item= one of them.')
+      f'Checkpoint step {step} ({step_dir}) saves several items {items};'
+      ' pass item= one of them.')
 
 
-def custom_metadata(step_dir: Any) -> Optional[dict[str, Any]]:
+def custom_metadata(step_dir: Any, step: int) -> Optional[dict[str, Any]]:
   """The ``custom_metadata`` saved with one step, or None.
 
   None also where the step has no step metadata: a checkpoint written by an
   ``orbax.checkpoint.Checkpointer`` rather than a manager.
+
+  Raises:
+    FileNotFoundError: if the step's metadata file is there but unreadable.
   """
+  path = step_dir / '_CHECKPOINT_METADATA'
+  if not path.exists():
+    return None
   try:
     return orbax().metadata.get_step_metadata(step_dir).custom_metadata
-  except (ValueError, FileNotFoundError):  # written without a manager
-    return None
+  except (ValueError, FileNotFoundError) as e:
+    raise _incomplete(step, step_dir, f'its {path.name} cannot be read'
+                      f' ({e})') from None
 
 
 def manager_custom_metadata(manager: Any,
@@ -146,6 +165,10 @@ def manager_custom_metadata(manager: Any,
     return manager.metadata(step).custom_metadata
   except (ValueError, FileNotFoundError, AttributeError):  # none saved
     return None
+
+
+def _entries(directory: Any) -> list[str]:
+  return sorted(p.name for p in directory.iterdir())
 
 
 def _subdirectories(directory: Any) -> list[str]:
@@ -219,9 +242,18 @@ class Reader:
   def __exit__(self, *exc_info: object) -> None:
     self._checkpointer.close()
 
-  def stored(self, item_dir: Any) -> Any:
-    """The saved tree, its leaves Orbax's array metadata (reads no array)."""
-    stored = self._handler.metadata(item_dir)
+  def stored(self, item_dir: Any, step: int) -> Any:
+    """The saved tree, its leaves Orbax's array metadata (reads no array).
+
+    Raises:
+      FileNotFoundError: naming the step, if its ``_METADATA`` is missing
+        or cannot be read (a truncated copy).
+    """
+    try:
+      stored = self._handler.metadata(item_dir)
+    except (ValueError, FileNotFoundError) as e:  # JSONDecodeError too
+      raise _incomplete(step, item_dir, 'its _METADATA is missing or cannot'
+                        f' be read ({type(e).__name__}: {e})') from None
     return getattr(stored, 'tree', stored)
 
   def read(self, item_dir: Any, stored: Any,

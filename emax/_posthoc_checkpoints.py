@@ -219,9 +219,9 @@ class _Checkpoint:
                sigma_rels: Any) -> None:
     self.step = step
     self.item_dir = _checkpoint_files.item_directory(step_dir, item, step)
-    self.stored = reader.stored(self.item_dir)
+    self.stored = reader.stored(self.item_dir, step)
     recorded = _checkpoint_record.recorded(
-        _checkpoint_files.custom_metadata(step_dir))
+        _checkpoint_files.custom_metadata(step_dir, step))
     where = f'{_WHERE} (checkpoint step {step})'
     self.path, self.node = _restored.pick(
         _restored.found_states(self.stored), path, self.stored, where)

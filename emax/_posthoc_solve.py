@@ -167,7 +167,8 @@ def solve(steps: np.ndarray, sigma_rels: np.ndarray, target_sigma_rel: Any,
 
 def targets(target_sigma_rel: Any) -> tuple[list[float], bool]:
   """The target widths as floats, and whether a single one was given."""
-  if isinstance(target_sigma_rel, (list, tuple, np.ndarray)):
+  if isinstance(target_sigma_rel, (list, tuple)) or (
+      isinstance(target_sigma_rel, np.ndarray) and target_sigma_rel.ndim):
     values = [scalar(t, f'target_sigma_rel[{i}]')
               for i, t in enumerate(target_sigma_rel)]
     if not values:

@@ -726,3 +726,60 @@ def test_from_checkpoints_with_two_averages_in_the_state(tmp_path):
     posthoc.from_checkpoints(tmp_path, 0.08)
   got = posthoc.from_checkpoints(tmp_path, 0.08, path=['extra'])
   np.testing.assert_allclose(got['w'], -1.0, rtol=1e-6)
+
+
+def test_from_checkpoints_reads_only_what_orbax_calls_a_checkpoint(
+    saved_run, tmp_path, monkeypatch):
+  directory = tmp_path / 'run'
+  shutil.copytree(saved_run[0], directory)
+  want = posthoc.from_checkpoints(saved_run[0], 0.08)
+  # A folder that is no checkpoint beside them: CheckpointManager ignores it.
+  (directory / 'samples_1000').mkdir()
+  assert 1000 not in ocp.CheckpointManager(directory).all_steps()
+  _assert_same(posthoc.from_checkpoints(directory, 0.08), want)
+  _assert_same(emax.checkpoint.average(directory, path=('params', 'a')),
+               emax.checkpoint.average(saved_run[0], path=('params', 'a')))
+  # A relative path works as the absolute one.
+  monkeypatch.chdir(tmp_path)
+  _assert_same(posthoc.from_checkpoints('run', 0.08), want)
+  _assert_same(emax.checkpoint.average('run', path=('params', 'a')),
+               emax.checkpoint.average(saved_run[0], path=('params', 'a')))
+
+
+def test_an_incomplete_checkpoint_is_named(saved_run, tmp_path):
+  directory = tmp_path / 'run'
+  shutil.copytree(saved_run[0], directory)
+  (directory / '140').mkdir()  # empty: Orbax lists it as step 140
+  for read in (lambda: posthoc.from_checkpoints(directory, 0.08),
+               lambda: emax.checkpoint.average(directory, path=('params', 'a'))):
+    with pytest.raises(FileNotFoundError, match=(
+        r'Checkpoint step 140 \(.*140\) is incomplete: it holds no saved'
+        r' item, only \[\]')):
+      read()
+  shutil.rmtree(directory / '140')
+  # A truncated _METADATA names its step and path, not a bare JSON error.
+  metadata = directory / '60' / 'default' / '_METADATA'
+  metadata.write_text(metadata.read_text()[:100])
+  for read in (lambda: posthoc.from_checkpoints(directory, 0.08),
+               lambda: emax.checkpoint.average(directory, path=('params', 'a'))):
+    with pytest.raises(FileNotFoundError, match=(
+        r'Checkpoint step 60 \(.*60/default\) is incomplete: its _METADATA'
+        r' is missing or cannot be read \(JSONDecodeError')):
+      read()
+  # So does a truncated step metadata (where save records the widths).
+  shutil.rmtree(directory)
+  shutil.copytree(saved_run[0], directory)
+  step_metadata = directory / '40' / '_CHECKPOINT_METADATA'
+  step_metadata.write_text(step_metadata.read_text()[:50])
+  with pytest.raises(FileNotFoundError, match=(
+      r'Checkpoint step 40 \(.*40\) is incomplete: its _CHECKPOINT_METADATA'
+      ' cannot be read')):
+    posthoc.from_checkpoints(directory, 0.08)
+
+
+def test_from_checkpoints_takes_a_0d_array_as_one_target(saved_run):
+  directory = saved_run[0]
+  _assert_same(posthoc.from_checkpoints(directory, np.asarray(0.08)),
+               posthoc.from_checkpoints(directory, 0.08))
+  several = posthoc.from_checkpoints(directory, np.asarray([0.08, 0.1]))
+  assert isinstance(several, list) and len(several) == 2
