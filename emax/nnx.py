@@ -22,7 +22,6 @@ except ImportError as e:  # pragma: no cover - depends on the install
       ' pip install flax.') from e
 
 from emax import _read
-from emax import _state
 from emax import _tree
 
 __all__ = (
@@ -31,7 +30,6 @@ __all__ = (
 )
 
 M = TypeVar('M')
-
 
 
 def _check_optimizer(optimizer: nnx.Optimizer, where: str) -> None:

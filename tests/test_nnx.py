@@ -105,7 +105,7 @@ def test_ema_model_carries_the_average_and_the_rest(trained):
 
 
 def test_ema_model_survives_donating_the_training_state():
-  """Issue item 33: no buffer of the eval model belongs to the training one."""
+  """No buffer of the eval model belongs to the training one."""
   model = Net(nnx.Rngs(1))
   optimizer = nnx.Optimizer(model, emax.with_ema(optax.sgd(0.2), DECAY),
                             wrt=nnx.Param)
@@ -148,7 +148,7 @@ def test_with_ema_and_named_averages():
 
 
 def test_pack_inside_an_nnx_optimizer():
-  """Issue item 26: pack=True in an nnx.Optimizer, with named averages."""
+  """pack=True in an nnx.Optimizer, with named averages."""
   decays = {'fast': 0.5, 'slow': 0.9}
   model, optimizer, refs = train(
       emax.with_ema(optax.sgd(0.2), decays, pack=True), decays)
@@ -174,7 +174,7 @@ def test_ema_model_errors(trained):
 
 
 def test_ema_model_checks_shapes_and_names_the_leaf(trained):
-  """Issue item 27: a model of other shapes is refused, not half-built."""
+  """A model of other shapes is refused, not half-built."""
   _, optimizer, _ = trained
   wider = Net(nnx.Rngs(0), width=5)  # same structure, other shapes
   with pytest.raises(ValueError, match=r"model's \['bn'\]\['bias'\] has shape"
@@ -199,7 +199,7 @@ def test_ema_model_refuses_a_transposed_kernel(trained):
     emax.nnx.ema_model(transposed, optimizer)
 
 
-# --- a decay of 0 is a bitwise copy (issue 15, Done-when) -------------------
+# --- a decay of 0 is a bitwise copy -----------------------------------------
 
 
 def schedule_zero(count):
