@@ -314,6 +314,18 @@ def test_docs_extra_installs_what_the_build_imports():
         f' docs extra of pyproject.toml does not install: {sorted(docs)}.')
 
 
+def test_decay_plot_script_runs(tmp_path):
+  """docs/decay.png is drawn by docs/decay_plot.py: the script still runs."""
+  pytest.importorskip('matplotlib')
+  out = tmp_path / 'decay.png'
+  done = subprocess.run([sys.executable, str(DOCS / 'decay_plot.py'), str(out)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert done.returncode == 0, done.stderr[-4000:]
+  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert '](decay.png)' in (DOCS / 'decay.md').read_text()
+
+
 # --- a core install names the extra ------------------------------------------
 
 _WITHOUT_FLAX = textwrap.dedent('''
