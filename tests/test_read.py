@@ -13,12 +13,12 @@ import emax
 NAMES = {'a': 0.5, 'b': 0.9}
 
 
-def _named_state(decays=None, params=None, target=1.0):
+def _named_state(decays=None, params=None, target=1.0, **init_options):
   """A named state started from ``params`` (zeros), one step to ``target``."""
   decays = NAMES if decays is None else decays
   params = ({'w': jnp.zeros(3), 'i': jnp.asarray(2)} if params is None
             else params)
-  state = emax.init(params, names=tuple(decays))
+  state = emax.init(params, names=tuple(decays), **init_options)
   new = jax.tree.map(lambda x: jnp.full_like(x, target), params)
   return emax.update(state, new, decays), new
 
@@ -52,10 +52,6 @@ def test_bad_dtypes_is_refused_naming_the_choices(bad):
   with pytest.raises(ValueError, match=r"emax.ema_params: dtypes must be"
                      r" 'params' .* or 'accumulator' .*; got "):
     emax.ema_params(state, dtypes=bad)
-
-
-def test_bias_correction_is_gone():
-  assert not hasattr(emax, 'bias_correction')
 
 
 # --- the flax readers agree with emax.ema_params on names ------------------
@@ -225,12 +221,14 @@ def _stack(*trees):
   return jax.tree.map(lambda *x: jnp.stack(x), *trees)
 
 
-def test_metrics_reads_a_replicated_named_state_per_replica():
+@pytest.mark.parametrize('pack', [False, True])
+def test_metrics_reads_a_replicated_named_state_per_replica(pack):
   # Two replicas that differ: one stepped toward ones, one toward threes.
-  one, p1 = _named_state(target=1.0)
-  three, p3 = _named_state(target=3.0)
+  one, p1 = _named_state(target=1.0, pack=pack)
+  three, p3 = _named_state(target=3.0, pack=pack)
   replicated, params = _stack(one, three), _stack(p1, p3)
   assert replicated.step_size.shape == (2, 2)  # replicas x names
+  assert isinstance(replicated.average, dict) != pack  # packed: not a dict
   for got, singles in ((emax.metrics(replicated),
                         [emax.metrics(one), emax.metrics(three)]),
                        (emax.metrics(replicated, params),
