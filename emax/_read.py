@@ -70,7 +70,7 @@ def read(state: StateLike, name: Optional[str], *, where: str,
         f' precision); got {dtypes!r}.')
   ema_state = _state.find(state, where)
   try:
-    index = ema_state.info.index(name, where)
+    index = ema_state.info.position(name, where)
   except ValueError as e:
     if not name_hint:
       raise
@@ -250,7 +250,8 @@ def metrics(state: StateLike, params: Optional[Params] = None, *,
     update_every: the ``update_every`` the average runs with (as given to
       :func:`emax.ema`, :func:`emax.with_ema` or :func:`emax.update`). The
       state records the step size of an averaging step, not how often
-      averaging steps come, so ``'window'`` needs it to count steps.
+      averaging steps come, so ``'window'`` needs it to count steps. A
+      Python int (static under ``jax.jit``).
 
   Returns:
     A flat dict of scalars: ``'count'`` and ``'skipped'`` (steps taken,
