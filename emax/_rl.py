@@ -31,19 +31,21 @@ def target_network_options(learning_starts: int, train_frequency: int,
   with the target as an average of the params taken inside the training
   step: ``emax.with_ema(optimizer, **options)``, read with
   ``emax.ema_params(opt_state)``. The target starts as a copy of the params,
-  as the loop's does. A target update falls on the last training step before
-  it, so ``target_network_frequency`` must be a multiple of
-  ``train_frequency``; the average is then taken every
-  ``target_network_frequency // train_frequency`` training steps, the first
-  one on the training step at the first multiple of
-  ``target_network_frequency`` after ``learning_starts``.
+  as the loop's does. emax moves the target inside a training step, so each
+  target update must fall on an env step that trains:
+  ``target_network_frequency`` must be a multiple of ``train_frequency``.
+  The average is then taken every ``target_network_frequency //
+  train_frequency`` training steps, the first one on the training step at
+  the first multiple of ``target_network_frequency`` after
+  ``learning_starts``.
 
   The options are ``step_size=tau`` (the weight of the new params, applied
   as given on each target update: ``per_update=True``), ``update_every``,
   ``first_update`` and ``rounding='optax'``, which computes ``tau * params
   + (1 - tau) * target`` as ``optax.incremental_update`` does (``tau=1`` is
-  an exact copy). Add others as keywords (e.g. ``skip_nonfinite=False`` to
-  copy a non-finite step as the loop would).
+  an exact copy). Add others as keywords, e.g. ``emax.with_ema(opt,
+  **options, skip_nonfinite=False)`` to take a non-finite step in as the
+  loop would.
 
   Args:
     learning_starts: env steps before training starts (the loop trains on
