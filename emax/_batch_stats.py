@@ -30,6 +30,20 @@ from emax._state import EmaState
 FIELD = 'EmaTrainState.batch_stats_ema'
 
 
+POLICIES = ('average', 'copy')
+"""What ``emax.flax.EmaTrainState`` evaluates the BatchNorm statistics with."""
+
+
+def check_policy(policy: Any, where: str) -> str:
+  """``policy`` if it is a known batch_stats policy, else a clear error."""
+  if policy not in POLICIES:
+    raise ValueError(
+        f'{where}: batch_stats_policy must be one of {POLICIES},'
+        f' got {policy!r} instead. \'average\' evaluates with an average of'
+        ' the BatchNorm statistics, \'copy\' with the live ones.')
+  return policy
+
+
 def checked(state: Any) -> Optional[EmaState]:
   """``None``, or the :class:`EmaState` of ``FIELD`` (an error if not one)."""
   return None if state is None else _state.check_state(state, FIELD)

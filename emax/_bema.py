@@ -180,10 +180,6 @@ def _nonnegative(value: Any, name: str) -> float:
   return _options.finite_positive(value, name)
 
 
-def _is_bema(x: Any) -> bool:
-  return isinstance(x, BemaState)
-
-
 def bema_params(state: Any, params: Params) -> Params:
   r"""The BEMA params: the EMA with its lag removed, in the params' dtypes.
 
@@ -204,8 +200,7 @@ def bema_params(state: Any, params: Params) -> Params:
     ValueError: if ``state`` holds no :class:`emax.BemaState` or several, or
       ``params`` do not match it.
   """
-  found = [x for x in jax.tree.leaves(state, is_leaf=_is_bema)
-           if _is_bema(x)]
+  found = _state.all_states(state, BemaState)
   if len(found) != 1:
     raise ValueError(
         'emax.bema_params expected a BemaState or a state holding exactly'

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Optional, Union
@@ -32,9 +33,6 @@ ROUNDINGS = ('tensorflow', 'lerp', 'optax', 'nnx')
 
 PACK_MAX_SIZE = 1 << 15
 """Largest leaf (in elements) that ``pack=True`` packs."""
-
-BATCH_STATS_POLICIES = ('average', 'copy')
-"""What ``emax.flax.EmaTrainState`` evaluates the BatchNorm statistics with."""
 
 def _name_of(value: Any) -> str:
   return type(value).__name__
@@ -120,15 +118,6 @@ def check_rounding(rounding: Any) -> str:
         " optax.incremental_update, 'nnx' as flax.nnx.EMA and Keras"
         ' (`d * ema + (1 - d) * p`).')
   return rounding
-
-
-def check_batch_stats_policy(policy: Any, where: str) -> str:
-  if policy not in BATCH_STATS_POLICIES:
-    raise ValueError(
-        f'{where}: batch_stats_policy must be one of {BATCH_STATS_POLICIES},'
-        f' got {policy!r} instead. \'average\' evaluates with an average of'
-        ' the BatchNorm statistics, \'copy\' with the live ones.')
-  return policy
 
 
 def check_names(names: Any) -> Optional[tuple[str, ...]]:
@@ -399,8 +388,8 @@ def warn_if_step_size(decay: Any) -> None:
   values = decay.items() if isinstance(decay, Mapping) else [(None, decay)]
   for name, value in values:
     if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, numbers.Real) or not 0.0 <= float(value) < LOW_DECAY:
-      continue
+        value, numbers.Real) or not 0.0 < float(value) < LOW_DECAY:
+      continue  # (a decay of exactly 0 is the documented copy)
     where = f' for the average {name!r}' if name is not None else ''
     warnings.warn(
         f'decay={float(value)!r}{where} keeps only {float(value):.1%} of the'
@@ -408,4 +397,13 @@ def warn_if_step_size(decay: Any) -> None:
         ' If this is a step size (tau, the weight of the new params), pass'
         f' step_size={float(value)!r} instead; if you mean this decay, pass'
         f' step_size={1.0 - float(value)!r} to say so.', UserWarning,
-        stacklevel=4)
+        stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+  """The ``stacklevel`` of the first caller outside emax (for warnings)."""
+  level, frame = 1, sys._getframe(1)
+  while frame is not None and frame.f_globals.get(
+      '__name__', '').partition('.')[0] == 'emax':
+    frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+  return level

@@ -8,6 +8,7 @@ state (an optax state, a train state, a checkpoint restored without a target).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -67,7 +68,7 @@ class StateInfo(_InfoFields):
     extra += ', debias=True' if self.debias else ''
     return f'StateInfo(param_dtypes=({dtypes}){extra})'
 
-  def index(self, name: Optional[str], where: str) -> Optional[int]:
+  def position(self, name: Optional[str], where: str) -> Optional[int]:
     """The position of average ``name`` (``None`` for a single average)."""
     if self.names is None:
       if name is not None:
@@ -135,9 +136,10 @@ def require_params(params: Any, where: str) -> None:
         ' transformation: tx.update(updates, opt_state, params)).')
 
 
-def init(params: Params, *, names: Optional[Any] = None, debias: bool = False,
-         accumulator_dtype: Any = None, offload: bool = False,
-         pack: bool | int = False) -> EmaState:
+def init(params: Params, *, names: Optional[Sequence[str]] = None,
+         debias: bool = False,
+         accumulator_dtype: Optional[jax.typing.DTypeLike] = None,
+         offload: bool = False, pack: bool | int = False) -> EmaState:
   """Starts an exponential moving average of ``params``.
 
   Args:
@@ -172,8 +174,9 @@ def init(params: Params, *, names: Optional[Any] = None, debias: bool = False,
 
   Raises:
     ValueError: if ``params`` is ``None``, ``accumulator_dtype`` is not a
-      floating dtype, ``names`` are not distinct, ``pack`` is combined with
-      ``offload``, or ``offload=True`` on devices without pinned host memory.
+      floating dtype, ``names`` are not distinct, ``pack`` is not a bool or a
+      positive int, or ``offload=True`` on devices without pinned host
+      memory (``pack`` and ``offload`` combine).
     TypeError: if ``debias`` or ``offload`` is not a bool, ``names`` is not a
       sequence of strings, or ``accumulator_dtype`` is not a dtype.
 
@@ -239,10 +242,10 @@ def _is_state(x: Any) -> bool:
   return isinstance(x, EmaState)
 
 
-def all_states(tree: Any) -> list[EmaState]:
-  """Every :class:`EmaState` inside ``tree`` (any nesting of pytrees)."""
-  return [x for x in jax.tree.leaves(tree, is_leaf=_is_state)
-          if _is_state(x)]
+def all_states(tree: Any, kind: type = EmaState) -> list[Any]:
+  """Every ``kind`` node (an :class:`EmaState` by default) inside ``tree``."""
+  is_kind = lambda x: isinstance(x, kind)  # noqa: E731
+  return [x for x in jax.tree.leaves(tree, is_leaf=is_kind) if is_kind(x)]
 
 
 def _dicts(tree: Any) -> Any:

@@ -174,11 +174,6 @@ def ema(decay: Optional[_options.RatesLike] = None, *,
                 params: Optional[Params] = None, *, finite: Any = None,
                 **extra_args: Any) -> tuple[optax.Updates, EmaState]:
     del extra_args  # other transformations' extra arguments
-    if params is None:
-      raise ValueError(
-          'emax.ema needs the params: call tx.update(updates, opt_state,'
-          ' params). It averages the params after this step, params +'
-          ' updates, so it cannot work from the updates alone.')
     state = _step.step(options, state, params, updates, where='emax.ema',
                        finite=finite)
     if write_back_every is not None:

@@ -38,7 +38,6 @@ except ImportError as e:  # pragma: no cover - depends on the install
       ' pip install flax.') from e
 
 from emax import _batch_stats
-from emax import _options
 from emax import _read
 from emax import _state
 from emax import _step
@@ -52,7 +51,7 @@ __all__ = (
     'recompute_batch_stats',
 )
 
-POLICIES = _options.BATCH_STATS_POLICIES
+POLICIES = _batch_stats.POLICIES
 
 
 
@@ -137,7 +136,7 @@ class EmaTrainState(train_state.TrainState):
   def __post_init__(self) -> None:
     # Runs on every construction: create, replace, tree unflattening and
     # flax.serialization restores. A typo never silently changes evaluation.
-    _options.check_batch_stats_policy(self.batch_stats_policy, 'EmaTrainState')
+    _batch_stats.check_policy(self.batch_stats_policy, 'EmaTrainState')
 
   @classmethod
   def create(cls, *, apply_fn: Callable, params: Params, tx: Any,
@@ -176,7 +175,7 @@ class EmaTrainState(train_state.TrainState):
         policy is unknown; or the average would move on ``optax.MultiSteps``
         micro-steps.
     """
-    _options.check_batch_stats_policy(batch_stats_policy,
+    _batch_stats.check_policy(batch_stats_policy,
                                       'EmaTrainState.create')
     if ema is not None:
       _train_state_tx.check_ema(ema, params)
@@ -222,7 +221,7 @@ class EmaTrainState(train_state.TrainState):
         them.
     """
     where = 'EmaTrainState.apply_gradients'
-    _options.check_batch_stats_policy(self.batch_stats_policy, where)
+    _batch_stats.check_policy(self.batch_stats_policy, where)
     _state.find(self.opt_state, where)
     if batch_stats is not None and self.batch_stats is None:
       raise ValueError(
@@ -278,7 +277,7 @@ class EmaTrainState(train_state.TrainState):
         (the message lists the names), or the state holds no average.
     """
     where = 'EmaTrainState.eval_variables'
-    _options.check_batch_stats_policy(self.batch_stats_policy, where)
+    _batch_stats.check_policy(self.batch_stats_policy, where)
     variables = {'params': _read.read(self.opt_state, name, where=where)}
     if self.batch_stats is not None:
       if self.batch_stats_policy == 'average':
@@ -309,9 +308,9 @@ class EmaTrainState(train_state.TrainState):
         average.
     """
     where = 'EmaTrainState.write_back'
-    _options.check_batch_stats_policy(self.batch_stats_policy, where)
+    _batch_stats.check_policy(self.batch_stats_policy, where)
     ema_state = self._ema_state(where)
-    ema_state.info.index(name, where)
+    ema_state.info.position(name, where)
     batch_stats = self.batch_stats
     if batch_stats is not None and self.batch_stats_policy == 'average':
       batch_stats = _batch_stats.read(self.batch_stats_ema, name, where)

@@ -369,9 +369,12 @@ def test_error_restored_dict_state_in_chain():
 def test_error_update_without_params():
   tx = emax.ema(0.9)
   state = tx.init({'w': jnp.ones(2)})
-  with pytest.raises(ValueError, match=r'needs the params: call tx.update\('
-                     r'updates, opt_state, params\)'):
+  with pytest.raises(ValueError, match=r'emax.ema needs the params, got None.*'
+                     r'tx.update\(updates, opt_state, params\)'):
     tx.update({'w': jnp.ones(2)}, state)
+  with_ema = emax.with_ema(optax.sgd(1.0), 0.9)
+  with pytest.raises(ValueError, match=r'emax.with_ema needs the params'):
+    with_ema.update({'w': jnp.ones(2)}, with_ema.init({'w': jnp.ones(2)}))
 
 
 @pytest.mark.parametrize('decay', [1.0001, -0.5, float('nan'), 2])
