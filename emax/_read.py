@@ -59,7 +59,7 @@ def read(state: StateLike, name: Optional[str], *, where: str,
   """The one reader behind :func:`ema_params` and the flax readers.
 
   ``where`` is the caller's public name, for error messages; the name is
-  looked up by :meth:`emax.StateInfo.index`, whoever reads. ``name_hint``
+  looked up by ``StateInfo.position``, whoever reads. ``name_hint``
   ends the message of a missing or unknown name (how this caller takes one).
   """
   if not isinstance(dtypes, str) or dtypes not in _DTYPES:
