@@ -11,6 +11,7 @@ back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import numbers
 from typing import Any, Optional
 
@@ -21,7 +22,7 @@ from optax import Params
 from emax import _checkpoint_files
 from emax import _layout
 from emax import _offload
-from emax._posthoc_solve import SIGMA_REL_MAX
+from emax import _posthoc_solve
 from emax._state import EmaState
 from emax._stored_tree import same_path
 from emax._stored_tree import stored_key
@@ -159,7 +160,7 @@ def _layout_name(average: Any) -> str:
 
 
 def width_of(value: Any, where: str) -> float:
-  """A width as a float: a number, or a schedule's ``sigma_rel``."""
+  """A width as a float: a number, or a power-function schedule's."""
   if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
     if not isinstance(getattr(value, 'sigma_rel', None), numbers.Real):
       raise TypeError(
@@ -168,92 +169,152 @@ def width_of(value: Any, where: str) -> float:
           ' power-function averages). Give the width as a number, or leave'
           ' this average out.')
     value = value.sigma_rel
-  if isinstance(value, bool) or not isinstance(
-      value, (numbers.Real, np.number, np.ndarray, jax.Array)) or getattr(
-          value, 'ndim', 0) != 0:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (numbers.Real, np.ndarray, jax.Array)):
     raise TypeError(f'{where} must be a number or a power_function_decay'
                     f' schedule, got {value!r}.')
-  value = float(value)
-  if not 0 < value < SIGMA_REL_MAX:
-    raise ValueError(
-        f'{where} is {value}, but a power-function average has sigma_rel in'
-        f' (0, {SIGMA_REL_MAX:.4f}); typical values are 0.05 to 0.15.')
-  return value
+  return _posthoc_solve.width(value, where)
 
 
-def _widths(names: Optional[tuple[str, ...]], sigma_rels: Any,
-            where: str) -> tuple[list[Optional[float]], set[str]]:
-  """One width (or None) per average of a state, and the keys used."""
-  count = 1 if names is None else len(names)
-  if sigma_rels is None:
-    return [None] * count, set()
-  if isinstance(sigma_rels, dict) or hasattr(sigma_rels, 'keys'):
+def _is_mapping(sigma_rels: Any) -> bool:
+  return hasattr(sigma_rels, 'keys')
+
+
+def _is_sequence(sigma_rels: Any) -> bool:
+  return isinstance(sigma_rels, (list, tuple)) or (
+      isinstance(sigma_rels, np.ndarray) and sigma_rels.ndim > 0)
+
+
+def widths(sigma_rels: Any, names: Optional[Sequence[str]], count: int,
+           what: str, arg: str = 'sigma_rels') -> list[Optional[float]]:
+  """One width (None: not a snapshot) per average of one state.
+
+  The one reading of ``sigma_rels`` as a user gives it: ``{name: sigma_rel
+  or power-function schedule}`` for named averages (a subset of the names),
+  a sequence with one entry per average in stored order (``None`` leaves one
+  out), or one number or schedule for a single average.
+
+  Args:
+    sigma_rels: as above.
+    names: the averages' names, or None (a single one, or not recorded).
+    count: how many averages the state holds.
+    what: the averages, for messages (``'the 2 averages at [...]'``).
+    arg: the argument's name, for messages (``'--tracked'`` on the command
+      line).
+
+  Raises:
+    ValueError: if ``sigma_rels`` does not fit the averages, names one
+      they do not have, or gives none a width.
+    TypeError: for a schedule without a ``sigma_rel``, or a non-number.
+  """
+  named = f', named {list(names)}' if names is not None else ''
+  if _is_mapping(sigma_rels):
     if names is None:
-      return [None], set()
-    used = [n for n in names if n in sigma_rels]
-    return ([width_of(sigma_rels[n], f'{where}[{n!r}]') if n in sigma_rels
-             else None for n in names], set(used))
-  if isinstance(sigma_rels, (list, tuple)):
-    if names is None or len(sigma_rels) != count:
-      return [None] * count, set()
-    return [None if s is None else width_of(s, f'{where}[{i}]')
-            for i, s in enumerate(sigma_rels)], {'*'}
-  if names is not None:
-    return [None] * count, set()
-  return [width_of(sigma_rels, where)], {'*'}
+      raise ValueError(
+          f'{arg} gives widths by name, but the names of {what} were not'
+          f' saved. Give one width per average instead, in the order given'
+          ' to emax.ema (None for an average to leave out).')
+    unknown = [k for k in sigma_rels if k not in names]
+    if unknown:
+      raise ValueError(f'{arg} names {unknown}; {what} are named'
+                       f' {list(names)}.')
+    result = [width_of(sigma_rels[n], f'{arg}[{n!r}]') if n in sigma_rels
+              else None for n in names]
+  elif _is_sequence(sigma_rels):
+    if len(sigma_rels) != count:
+      raise ValueError(
+          f'{arg} has {len(sigma_rels)} entries for {what}{named}; give one'
+          ' per average (None for one to leave out).')
+    result = [None if s is None else width_of(s, f'{arg}[{i}]')
+              for i, s in enumerate(sigma_rels)]
+  else:
+    if count != 1:
+      raise ValueError(
+          f'{arg}: one sigma_rel for {what}{named}; give one per average:'
+          ' {name: sigma_rel}, or a sequence in order.')
+    result = [width_of(sigma_rels, arg)]
+  if all(w is None for w in result):
+    raise ValueError(f'{arg} gives no average a width.')
+  return result
 
 
 def _record(state: Any, sigma_rels: Any) -> Optional[dict[str, Any]]:
   """What :func:`save` records about the averages in ``state`` (or None)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(state,
                                                  is_leaf=_is_ema_state)
+  states = [(tuple(stored_key(k) for k in p), x) for p, x in flat
+            if _is_ema_state(x)]
+  if sigma_rels is not None and not states:
+    raise ValueError(
+        'sigma_rels was given, but the state holds no emax.EmaState to'
+        ' record it for. Save the state that holds the averages (e.g.'
+        ' {"params": params, "opt_state": opt_state}).')
+  recorded_widths = _widths_by_state(states, sigma_rels)
   averages: list[dict[str, Any]] = []
-  used: set[str] = set()
-  for path, x in flat:
-    if not _is_ema_state(x):
-      continue
+  for (path, x), state_widths in zip(states, recorded_widths):
     info = x.info
-    names = None if info.names is None else list(info.names)
-    widths, keys = _widths(info.names, sigma_rels, 'sigma_rels')
-    used |= keys
     layout = _layout_name(x.average)
     param_paths = None
     if layout == 'plain':
       param_paths = [[stored_key(k) for k in p] for p, _ in
                      jax.tree_util.tree_flatten_with_path(x.average)[0]]
     averages.append({
-        'path': [stored_key(k) for k in path],
-        'names': names,
+        'path': list(path),
+        'names': None if info.names is None else list(info.names),
         'debias': bool(info.debias),
         'layout': layout,
         'param_dtypes': [str(np.dtype(d)) for d in info.param_dtypes],
         'param_paths': param_paths,
-        'sigma_rels': widths if any(w is not None for w in widths) else None,
+        'sigma_rels': state_widths,
     })
-  if sigma_rels is not None:
-    if not averages:
-      raise ValueError(
-          'sigma_rels was given, but the state holds no emax.EmaState to'
-          ' record it for. Save the state that holds the averages (e.g.'
-          ' {"params": params, "opt_state": opt_state}).')
-    named = [a['names'] for a in averages if a['names'] is not None]
-    if isinstance(sigma_rels, dict) or hasattr(sigma_rels, 'keys'):
-      unknown = sorted(set(map(str, sigma_rels)) - used)
-      if unknown:
-        raise ValueError(
-            f'sigma_rels names {unknown}, but the averages in the state are'
-            f' named {named or "nothing (a single unnamed average)"}. Give'
-            ' one entry per named average, e.g. the mapping given to'
-            ' emax.ema.')
-    elif not used:
-      raise ValueError(
-          f'sigma_rels={sigma_rels!r} fits no average in the state: a single'
-          ' number or schedule is for a single unnamed average, a sequence'
-          ' for named ones (one per name, in order); these are named'
-          f' {named}. Give a mapping {{name: sigma_rel}}.')
   if not averages:
     return None
   return {'format': _FORMAT, 'averages': averages}
+
+
+def _widths_by_state(states: list[tuple[tuple[Any, ...], EmaState]],
+                     sigma_rels: Any) -> list[Optional[list[Any]]]:
+  """The widths to record for each state (None: none), via :func:`widths`.
+
+  A mapping may name the averages of several states; a sequence or a number
+  goes to the one state it fits (a sequence: named averages, as many; a
+  number: a single unnamed average).
+  """
+  if sigma_rels is None:
+    return [None] * len(states)
+  names = [x.info.names for _, x in states]
+  if _is_mapping(sigma_rels):
+    every = [n for state_names in names for n in state_names or ()]
+    unknown = sorted(set(map(str, sigma_rels)) - set(every))
+    if unknown:
+      raise ValueError(
+          f'sigma_rels names {unknown}, but the averages in the state are'
+          f' named {[list(n) for n in names if n is not None] or "nothing"}.'
+          ' Give'
+          ' one entry per named average, e.g. the mapping given to'
+          ' emax.ema.')
+    return [widths({k: v for k, v in sigma_rels.items() if k in n}, n,
+                   len(n), f'the averages at {list(path)}')
+            if n is not None and any(k in n for k in sigma_rels) else None
+            for (path, _), n in zip(states, names)]
+  fits = [k for k, n in enumerate(names)
+          if (n is not None and _is_sequence(sigma_rels)
+              and len(n) == len(sigma_rels))
+          or (n is None and not _is_sequence(sigma_rels))]
+  if len(fits) != 1:
+    raise ValueError(
+        f'sigma_rels={sigma_rels!r} fits'
+        f' {f"{len(fits)} averages" if fits else "no average"} in the state:'
+        ' a single number or'
+        ' schedule is for a single unnamed average, a sequence for named'
+        ' ones (one per name, in order); these are named'
+        f' {[list(n) for n in names if n is not None]}. Give a mapping'
+        ' {name: sigma_rel}.')
+  out: list[Optional[list[Any]]] = [None] * len(states)
+  (path, _), n = states[fits[0]], names[fits[0]]
+  out[fits[0]] = widths(sigma_rels, n, 1 if n is None else len(n),
+                        f'the averages at {list(path)}')
+  return out
 
 
 def recorded(metadata: Any) -> Optional[list[dict[str, Any]]]:

@@ -25,7 +25,6 @@ from emax import _checkpoint_record
 from emax import _posthoc_solve
 from emax import _restored
 from emax import _stored_tree
-from emax._checkpoint_record import width_of
 from emax._streaming_sum import TreeSum
 
 _WHERE = 'emax.posthoc.from_checkpoints'
@@ -122,6 +121,23 @@ def from_checkpoints(directory: Any, target_sigma_rel: Any, *,
   training would have been 92.94 (from ten snapshots, the reconstruction is
   close, not exact).
   """
+  return reconstruct_checkpoints(
+      directory, target_sigma_rel, target_step=target_step,
+      sigma_rels=sigma_rels, path=path, like=like, item=item,
+      progress=progress)
+
+
+def reconstruct_checkpoints(
+    directory: Any, target_sigma_rel: Any, *, target_step: Optional[int],
+    sigma_rels: Any, path: Optional[Sequence[Union[str, int]]], like: Any,
+    item: Optional[str],
+    progress: Optional[Callable[[list[int]], Iterable[int]]],
+    sigma_rels_arg: str = 'sigma_rels=') -> Any:
+  """:func:`from_checkpoints`, saying ``sigma_rels_arg`` in messages.
+
+  The command line gives the widths as ``--tracked``: its messages name
+  that, not the Python argument.
+  """
   _checkpoint_files.orbax()
   targets, single = _posthoc_solve.targets(target_sigma_rel)
   root, found = _checkpoint_files.finished_steps(directory, _WHERE)
@@ -143,7 +159,7 @@ def from_checkpoints(directory: Any, target_sigma_rel: Any, *,
     for step in chosen:
       checkpoints.append(_Checkpoint(
           reader, step, found[step], item=item, path=path, like=like,
-          sigma_rels=sigma_rels))
+          sigma_rels=sigma_rels, sigma_rels_arg=sigma_rels_arg))
       checkpoints[-1].same_as(checkpoints[0])
     first = checkpoints[0]
     counts = [int(np.asarray(reader.read(c.item_dir, c.stored,
@@ -216,7 +232,7 @@ class _Checkpoint:
   def __init__(self, reader: _checkpoint_files.Reader, step: int,
                step_dir: Any, *, item: Optional[str],
                path: Optional[Sequence[Union[str, int]]], like: Any,
-               sigma_rels: Any) -> None:
+               sigma_rels: Any, sigma_rels_arg: str) -> None:
     self.step = step
     self.item_dir = _checkpoint_files.item_directory(step_dir, item, step)
     self.stored = reader.stored(self.item_dir, step)
@@ -229,7 +245,7 @@ class _Checkpoint:
                                recorded=recorded, where=where)
     self.widths = _snapshot_widths(
         self.plan, _checkpoint_record.entry_at(recorded, self.path),
-        sigma_rels, where)
+        sigma_rels, where, sigma_rels_arg)
     self.leaves = [(p, tuple(m.shape), np.dtype(m.dtype))
                    for p, m in _stored_tree.flatten(self.node)]
     self.nbytes = sum(int(np.prod(s)) * d.itemsize for _, s, d in self.leaves)
@@ -247,51 +263,31 @@ class _Checkpoint:
 
 
 def _snapshot_widths(plan: _restored.Plan, entry: Optional[dict[str, Any]],
-                     sigma_rels: Any, where: str) -> list[Optional[float]]:
+                     sigma_rels: Any, where: str,
+                     arg: str) -> list[Optional[float]]:
   """The width of each average of one checkpoint (None: not a snapshot)."""
-  names = (f', named {list(plan.names)}' if plan.names is not None else '')
+  what = (f'the {plan.count} average{"s" if plan.count > 1 else ""} at'
+          f' {list(plan.path)}')
   if sigma_rels is None:
     widths = entry.get('sigma_rels') if entry else None
     if not widths or all(w is None for w in widths):
+      named = (f', named {list(plan.names)}' if plan.names is not None
+               else '')
+      by_name = ('{name: sigma_rel}, or' if arg.endswith('=') else
+                 ' NAME=SIGMA_REL per name, or')
       raise ValueError(
-          f'{where}: no sigma_rel is recorded for the {plan.count}'
-          f' average{"s" if plan.count > 1 else ""} at {list(plan.path)}'
-          f'{names}. Save them with emax.checkpoint.save(manager, step,'
-          ' state, sigma_rels=decays) (decays: the mapping given to'
-          ' emax.ema), or pass sigma_rels= here: {name: sigma_rel}, or one'
+          f'{where}: no sigma_rel is recorded for {what}{named}. Save them'
+          ' with emax.checkpoint.save(manager, step, state,'
+          ' sigma_rels=decays) (decays: the mapping given to emax.ema), or'
+          f' give them here with {arg}{by_name if plan.names else ""} one'
           ' per average in the order given to emax.ema.')
     if len(widths) != plan.count:
       raise ValueError(
           f'{where}: the record lists {len(widths)} sigma_rels for'
           f' {plan.count} averages; the checkpoint is not what emax saved.')
     return [None if w is None else float(w) for w in widths]
-  if hasattr(sigma_rels, 'keys'):
-    if plan.names is None:
-      raise ValueError(
-          f'{where}: sigma_rels is a mapping, but the names of the'
-          f' {plan.count} averages at {list(plan.path)} were not saved. Give'
-          ' a sequence instead, one sigma_rel per average in the order given'
-          ' to emax.ema (None for an average to leave out).')
-    unknown = [k for k in sigma_rels if k not in plan.names]
-    if unknown:
-      raise ValueError(f'{where}: sigma_rels names {unknown}; the averages'
-                       f' at {list(plan.path)} are named {list(plan.names)}.')
-    widths = [width_of(sigma_rels[n], f'sigma_rels[{n!r}]')
-              if n in sigma_rels else None for n in plan.names]
-  elif isinstance(sigma_rels, (list, tuple, np.ndarray)):
-    if len(sigma_rels) != plan.count:
-      raise ValueError(
-          f'{where}: sigma_rels has {len(sigma_rels)} entries, but the'
-          f' checkpoint holds {plan.count} averages at {list(plan.path)}'
-          f'{names}; give one per average (None for one to leave out).')
-    widths = [None if s is None else width_of(s, f'sigma_rels[{i}]')
-              for i, s in enumerate(sigma_rels)]
-  else:
-    if plan.count != 1:
-      raise ValueError(
-          f'{where}: one sigma_rel for {plan.count} averages{names}; give'
-          ' one per average: {name: sigma_rel}, or a sequence.')
-    widths = [width_of(sigma_rels, 'sigma_rels')]
-  if all(w is None for w in widths):
-    raise ValueError(f'{where}: sigma_rels gives no average a width.')
-  return widths
+  try:
+    return _checkpoint_record.widths(sigma_rels, plan.names, plan.count,
+                                     what, arg.rstrip('='))
+  except (TypeError, ValueError) as e:
+    raise type(e)(f'{where}: {e}') from None

@@ -26,8 +26,20 @@ reconstructs the average of each --sigma-rel at checkpoint --step (the latest
 by default), and writes, for each, an Orbax checkpoint of the params:
 
   OUT_DIR/sigma_rel_<S>/<STEP>/   a CheckpointManager directory; restore with
-      orbax.checkpoint.CheckpointManager("OUT_DIR/sigma_rel_<S>").restore(STEP)
+      ocp.CheckpointManager(os.path.abspath("OUT_DIR/sigma_rel_<S>")).restore(
+          STEP, args=ocp.args.StandardRestore())
+  (<S> is the width as given, e.g. 0.1; import orbax.checkpoint as ocp)
 '''
+
+
+def _number(value: str, flag: str) -> float:
+  try:
+    return float(value)
+  except ValueError:
+    raise ValueError(
+        f'{flag} takes numbers, got {value!r}: e.g. {flag} s05=0.05'
+        f' s10=0.10 (by name), or {flag} 0.05 0.10 (one per average, in'
+        ' the order given to emax.ema).') from None
 
 
 def _parse_tracked(values: Optional[list[str]]) -> Any:
@@ -35,11 +47,23 @@ def _parse_tracked(values: Optional[list[str]]) -> Any:
   if not values:
     return None
   if all('=' in v for v in values):
-    return {k: float(v) for k, v in (x.split('=', 1) for x in values)}
+    return {k: _number(v, '--tracked')
+            for k, v in (x.split('=', 1) for x in values)}
   if any('=' in v for v in values):
     raise ValueError('--tracked takes either NAME=SIGMA_REL entries or plain'
                      f' SIGMA_REL values, not both: {values}.')
-  return [None if v.lower() == 'none' else float(v) for v in values]
+  return [None if v.lower() == 'none' else _number(v, '--tracked')
+          for v in values]
+
+
+def _out_dirs(out: str, sigma_rels: list[float]) -> list[str]:
+  """One folder per width, named by the width as given (distinct widths,
+  distinct folders: ``repr`` of a float tells any two floats apart)."""
+  repeated = sorted({s for s in sigma_rels if sigma_rels.count(s) > 1})
+  if repeated:
+    raise ValueError(f'--sigma-rel lists {repeated} more than once; give each'
+                     ' width once.')
+  return [os.path.join(out, f'sigma_rel_{s!r}') for s in sigma_rels]
 
 
 def _print_progress(steps: list[int]) -> Iterable[int]:
@@ -86,16 +110,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help='no progress bar')
   args = parser.parse_args(argv)
   ocp = _checkpoint_files.orbax()
-  outs = [os.path.join(args.out, f'sigma_rel_{s:g}') for s in args.sigma_rel]
+  try:
+    outs = _out_dirs(args.out, list(args.sigma_rel))
+    tracked = _parse_tracked(args.tracked)
+  except ValueError as e:
+    parser.error(str(e))
   taken = [o for o in outs if os.path.isdir(o) and os.listdir(o)]
   if taken:
     parser.error(f'{", ".join(taken)} already exist{"s" * (len(taken) == 1)};'
                  ' remove them or choose another --out.')
   try:
-    results = _posthoc_checkpoints.from_checkpoints(
+    results = _posthoc_checkpoints.reconstruct_checkpoints(
         args.checkpoint_dir, list(args.sigma_rel), target_step=args.step,
-        sigma_rels=_parse_tracked(args.tracked), path=args.path, like=None,
-        item=args.item, progress=_progress_bar(args.quiet))
+        sigma_rels=tracked, path=args.path, like=None, item=args.item,
+        progress=_progress_bar(args.quiet), sigma_rels_arg='--tracked')
   except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
     parser.exit(1, f'{parser.prog}: error: {e}\n')
   step = args.step
@@ -109,5 +137,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           custom_metadata={'posthoc': {
               'sigma_rel': sigma_rel, 'step': step,
               'checkpoints': os.path.abspath(args.checkpoint_dir)}})
-    print(f'sigma_rel {sigma_rel:g}: wrote {out}/{step}')
+    print(f'sigma_rel {sigma_rel!r}: wrote {out}/{step}')
   return 0

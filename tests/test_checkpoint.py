@@ -756,8 +756,8 @@ def test_save_records_packed_offloaded_and_single_averages(tmp_path):
      r"sigma_rels names \['s07'\], but the averages in the state are named"
      r" \[\['s05', 's10'\]\]"),
     ('named', {'sigma_rels': {'s05': 0.5}}, ValueError,
-     r"sigma_rels\['s05'\] is 0.5, but a power-function average has"
-     r' sigma_rel in \(0, 0.2887\)'),
+     r"sigma_rels\['s05'\] must be in \(0, 0.2887\) .*, got 0.5. Typical"
+     r' values are 0.05 to 0.15'),
     ('named', {'sigma_rels': 0.05}, ValueError,
      r'sigma_rels=0.05 fits no average in the state'),
     ('named', {'sigma_rels': {'s05': 'wide'}}, TypeError,

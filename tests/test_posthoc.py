@@ -1,6 +1,7 @@
 """Tests of emax.posthoc against an independent float64 reference of EDM2."""
 
 import functools
+import os
 import shutil
 import tracemalloc
 import weakref
@@ -624,8 +625,8 @@ def test_from_checkpoints_of_bf16_params_and_unrecorded_widths(tmp_path):
                      r" averages at \['opt_state', 'ema_state'\].*"
                      r'sigma_rels=decays'):
     posthoc.from_checkpoints(tmp_path / 'plain', 0.08)
-  with pytest.raises(ValueError, match='sigma_rels is a mapping, but the names'
-                     ' of the 2 averages .* were not saved'):
+  with pytest.raises(ValueError, match='sigma_rels gives widths by name, but'
+                     ' the names of the 2 averages .* were not saved'):
     posthoc.from_checkpoints(tmp_path / 'plain', 0.08, sigma_rels=DECAYS)
   plain = posthoc.from_checkpoints(tmp_path / 'plain', 0.08,
                                    sigma_rels=list(DECAYS.values()))
@@ -675,11 +676,11 @@ def test_from_checkpoints_rejects_bad_input_clearly(saved_run, tmp_path):
        r' \[20, 40, 60, 80, 100, 120\]'),
       ({'target_step': 60.0}, TypeError, 'target_step must be an int'),
       ({'sigma_rels': {'s07': 0.07}}, ValueError,
-       r"sigma_rels names \['s07'\]; the averages at \['opt_state',"
+       r"sigma_rels names \['s07'\]; the 2 averages at \['opt_state',"
        r" 'ema_state'\] are named \['s05', 's10'\]"),
       ({'sigma_rels': [0.05]}, ValueError,
-       r'sigma_rels has 1 entries, but the checkpoint holds 2 averages'),
-      ({'sigma_rels': 0.05}, ValueError, r'one sigma_rel for 2 averages'),
+       r'sigma_rels has 1 entries for the 2 averages'),
+      ({'sigma_rels': 0.05}, ValueError, r'one sigma_rel for the 2 averages'),
       ({'sigma_rels': [None, None]}, ValueError,
        'sigma_rels gives no average a width'),
       ({'sigma_rels': [0.05, emax.tf_decay(0.9)]}, TypeError,
@@ -783,3 +784,72 @@ def test_from_checkpoints_takes_a_0d_array_as_one_target(saved_run):
                posthoc.from_checkpoints(directory, 0.08))
   several = posthoc.from_checkpoints(directory, np.asarray([0.08, 0.1]))
   assert isinstance(several, list) and len(several) == 2
+
+
+# --- the command line ----------------------------------------------------------
+
+
+def _cli(capsys, *argv):
+  """Runs ``python -m emax.posthoc`` in-process: (exit code, stdout, stderr)."""
+  try:
+    code = posthoc.main([str(a) for a in argv] + ['--quiet'])
+  except SystemExit as e:
+    code = e.code
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_cli_takes_relative_paths_and_writes_readable_checkpoints(
+    saved_run, tmp_path, monkeypatch, capsys, caplog):
+  shutil.copytree(saved_run[0], tmp_path / 'run')
+  monkeypatch.chdir(tmp_path)
+  code, out, err = _cli(capsys, 'run', '--sigma-rel', 0.08, '--out', 'rebuilt')
+  assert code == 0, err
+  assert 'sigma_rel 0.08: wrote rebuilt/sigma_rel_0.08/120' in out
+  # The documented way to read it back: absolute path, StandardRestore(),
+  # and Orbax logs nothing about items it could not restore.
+  with caplog.at_level('INFO'):
+    with ocp.CheckpointManager(
+        os.path.abspath('rebuilt/sigma_rel_0.08')) as manager:
+      restored = manager.restore(120, args=ocp.args.StandardRestore())
+  assert 'could not be restored' not in caplog.text
+  _assert_same(jax.tree.map(np.asarray, restored),
+               posthoc.from_checkpoints(saved_run[0], 0.08))
+
+
+def test_cli_gives_distinct_widths_distinct_folders(saved_run, tmp_path,
+                                                    capsys):
+  code, out, err = _cli(capsys, saved_run[0], '--sigma-rel', 0.1, 0.1000001,
+                        '--out', tmp_path)
+  assert code == 0, err
+  for width in ('0.1', '0.1000001'):
+    assert f'sigma_rel {width}: wrote {tmp_path}/sigma_rel_{width}/120' in out
+    with ocp.CheckpointManager(tmp_path / f'sigma_rel_{width}') as manager:
+      assert manager.metadata(120).custom_metadata['posthoc'][
+          'sigma_rel'] == float(width)
+  code, _, err = _cli(capsys, saved_run[0], '--sigma-rel', 0.1, 0.1,
+                      '--out', tmp_path / 'again')
+  assert code == 2 and '--sigma-rel lists [0.1] more than once' in err
+
+
+def test_cli_errors_name_the_flag(tmp_path, capsys):
+  params = _small_params()
+  _train_and_save(tmp_path / 'plain', steps=40, params=params, plain=True)
+  code, _, err = _cli(capsys, tmp_path / 'plain', '--sigma-rel', 0.08,
+                      '--out', tmp_path / 'out', '--tracked', 's05=abc')
+  assert code == 2 and "--tracked takes numbers, got 'abc'" in err
+  # Plain Orbax saves record neither widths nor names.
+  code, _, err = _cli(capsys, tmp_path / 'plain', '--sigma-rel', 0.08,
+                      '--out', tmp_path / 'out')
+  assert code == 1
+  assert 'or give them here with --tracked one per average' in err
+  assert 'with sigma_rels=' not in err
+  code, _, err = _cli(capsys, tmp_path / 'plain', '--sigma-rel', 0.08,
+                      '--out', tmp_path / 'out', '--tracked', 's05=0.05',
+                      's10=0.10')
+  assert code == 1
+  assert ('--tracked gives widths by name, but the names of the 2 averages'
+          in err)
+  code, _, err = _cli(capsys, tmp_path / 'plain', '--sigma-rel', 0.08,
+                      '--out', tmp_path / 'out', '--tracked', 0.05, 0.10)
+  assert code == 0, err
