@@ -23,9 +23,26 @@ from emax import _tree
 
 
 class _InfoFields(NamedTuple):
-  param_dtypes: tuple[str, ...]
+  dtype_names: tuple[str, ...]
   names: Optional[tuple[str, ...]]
   debias: bool
+
+
+_EXTENDED: dict[str, Any] = {}
+"""Dtypes that NumPy cannot parse back from their names (PRNG keys), by name."""
+
+
+def _dtype_name(d: Any) -> str:
+  name = str(d)
+  if not isinstance(d, str) and not isinstance(d, np.dtype):
+    _EXTENDED.setdefault(name, d)
+  return name
+
+
+def _dtype(name: str) -> Any:
+  if name in _EXTENDED:
+    return _EXTENDED[name]
+  return np.dtype(name)
 
 
 def _sequence(x: Any) -> Any:
@@ -47,23 +64,28 @@ class StateInfo(_InfoFields):
   names), never a swapped one.
 
   Attributes:
-    param_dtypes: the names of the dtypes of the averaged params, one per
-      leaf, so that :func:`emax.ema_params` hands the average back in those
-      dtypes.
+    dtype_names: the names of the dtypes of the averaged params, one per
+      leaf (:attr:`param_dtypes` gives the dtypes), so that
+      :func:`emax.ema_params` hands the average back in those dtypes.
     names: the names of the averages, or ``None`` for a single average.
     debias: whether the average started at zero weight (``debias=True``).
   """
 
   __slots__ = ()
 
-  def __new__(cls, param_dtypes: Any, names: Any = None,
+  def __new__(cls, dtype_names: Any, names: Any = None,
               debias: bool = False) -> 'StateInfo':
     return super().__new__(
-        cls, tuple(str(np.dtype(d)) for d in _sequence(param_dtypes)),
+        cls, tuple(_dtype_name(d) for d in _sequence(dtype_names)),
         None if names is None else _sequence(names), bool(debias))
 
+  @property
+  def param_dtypes(self) -> tuple[Any, ...]:
+    """The dtypes of the averaged params, one per leaf."""
+    return tuple(_dtype(n) for n in self.dtype_names)
+
   def __repr__(self) -> str:
-    dtypes = ', '.join(self.param_dtypes)
+    dtypes = ', '.join(self.dtype_names)
     extra = f', names={self.names}' if self.names is not None else ''
     extra += ', debias=True' if self.debias else ''
     return f'StateInfo(param_dtypes=({dtypes}){extra})'

@@ -74,6 +74,22 @@ def _check_accumulation(abstract: Any) -> None:
         ' tx=optax.MultiSteps(opt, k) and ema=emax.ema(decay).')
 
 
+def split(tx: Any, params: Params
+          ) -> tuple[Any, Optional[optax.GradientTransformation]]:
+  """``(optimizer, average)`` of ``tx = emax.with_ema(optimizer, ...)``.
+
+  The two ways to give the average (``tx=emax.with_ema(opt, ...)``, or
+  ``tx=opt`` and ``ema=emax.ema(...)``) then build the same state, which
+  averages ``batch_stats`` too. Any other ``tx`` (or an average that is not
+  an ``emax.ema``, e.g. BEMA) comes back as it is, with ``None``.
+  """
+  init = getattr(tx, 'init', None)
+  if isinstance(init, _transform._Init) and isinstance(
+      jax.eval_shape(init.average.init, params), EmaState):
+    return init.optimizer, init.average
+  return tx, None
+
+
 def full_tx(tx: Any, ema: Optional[optax.GradientTransformation],
             params: Params, averages_batch_stats: bool) -> Any:
   """The optimizer the state runs: ``tx`` itself, or ``tx`` then ``ema``."""

@@ -177,6 +177,8 @@ class EmaTrainState(train_state.TrainState):
     """
     _batch_stats.check_policy(batch_stats_policy,
                                       'EmaTrainState.create')
+    if ema is None:
+      tx, ema = _train_state_tx.split(tx, params)
     if ema is not None:
       _train_state_tx.check_ema(ema, params)
     averages_bs = batch_stats is not None and batch_stats_policy == 'average'
