@@ -75,6 +75,7 @@ _EXTERNAL_ALIASES = (
 def _emax_aliases():
   import importlib
   import pkgutil
+  import types
   import typing
   found = {}
   for info in pkgutil.iter_modules(emax.__path__):
@@ -83,7 +84,8 @@ def _emax_aliases():
     except ImportError:  # an integration whose extra is missing
       continue
     for name, value in vars(module).items():
-      if name[:1].isupper() and typing.get_origin(value) is typing.Union:
+      if name[:1].isupper() and typing.get_origin(value) in (
+          typing.Union, types.UnionType):
         for key in (name, f'{info.name}.{name}', f'emax.{info.name}.{name}'):
           found[key] = name
   return found
@@ -106,12 +108,34 @@ html_static_path = []
 _FORWARD_REF = re.compile(r"TypeAliasForwardRef\('([\w.]+)'\)")
 
 
+def _expanded_aliases():
+  """{the union Sphinx writes for an alias: its name}, for the aliases of
+  other libraries that reach a signature already evaluated (a dataclass's
+  fields, e.g. ``optax.OptState`` in a Flax train state), where
+  ``autodoc_type_aliases`` cannot apply; the longest first."""
+  import chex
+  import optax
+  from sphinx.util.typing import stringify_annotation
+  aliases = {'optax.OptState': optax.OptState, 'chex.ArrayTree': chex.ArrayTree}
+  found = {stringify_annotation(value, 'smart'): name
+           for name, value in aliases.items()}
+  return sorted(found.items(), key=lambda item: -len(item[0]))
+
+
+_EXPANDED = _expanded_aliases()
+
+
 def _short_aliases(app, what, name, obj, options, signature, return_annotation):
-  """Sphinx 9 renders an alias inside ``X | None`` as the repr
-  ``TypeAliasForwardRef('X')``; show the alias's name."""
+  """Aliases by name in signatures: Sphinx 9 renders an alias inside
+  ``X | None`` as the repr ``TypeAliasForwardRef('X')``, and an evaluated
+  alias as its whole union."""
   del app, what, name, obj, options
   def fix(text):
-    return text if text is None else _FORWARD_REF.sub(r'\1', text)
+    if text is None:
+      return None
+    for union, alias in _EXPANDED:
+      text = text.replace(union, alias)
+    return _FORWARD_REF.sub(r'\1', text)
   return fix(signature), fix(return_annotation)
 
 

@@ -272,6 +272,10 @@ def test_docs_build_with_warnings_as_errors(tmp_path):
     assert re.search(r'\bdecay: \w+ \| None = None', signature), signature
     assert 'Callable' not in signature and 'ForwardRef' not in signature, (
         signature)
+  signatures = re.findall(r'<dt class="sig[^"]*"[^>]*>(.*?)</dt>', api, re.S)
+  expanded = [re.sub(r'<[^>]+>', '', s) for s in signatures
+              if 'bool | number' in re.sub(r'<[^>]+>', '', s)]
+  assert not expanded, f'signatures with an alias expanded: {expanded}'
   # The command line is in the reference, with its --help as it runs now.
   assert '--sigma-rel' in api and 'python -m emax.posthoc' in api
   # Nothing is loaded from the network when a page is read: MathJax too.
