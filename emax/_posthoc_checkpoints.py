@@ -218,7 +218,7 @@ def reconstruct_checkpoints(
       reader.done(c.nbytes)
   plan = first.plan
   if plan.like_state is not None:
-    dtypes = list(plan.like_state.info.param_dtypes)
+    dtypes = plan.param_dtypes
     results = [jax.tree.unflatten(out_treedef, s.result(dtypes))
                for s in sums]
   else:

@@ -654,6 +654,28 @@ def test_from_checkpoints_of_packed_averages_needs_like(tmp_path):
   assert isinstance(got['b'], list)  # like's tree types
 
 
+def test_from_checkpoints_with_like_returns_the_params_dtypes(tmp_path):
+  """pack=True bf16 params: rounded once from float64 to bf16, as they were."""
+  params = _small_params(jnp.bfloat16)
+  tx, _, _, snapshots = _train_and_save(tmp_path, steps=60, params=params,
+                                        options={'pack': True})
+  got = posthoc.from_checkpoints(tmp_path, 0.08,
+                                 like=jax.eval_shape(tx.init, params))
+  want = posthoc.reconstruct(snapshots, 0.08)  # float32 snapshots
+  assert want['a'].dtype == np.float32
+  assert got['a'].dtype == jnp.bfloat16 and got['b'][0].dtype == np.float32
+  np.testing.assert_array_equal(got['a'],
+                                want['a'].astype(ml_dtypes.bfloat16))
+  # The same float64 sum, rounded to bf16 once (not via float32): compare
+  # with the float64 reference sum of the same snapshots.
+  weights = ref.solve_posthoc_coefficients(
+      [s[0] for s in snapshots], [s[1] for s in snapshots], 60, 0.08)
+  exact = sum(w * np.asarray(s[2]['a'], np.float64)
+              for w, s in zip(weights, snapshots))
+  np.testing.assert_array_equal(got['a'], exact.astype(ml_dtypes.bfloat16))
+  np.testing.assert_array_equal(got['b'][0], want['b'][0])
+
+
 def test_from_checkpoints_skips_unaveraged_checkpoints_and_shows_progress(
     tmp_path):
   _, _, _, snapshots = _train_and_save(tmp_path, steps=60, save_at=(0,))
