@@ -1,18 +1,28 @@
 """The step: every update of every average goes through :func:`step`.
 
-One function owns the whole update: it validates the incoming trees, brings
-host-offloaded averages to the device, arranges the new params like the
-stored layout, chooses what this step does (copy, average or keep, per
-average), checks the new params for NaN and Inf, runs one fused elementwise
-pass over every stored array, counts, and puts the averages back where they
-were. :func:`emax.update` and the optax transformations are thin doors onto
-it, so they accept the same options and behave the same.
+:func:`emax.update` and the optax transformations are thin doors onto
+:func:`step`, so they accept the same options and behave the same. A step
+reads top to bottom:
+
+1. :func:`_arrive` (shared with :func:`reset`): the params checked against
+   the state, the averages brought to the device (from host memory when
+   offloaded), the new params arranged like the stored layout.
+2. :func:`_plan`: what the step does to each average (copy, average or
+   keep) and with which step size; decided on the host when the step count
+   and the rates are known there.
+3. :func:`_guard`: whether the new params (and the rates, when the step
+   uses them) are free of NaN and Inf; ``None`` when nothing is checked.
+4. :func:`_leaf`: one fused elementwise pass over each stored array.
+
+:func:`_finish` then moves the weights and step sizes, counts, and puts the
+averages back where they were.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -32,58 +42,13 @@ from emax._state import EmaState
 KEEP, COPY, AVERAGE = 0, 1, 2
 """What a step does to an average: leave it, set it to the params, average."""
 
-
-def scheduled_mode(options: _options.StepOptions, count: jax.Array) -> Any:
-  """What this step does by the step count alone (a constant when it can be).
-
-  Steps are numbered from 1 (``count + 1``): steps up to ``start_step`` copy
-  the params, then steps ``first_update, first_update + update_every, ...``
-  average and the others keep. Once ``count`` has saturated at the int32
-  maximum every step averages.
-  """
-  if options.every_step:
-    return np.int32(AVERAGE)
-  xp: Any = jnp
-  if not isinstance(count, jax.core.Tracer):  # eager: decide on the host
-    xp = np
-  count = xp.asarray(count)
-  saturated = count == _options.MAX_INT32
-  number = xp.where(saturated, count, count + 1)
-  first, every = options.first_update, options.update_every
-  on_grid = (number >= first) & ((number - first) % every == 0)
-  mode = xp.where(number <= options.start_step, COPY,
-                  xp.where(on_grid, AVERAGE, KEEP))
-  return xp.where(saturated, AVERAGE, mode).astype(np.int32)
+Value = Union[np.ndarray, np.generic, jax.Array]
+"""A value of a step's plan: a NumPy constant when the host knows it before
+tracing, an array otherwise."""
 
 
 def _is_constant(x: Any) -> bool:
   return isinstance(x, (np.ndarray, np.generic))
-
-
-def _select(mode: Any, averaged: Callable[[], jax.Array],
-            copied: Callable[[], jax.Array],
-            kept: Callable[[], jax.Array]) -> jax.Array:
-  """The value for ``mode``: a select when it is traced, none when constant."""
-  if _is_constant(mode) and np.all(mode == np.ravel(mode)[0]):
-    return {AVERAGE: averaged, COPY: copied, KEEP: kept}[
-        int(np.ravel(mode)[0])]()
-  return jnp.where(mode == AVERAGE, averaged(),
-                   jnp.where(mode == COPY, copied(), kept()))
-
-
-def _stack(values: list[Any]) -> Any:
-  if all(_is_constant(v) for v in values):
-    return np.asarray(values, np.float32)
-  return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])
-
-
-def _ordered_rates(options: _options.StepOptions,
-                   info: _state.StateInfo, where: str) -> list[_options.Rate]:
-  _options.match_names(info.names, options.names, where)
-  if info.names is None:
-    return list(options.rates)
-  by_name = dict(zip(options.names or (), options.rates))
-  return [by_name[n] for n in info.names]
 
 
 def step(options: _options.StepOptions, state: Any, params: Params,
@@ -107,20 +72,107 @@ def step(options: _options.StepOptions, state: Any, params: Params,
     The new state.
   """
   state = _state.check_state(state, where)
+  rates = _ordered_rates(options, state.info, where)
+  stored, values = _arrive(state, params, updates, where)
+  plan = _plan(options, rates, state.count, named=state.info.names is not None)
+  ok = _guard(options, plan, values, finite)
+  zero = (_numerics.runtime_zero(state.count)
+          if options.rounding == 'tensorflow' else 0.0)
+  fresh = state.weight == 0 if state.info.debias else None
+  leaf = functools.partial(_leaf, plan=plan, ok=ok, fresh=fresh,
+                           rounding=options.rounding, zero=zero)
+  return _finish(state, _layout.map_leaves(leaf, stored, values), plan, ok,
+                 zero)
+
+
+# --- 1. The preamble ---------------------------------------------------------
+
+
+def _ordered_rates(options: _options.StepOptions,
+                   info: _state.StateInfo, where: str) -> list[_options.Rate]:
+  """The rates in the order of the state's averages (its names)."""
+  _options.match_names(info.names, options.names, where)
+  if info.names is None:
+    return list(options.rates)
+  by_name = dict(zip(options.names or (), options.rates))
+  return [by_name[n] for n in info.names]
+
+
+def _arrive(state: EmaState, params: Params, updates: Optional[Params],
+            where: str) -> tuple[Params, Params]:
+  """``(stored, values)``: the averages on the device, and the new params
+  (``params + updates``) arranged like them, after checking ``params`` and
+  ``updates`` against the state (structure, shapes, float kinds)."""
   _state.require_params(params, where)
-  info = state.info
-  rates = _ordered_rates(options, info, where)
-  named = info.names is not None
   params = _tree.as_arrays(params)
+  info = state.info
   stored = _offload.to_device(state.average)
-  _tree.check_matches(_layout.param_shapes(stored, len(rates) if named
-                                           else None),
-                      params, info.param_dtypes)
+  count = None if info.names is None else len(info.names)
+  _tree.check_matches(_layout.param_shapes(stored, count), params,
+                      info.param_dtypes)
   if updates is not None:
     _tree.check_updates(params, updates)
-  values = _layout.gather(stored, params, updates)
-  count = state.count
+  return stored, _layout.gather(stored, params, updates)
 
+
+# --- 2. The plan ---------------------------------------------------------------
+
+
+class Plan(NamedTuple):
+  """What one step does to each average.
+
+  Each field is a :data:`Value`: a NumPy constant when the host knows it (a
+  Python float rate, an eager step count), else an array. With named
+  averages ``mode``, ``steps`` and ``keeps`` hold one value per name, in the
+  state's order; otherwise they are scalars.
+
+  Attributes:
+    scheduled: :data:`KEEP`, :data:`COPY` or :data:`AVERAGE` by the step
+      count alone (a scalar, shared by every average).
+    mode: what each average does: ``scheduled``, except that averaging with
+      a step size of exactly one is a copy (a select, never arithmetic).
+    steps: the step size ``c``, the weight of the new params (float32).
+    keeps: the decay ``1 - c`` (float32).
+  """
+
+  scheduled: Value
+  mode: Value
+  steps: Value
+  keeps: Value
+
+
+def scheduled_mode(options: _options.StepOptions, count: jax.Array) -> Value:
+  """What this step does by the step count alone (a constant when it can be).
+
+  Steps are numbered from 1 (``count + 1``): steps up to ``start_step`` copy
+  the params, then steps ``first_update, first_update + update_every, ...``
+  average and the others keep. Once ``count`` has saturated at the int32
+  maximum every step averages.
+  """
+  if options.every_step:
+    return np.int32(AVERAGE)
+  xp: Any = jnp
+  if not isinstance(count, jax.core.Tracer):  # eager: decide on the host
+    xp = np
+  count = xp.asarray(count)
+  saturated = count == _options.MAX_INT32
+  number = xp.where(saturated, count, count + 1)
+  first, every = options.first_update, options.update_every
+  on_grid = (number >= first) & ((number - first) % every == 0)
+  mode = xp.where(number <= options.start_step, COPY,
+                  xp.where(on_grid, AVERAGE, KEEP))
+  return xp.where(saturated, AVERAGE, mode).astype(np.int32)
+
+
+def _stack(values: list[Any]) -> Value:
+  if all(_is_constant(v) for v in values):
+    return np.asarray(values, np.float32)
+  return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])
+
+
+def _plan(options: _options.StepOptions, rates: list[_options.Rate],
+          count: jax.Array, *, named: bool) -> Plan:
+  """This step's :class:`Plan`: its mode and the step size of each rate."""
   power = 1 if options.per_update else options.update_every
   pairs = [_numerics.coefficients(r, count, options.rounding, power)
            for r in rates]
@@ -128,95 +180,150 @@ def step(options: _options.StepOptions, state: Any, params: Params,
   keeps = _stack([k for _, k in pairs])
   if not named:
     steps, keeps = steps[0], keeps[0]
-
   scheduled = scheduled_mode(options, count)
-  # A step size of exactly one is a copy (a select, never arithmetic).
-  mode = (np.where((scheduled == AVERAGE) & (steps == 1), COPY,
-                   scheduled).astype(np.int32)
-          if _is_constant(steps) and _is_constant(scheduled) else
-          jnp.where((scheduled == AVERAGE) & (steps == 1), COPY, scheduled))
+  copies = (scheduled == AVERAGE) & (steps == 1)
+  if _is_constant(steps) and _is_constant(scheduled):
+    mode = np.where(copies, COPY, scheduled).astype(np.int32)
+  else:
+    mode = jnp.where(copies, COPY, scheduled)
+  return Plan(scheduled, mode, steps, keeps)
 
-  ok: Any = True
-  if options.skip_nonfinite:
-    def check() -> jax.Array:
-      if finite is None:
-        flags = _numerics.all_finite(_layout.float_values(values))
-      else:
-        flags = jnp.asarray(finite, bool).reshape(())
-      if not _is_constant(steps):
-        flags &= jnp.all(jnp.isfinite(steps) & jnp.isfinite(keeps))
-      return _numerics.everywhere(flags)
 
-    if _is_constant(scheduled):  # steps that keep read no params at all
-      ok = check() if scheduled != KEEP else True
-    else:
-      ok = lax.cond(scheduled != KEEP, check, lambda: jnp.asarray(True))
+def _always(mode: Value, kind: int) -> bool:
+  """Whether ``mode`` is known on the host to be ``kind`` for every average."""
+  return _is_constant(mode) and bool(np.all(mode == kind))
 
-  def guarded(value: jax.Array, old: jax.Array) -> jax.Array:
-    return value if ok is True else jnp.where(ok, value, old)
 
-  weight = state.weight
-  zero = (_numerics.runtime_zero(count) if options.rounding == 'tensorflow'
-          else 0.0)
+def _select(mode: Value, averaged: Callable[[], jax.Array],
+            copied: Callable[[], jax.Array],
+            kept: Callable[[], jax.Array]) -> jax.Array:
+  """The value for ``mode``: a select when it is traced, none when constant."""
+  for kind, value in ((AVERAGE, averaged), (COPY, copied), (KEEP, kept)):
+    if _always(mode, kind):
+      return value()
+  return jnp.where(mode == AVERAGE, averaged(),
+                   jnp.where(mode == COPY, copied(), kept()))
 
-  def per_name(x: Any, ndim: int) -> Any:
-    """``x`` (one value per name) shaped to broadcast over stored arrays."""
-    if not named:
-      return x
-    return x.reshape((-1,) + (1,) * (ndim - 1))
 
+# --- 3. The guard --------------------------------------------------------------
+
+
+def _guard(options: _options.StepOptions, plan: Plan, values: Params,
+           finite: Any) -> Optional[jax.Array]:
+  """Whether this step may change the averages; ``None``: nothing checked.
+
+  Nothing is checked without the guard (``skip_nonfinite=False``) or on a
+  step the host knows keeps (it reads no params). Otherwise a bool scalar,
+  the same on every shard: whether the new params are free of NaN and Inf
+  (``finite``, when the caller vouches for it) and so are the rates.
+  """
+  if not options.skip_nonfinite:
+    return None
+  check = functools.partial(_all_finite, plan, values, finite)
+  if _is_constant(plan.scheduled):
+    return None if plan.scheduled == KEEP else check()
+  return lax.cond(plan.scheduled != KEEP, check, lambda: jnp.asarray(True))
+
+
+def _all_finite(plan: Plan, values: Params, finite: Any) -> jax.Array:
+  if finite is None:
+    flag = _numerics.all_finite(_layout.float_values(values))
+  else:
+    flag = jnp.asarray(finite, bool).reshape(())
+  if not _is_constant(plan.steps):
+    flag &= jnp.all(jnp.isfinite(plan.steps) & jnp.isfinite(plan.keeps))
+  return _numerics.everywhere(flag)
+
+
+def _guarded(ok: Optional[jax.Array], value: jax.Array,
+             old: jax.Array) -> jax.Array:
+  """``value`` where the guard passed (or checked nothing), else ``old``."""
+  return value if ok is None else jnp.where(ok, value, old)
+
+
+# --- 4. The per-leaf update ----------------------------------------------------
+
+
+def _per_name(x: Value, ndim: int) -> Value:
+  """``x`` (a scalar, or one value per name) shaped to broadcast over a
+  stored array of ``ndim`` dimensions (names first)."""
+  if np.ndim(x) == 0:
+    return x
+  return x.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def _copied(old: jax.Array, new: jax.Array) -> jax.Array:
+  """``new`` in ``old``'s dtype and shape: a bitwise copy, no arithmetic."""
+  return jnp.broadcast_to(new.astype(old.dtype), old.shape)
+
+
+def _leaf(old: jax.Array, new: jax.Array, *, plan: Plan,
+          ok: Optional[jax.Array], fresh: Optional[jax.Array], rounding: str,
+          zero: jax.typing.ArrayLike) -> jax.Array:
+  """The new value of one stored float array ``old`` (new params ``new``).
+
+  Args:
+    old: a stored array (names first, for named averages).
+    new: the new params it averages, in their own dtype.
+    plan: the step's plan.
+    ok: the guard's flag, or ``None``.
+    fresh: with ``debias=True``, whether each average still has weight zero
+      (its first averaging step starts from zero, not from the stored copy
+      of the params); else ``None``.
+    rounding: the arithmetic of an averaging step.
+    zero: a run-time ``+0.0`` for ``'tensorflow'`` (see
+      :func:`emax._numerics.average`).
+  """
+  n = old.ndim
+  start = old
+  if fresh is not None:
+    start = jnp.where(_per_name(fresh, n), jnp.zeros((), old.dtype), old)
+  c, k, moving = _per_name(plan.steps, n), _per_name(plan.keeps, n), new
   # A form with two products is fused by XLA into one multiply-add, and which
   # product it fuses depends on what surrounds the sum. For 'nnx'
   # (`d * old + (1 - d) * new`) a select on the result (the guard) changes
-  # the choice, so that form takes the guard on its inputs (weights 1 and 0,
-  # the old value for the new: exactly the old value) and compiles as the
-  # hand-written expression does; the others select on the result. Both
-  # choices are pinned by bitwise tests against the peers (tests/test_peers).
-  on_inputs = options.rounding == 'nnx' and ok is not True
+  # the choice, so that form takes the guard on its inputs (weights 0 and 1,
+  # the old value for the new: `0 * old + 1 * old` is the old value to the
+  # bit) and compiles as the hand-written expression does; the others select
+  # on the result. Both choices are pinned by bitwise tests against the
+  # peers (tests/test_peers.py).
+  on_inputs = rounding == 'nnx' and ok is not None
+  if on_inputs:
+    c, k = jnp.where(ok, c, 0.0), jnp.where(ok, k, 1.0)
+    moving = jnp.where(ok, new.astype(old.dtype), old)
+  value = _select(
+      _per_name(plan.mode, n),
+      lambda: _numerics.average(start, moving, c, k, rounding, zero),
+      lambda: _copied(old, new), lambda: old)
+  if on_inputs and _always(plan.mode, AVERAGE):
+    return value  # guarded already (a copy of NaN params is refused below)
+  return _guarded(ok, value, old)
 
-  def leaf(old: jax.Array, new: jax.Array) -> jax.Array:
-    n = old.ndim
-    start = old
-    if info.debias:  # a zero-weight average starts from zero, not its copy
-      start = jnp.where(per_name(weight == 0, n), jnp.zeros((), old.dtype),
-                        old)
-    c, k = per_name(steps, n), per_name(keeps, n)
-    moving = new
-    if on_inputs:  # 0 * old + 1 * old is old, to the bit
-      c, k = jnp.where(ok, c, 0.0), jnp.where(ok, k, 1.0)
-      moving = jnp.where(ok, new.astype(old.dtype), old)
-    value = _select(
-        per_name(mode, n),
-        lambda: _numerics.average(start, moving, c, k, options.rounding,
-                                  zero),
-        lambda: jnp.broadcast_to(new.astype(old.dtype), old.shape),
-        lambda: old)
-    unguarded = on_inputs and _is_constant(mode) and bool(
-        np.all(mode == AVERAGE))  # (a copy of NaN params must be refused)
-    return value if unguarded else guarded(value, old)
 
-  average = _layout.map_leaves(leaf, stored, values)
+def _finish(state: EmaState, average: Params, plan: Plan,
+            ok: Optional[jax.Array], zero: jax.typing.ArrayLike) -> EmaState:
+  """The new state: ``average`` put back where the old one was, the weight
+  and step size of each average moved as it was, the counts."""
+  weight = state.weight
   one = jnp.ones([], jnp.float32)
-  new_weight = guarded(_select(
-      mode, lambda: _numerics.average(weight, one, steps, keeps,
-                                      'tensorflow', zero),
+  new_weight = _guarded(ok, _select(
+      plan.mode, lambda: _numerics.average(weight, one, plan.steps,
+                                           plan.keeps, 'tensorflow', zero),
       lambda: jnp.broadcast_to(one, weight.shape), lambda: weight), weight)
-
-  new_step_size = guarded(_select(
-      mode, lambda: jnp.broadcast_to(jnp.asarray(steps, jnp.float32),
-                                     weight.shape),
+  step_size = _guarded(ok, _select(
+      plan.mode, lambda: jnp.broadcast_to(jnp.asarray(plan.steps, jnp.float32),
+                                          weight.shape),
       lambda: jnp.broadcast_to(one, weight.shape),
       lambda: state.step_size), state.step_size)
-
   skipped = state.skipped
-  if ok is not True:
-    counted = jnp.logical_not(ok) & (scheduled != KEEP)
+  if ok is not None:  # counted: a step that would have changed the averages
+    counted = jnp.logical_not(ok) & (plan.scheduled != KEEP)
     skipped = jnp.where(counted, optax.safe_increment(skipped), skipped)
   return state._replace(
-      count=optax.safe_increment(count),
+      count=optax.safe_increment(state.count),
       average=_offload.place_like(average, state.average),
       weight=jnp.asarray(new_weight, jnp.float32),
-      step_size=jnp.asarray(new_step_size, jnp.float32),
+      step_size=jnp.asarray(step_size, jnp.float32),
       skipped=skipped)
 
 
@@ -228,27 +335,19 @@ def reset(state: Any, params: Params, *, where: str = 'emax.reset') -> Any:
   left as they are.
   """
   ema_state = _state.find(state, where)
-  _state.require_params(params, where)
-  params = _tree.as_arrays(params)
-  info = ema_state.info
-  stored = _offload.to_device(ema_state.average)
-  _tree.check_matches(_layout.param_shapes(
-      stored, None if info.names is None else len(info.names)),
-                      params, info.param_dtypes)
-  values = _layout.gather(stored, params)
-  average = _layout.map_leaves(
-      lambda old, new: jnp.broadcast_to(new.astype(old.dtype), old.shape),
-      stored, values)
+  stored, values = _arrive(ema_state, params, None, where)
   new = ema_state._replace(
-      average=_offload.place_like(average, ema_state.average),
+      average=_offload.place_like(_layout.map_leaves(_copied, stored, values),
+                                  ema_state.average),
       weight=jnp.ones_like(ema_state.weight),
       step_size=jnp.ones_like(ema_state.step_size))
   return new if isinstance(state, EmaState) else _state.replace(state, new)
 
 
 def update(state: EmaState, params: Params,
-           decay: _options.RateArg = None, *,
-           step_size: _options.RateArg = None, skip_nonfinite: bool = True,
+           decay: Optional[_options.RatesLike] = None, *,
+           step_size: Optional[_options.RatesLike] = None,
+           skip_nonfinite: bool = True,
            rounding: str = 'tensorflow', update_every: int = 1,
            first_update: Optional[int] = None, start_step: int = 0,
            per_update: bool = False, finite: Any = None) -> EmaState:
