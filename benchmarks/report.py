@@ -79,7 +79,7 @@ _RERUN = """\
 python -m benchmarks.run --smoke          # seconds: tiny trees (the tests run this)
 python -m benchmarks.run --quick          # minutes: trees shrunk 8x, 2,000 small leaves
 python -m benchmarks.run --full           # the full run; rewrites this page and its plot
-python -m benchmarks.run --gpu --docs     # the same tables on one GPU, under 5 minutes
+python -m benchmarks.run --gpu --docs     # the same tables on one GPU (sized for < 5 minutes)
 ```
 
 This page and its plot are the only results kept in the repository.

@@ -5,7 +5,7 @@ Run from the repository root::
   python -m benchmarks.run --smoke          # seconds, tiny trees (the tests)
   python -m benchmarks.run --quick          # minutes, shrunk trees
   python -m benchmarks.run --full           # the published run (implies --docs)
-  python -m benchmarks.run --gpu            # one GPU, under 5 minutes
+  python -m benchmarks.run --gpu            # one GPU (sized for < 5 minutes)
   python -m benchmarks.run --quick --docs   # also rewrite docs/performance.md
 
 Every run prints its report. Where it is written: ``--docs`` (implied by

@@ -106,7 +106,7 @@ def make(shapes, dtype, seed: int = 0):
     dtype = ml_dtypes.bfloat16
   rng = np.random.default_rng(seed)
   width = len(str(len(shapes)))
-  # Uniform in [0, 1): finite, no subnormals, and twice as fast to draw as
+  # Uniform in [0, 1): finite, no subnormals, and cheaper to draw than
   # normals (the GPU run draws a 2 GB vector). Values do not change a step's
   # cost.
   return {f'p{i:0{width}d}': rng.random(s, np.float32).astype(dtype)
