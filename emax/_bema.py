@@ -144,12 +144,13 @@ def bema(*, kappa: float = 0.5, eta: float = 0.2, rho: float = 10.0,
         f'emax.bema got options it does not take: {extra}. It sets the EMA\'s'
         f' rates and schedule of steps itself; it takes {sorted(allowed)}.')
   config = BemaConfig(
-      kappa=_nonnegative(kappa, 'kappa'), eta=_nonnegative(eta, 'eta'),
-      rho=_options.finite_positive(rho, 'rho'),
-      gamma=_options.finite_positive(gamma, 'gamma'),
+      kappa=_options.positive(kappa, 'kappa', zero=True),
+      eta=_options.positive(eta, 'eta', zero=True),
+      rho=_options.positive(rho, 'rho'),
+      gamma=_options.positive(gamma, 'gamma'),
       burn_in=_options.check_int(burn_in, 'burn_in', 0),
       update_every=_options.check_int(update_every, 'update_every', 1),
-      min_step_size=_options.check_number(min_step_size, 'min_step_size'))
+      min_step_size=_options.check_constant(min_step_size, 'min_step_size'))
   average = _transform.ema(
       step_size={'ema': config.step_size, 'snapshot': 0.0},
       start_step=config.burn_in, update_every=config.update_every,
@@ -172,12 +173,6 @@ def bema(*, kappa: float = 0.5, eta: float = 0.2, rho: float = 10.0,
     return updates, BemaState(ema_state, state.config)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _nonnegative(value: Any, name: str) -> float:
-  if value == 0 and not isinstance(value, bool):
-    return 0.0
-  return _options.finite_positive(value, name)
 
 
 def bema_params(state: Any, params: Params) -> Params:

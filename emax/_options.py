@@ -157,27 +157,6 @@ class Rate:
     return isinstance(self.value, float)
 
 
-def _concrete_scalar(value: Any, name: str) -> Any:
-  """Checks a 0-d array (concrete: its value too; traced: its shape only)."""
-  shape = jnp.shape(value)
-  if shape != ():
-    raise ValueError(
-        f'{name} must be a scalar, got an array of shape {shape} instead.')
-  dtype = jnp.result_type(value)
-  if not jnp.issubdtype(dtype, jnp.floating) and not jnp.issubdtype(
-      dtype, jnp.integer):
-    raise TypeError(
-        f'{name} must be a real number, got an array of dtype {dtype}.')
-  if isinstance(value, jax.core.Tracer):
-    return value  # checked at run time by the NaN guard and clipping
-  number = float(np.asarray(value))
-  if not 0.0 <= number <= 1.0:  # also False for NaN
-    raise ValueError(
-        f'{name} must be in [0, 1], got {number!r} (an array) instead.'
-        f'{_HINTS.get(name, "")}')
-  return value
-
-
 _HINTS: dict[str, str] = {
     'decay': (' A decay of 0.999 averages over about 1 / (1 - 0.999) = 1000'
               ' steps.'),
@@ -186,35 +165,63 @@ _HINTS: dict[str, str] = {
 }
 
 
-def check_number(value: Any, name: str) -> float:
-  """A Python (or NumPy) real number in ``[0, 1]``, as a float."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(
+def _is_array(value: Any) -> bool:
+  return isinstance(value, (jax.Array, np.ndarray)) and not isinstance(
+      value, np.generic)
+
+
+def in_unit_interval(value: Any, name: str) -> Any:
+  """A real number in ``[0, 1]``: a Python float, or a 0-d array as it is.
+
+  A concrete value is checked now; a traced 0-d array only for its shape and
+  dtype (its value is checked at run time by the NaN guard and clipping).
+  """
+  if _is_array(value):
+    shape, dtype = jnp.shape(value), jnp.result_type(value)
+    if shape != ():
+      raise ValueError(
+          f'{name} must be a scalar, got an array of shape {shape} instead.')
+    if not (jnp.issubdtype(dtype, jnp.floating) or
+            jnp.issubdtype(dtype, jnp.integer)):
+      raise TypeError(
+          f'{name} must be a real number, got an array of dtype {dtype}.')
+    if isinstance(value, jax.core.Tracer):
+      return value
+    number = float(np.asarray(value))
+  elif isinstance(value, (bool, np.bool_)) or not isinstance(
       value, numbers.Real):
     raise TypeError(
         f'{name} must be a float in [0, 1], got {value!r}'
         f' ({_name_of(value)}) instead.')
-  number = float(value)
+  else:
+    number = float(value)
   if not 0.0 <= number <= 1.0:  # also False for NaN
     raise ValueError(
         f'{name} must be in [0, 1], got {value!r} instead.'
         f'{_HINTS.get(name, "")}')
-  return number
+  return value if _is_array(value) else number
+
+
+def check_constant(value: Any, name: str) -> float:
+  """A concrete number in ``[0, 1]`` (a float, or a concrete 0-d array)."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f'{name} must be a concrete number here (a hyper-parameter fixed when'
+        ' the transformation or schedule is built), got a traced value.')
+  return float(in_unit_interval(value, name))
 
 
 def check_rate_value(value: Any, name: str) -> Any:
   """A rate as a float, a 0-d array or a schedule; else a clear error."""
-  if isinstance(value, (jax.Array, np.ndarray)) and not isinstance(
-      value, np.generic):
-    return _concrete_scalar(value, name)
-  if isinstance(value, numbers.Real) and not isinstance(
-      value, (bool, np.bool_)):
-    return check_number(value, name)
-  if callable(value) and not isinstance(value, type):
+  if callable(value) and not isinstance(value, type) and not _is_array(value):
     return value
-  raise TypeError(
-      f'{name} must be a float in [0, 1], a 0-d array, or a schedule'
-      f' (a callable step -> {name}), got {value!r} ({_name_of(value)})'
-      ' instead.')
+  try:
+    return in_unit_interval(value, name)
+  except TypeError:
+    raise TypeError(
+        f'{name} must be a float in [0, 1], a 0-d array, or a schedule'
+        f' (a callable step -> {name}), got {value!r} ({_name_of(value)})'
+        ' instead.') from None
 
 
 RateLike = Union[float, jax.typing.ArrayLike,
@@ -323,25 +330,15 @@ def step_options(decay: Optional[RatesLike] = None,
       rounding=check_rounding(rounding))
 
 
-def finite_positive(value: Any, name: str) -> float:
-  """A finite Python number > 0, as a float (for schedule parameters)."""
+def positive(value: Any, name: str, *, zero: bool = False) -> float:
+  """A finite Python number ``> 0`` (``>= 0`` with ``zero=True``), a float."""
   if isinstance(value, (bool, np.bool_)) or not isinstance(
-      value, numbers.Real) or not (math.isfinite(value) and float(value) > 0):
-    raise ValueError(f'{name} must be a finite number > 0, got {value!r}.')
+      value, numbers.Real) or not math.isfinite(value) or not (
+          float(value) > 0 or (zero and float(value) == 0)):
+    raise ValueError(
+        f'{name} must be a finite number {">=" if zero else ">"} 0, got'
+        f' {value!r}.')
   return float(value)
-
-
-def check_constant(value: Any, name: str) -> float:
-  """A concrete number in ``[0, 1]`` (a float, or a concrete 0-d array)."""
-  if isinstance(value, jax.core.Tracer):
-    raise TypeError(
-        f'{name} must be a concrete number here (a schedule\'s parameters are'
-        ' fixed when it is built), got a traced value.')
-  if isinstance(value, (jax.Array, np.ndarray)) and not isinstance(
-      value, np.generic):
-    _concrete_scalar(value, name)
-    return float(np.asarray(value))
-  return check_number(value, name)
 
 
 def check_write_back(every: Any, name: Any,

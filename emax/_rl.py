@@ -84,7 +84,7 @@ def target_network_options(learning_starts: int, train_frequency: int,
   every = _options.check_int(train_frequency, 'train_frequency', 1)
   target_every = _options.check_int(target_network_frequency,
                                     'target_network_frequency', 1)
-  _options.check_number(tau, 'tau')  # passed on as given: a float32 stays
+  _options.check_constant(tau, 'tau')  # passed on as given: a float32 stays
   if target_every % every:
     lower = max(every, target_every - target_every % every)
     raise ValueError(

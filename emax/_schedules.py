@@ -134,8 +134,8 @@ def inverse_power_decay(max_decay: float, *, inv_gamma: float = 1.0,
   if min_decay > max_decay:
     raise ValueError(
         f'min_decay ({min_decay}) must not exceed max_decay ({max_decay}).')
-  inv_gamma = _options.finite_positive(inv_gamma, 'inv_gamma')
-  power = _options.finite_positive(power, 'power')
+  inv_gamma = _options.positive(inv_gamma, 'inv_gamma')
+  power = _options.positive(power, 'power')
   lo, hi = np.float32(1.0 - max_decay), np.float32(1.0 - min_decay)
 
   def step_size(n: jax.Array) -> jax.Array:
@@ -158,7 +158,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     >>> round(emax.sigma_rel_to_gamma(0.05), 2), round(emax.sigma_rel_to_gamma(0.10), 2)
     (16.97, 6.94)
   """
-  sigma_rel = _options.finite_positive(sigma_rel, 'sigma_rel')
+  sigma_rel = _options.positive(sigma_rel, 'sigma_rel')
   if sigma_rel >= 1 / math.sqrt(12):  # gamma -> 0 gives sigma_rel**2 -> 1/12
     raise ValueError(
         f'sigma_rel must be in (0, {1 / math.sqrt(12):.4f}), got {sigma_rel}.'
@@ -179,7 +179,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     >>> round(emax.gamma_to_sigma_rel(6.94), 3)
     0.1
   """
-  gamma = _options.finite_positive(gamma, 'gamma')
+  gamma = _options.positive(gamma, 'gamma')
   return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
 
 
@@ -223,7 +223,7 @@ def power_function_decay(gamma: Optional[float] = None, *,
   if gamma is None:
     assert sigma_rel is not None
     gamma = sigma_rel_to_gamma(sigma_rel)
-  gamma = _options.finite_positive(gamma, 'gamma')
+  gamma = _options.positive(gamma, 'gamma')
   exponent = np.float32(gamma + 1.0)
 
   def log_decay(n: jax.Array) -> jax.Array:
@@ -265,11 +265,11 @@ def half_life_decay(half_life: float, *, batch_size: Optional[int] = None,
     >>> float(emax.half_life_decay(500_000, batch_size=512)(10_000))
     0.9992904663085938
   """
-  half_life = _options.finite_positive(half_life, 'half_life')
+  half_life = _options.positive(half_life, 'half_life')
   size = 1.0 if batch_size is None else float(_options.check_int(
       batch_size, 'batch_size', 1))
   ratio = (None if rampup_ratio is None else
-           _options.finite_positive(rampup_ratio, 'rampup_ratio'))
+           _options.positive(rampup_ratio, 'rampup_ratio'))
   log_half = math.log(0.5)
 
   def log_decay(n: jax.Array) -> jax.Array:
@@ -309,7 +309,7 @@ def scale_decay(decay: Any, factor: float) -> Any:
     >>> float(emax.scale_decay(emax.half_life_decay(10.0), 2)(0))
     0.8705505728721619
   """
-  factor = _options.finite_positive(factor, 'factor')
+  factor = _options.positive(factor, 'factor')
   if not callable(decay):
     return _options.check_constant(decay, 'decay') ** factor
   step_of = getattr(decay, 'step_size', None)
