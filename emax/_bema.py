@@ -175,7 +175,7 @@ def bema(*, kappa: float = 0.5, eta: float = 0.2, rho: float = 10.0,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def bema_params(state: Any, params: Params) -> Params:
+def bema_params(state: optax.OptState, params: Params) -> Params:
   r"""The BEMA params: the EMA with its lag removed, in the params' dtypes.
 
   :math:`\alpha_t (\theta_t - \theta_0) + \text{EMA}_t` with the current

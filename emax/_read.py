@@ -9,7 +9,7 @@ read replica by replica and comes back with that axis.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional, TypeVar, Union
+from typing import Callable, Literal, Optional, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +23,7 @@ from emax import _options
 from emax import _state
 from emax import _tree
 from emax._state import EmaState
-
-StateLike = Union[EmaState, optax.OptState]
-"""An :class:`emax.EmaState`, or any state holding exactly one."""
+from emax._state import StateLike
 
 Dtypes = Literal['params', 'accumulator']
 """Which dtypes a reader returns: the params' or the accumulators'."""

@@ -285,7 +285,8 @@ def half_life_decay(half_life: float, *, batch_size: Optional[int] = None,
       f'{f", rampup_ratio={ratio!r}" if ratio is not None else ""})')
 
 
-def scale_decay(decay: Any, factor: float) -> Any:
+def scale_decay(decay: float | Callable[[jax.Array], jax.typing.ArrayLike],
+                factor: float) -> float | Schedule:
   """The EMA scaling rule: a decay for a batch ``factor`` times larger.
 
   Busbridge et al. (2023, "How to Scale Your EMA"): when the batch size (and

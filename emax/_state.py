@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from optax import Params
 
 from emax import _layout
@@ -148,6 +149,10 @@ class EmaState(NamedTuple):
   step_size: jax.Array
   skipped: jax.Array
   info: StateInfo
+
+
+StateLike = Union[EmaState, optax.OptState]
+"""An :class:`emax.EmaState`, or any state holding exactly one."""
 
 
 def require_params(params: Any, where: str) -> None:

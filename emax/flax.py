@@ -139,7 +139,8 @@ class EmaTrainState(train_state.TrainState):
     _batch_stats.check_policy(self.batch_stats_policy, 'EmaTrainState')
 
   @classmethod
-  def create(cls, *, apply_fn: Callable, params: Params, tx: Any,
+  def create(cls, *, apply_fn: Callable, params: Params,
+             tx: optax.GradientTransformation,
              ema: Optional[optax.GradientTransformation] = None,
              batch_stats: Optional[Params] = None,
              batch_stats_policy: str = 'average',
