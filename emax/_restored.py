@@ -24,6 +24,7 @@ from emax import _checkpoint_record
 from emax import _stored_tree
 from emax._read import ema_params
 from emax._state import EmaState
+from emax._state import StateInfo
 
 STATE_KEYS = ('count', 'average', 'weight', 'step_size', 'skipped')
 _TARGET_HINT = (
@@ -337,15 +338,13 @@ class Plan:
 class _Record:
   """What a save recorded about one average: names, dtypes, layout."""
 
-  def __init__(self, names: Optional[tuple[str, ...]],
-               param_dtypes: Sequence[str],
+  def __init__(self, info: StateInfo,
                param_paths: Optional[Sequence[Sequence[Any]]],
-               layout: Optional[str], source: str) -> None:
-    self.names = names
-    self.param_dtypes = [np.dtype(d) for d in param_dtypes]
+               layout: Optional[str]) -> None:
+    self.names = info.names
+    self.param_dtypes = list(info.param_dtypes)
     self.param_paths = param_paths
     self.layout = layout  # None: not recorded (flax serialization's info)
-    self.source = source
 
   @classmethod
   def of(cls, node: dict[str, Any], path: tuple[Any, ...],
@@ -353,16 +352,12 @@ class _Record:
     """The record of the average at ``path``: the save's, or flax's info."""
     entry = _checkpoint_record.entry_at(recorded, path)
     if entry is not None:
-      names = entry.get('names')
-      return cls(None if names is None else tuple(names),
-                 entry['param_dtypes'], entry.get('param_paths'),
-                 entry['layout'], 'the metadata emax.checkpoint.save wrote')
-    info = node.get('info')
-    if isinstance(info, dict) and info.get('param_dtypes') is not None:
-      names = info.get('names')
-      return cls(None if names is None else _stored_tree.sequence(names),
-                 _stored_tree.sequence(info['param_dtypes']), None, None,
-                 "the state's stored info")
+      return cls(StateInfo(entry['param_dtypes'], entry.get('names'),
+                           entry['debias']),
+                 entry.get('param_paths'), entry['layout'])
+    info = node.get('info')  # what flax serialization stores of StateInfo
+    if isinstance(info, dict) and set(StateInfo._fields) <= set(info):
+      return cls(StateInfo(*(info[f] for f in StateInfo._fields)), None, None)
     return None
 
   def check_plain(self, stored: list[tuple[tuple[Any, ...], Any]],

@@ -87,15 +87,6 @@ def _digits(node: dict[Any, Any]) -> bool:
                                 range(len(keys)))
 
 
-def sequence(node: Any) -> tuple[Any, ...]:
-  """A stored sequence as a tuple: a list, or flax's ``{'0': .., '1': ..}``."""
-  if isinstance(node, dict):
-    if node and not _digits(node):
-      raise ValueError(f'Expected a stored sequence, got {describe(node)}.')
-    return tuple(node[str(i)] for i in range(len(node)))
-  return tuple(node)
-
-
 def _children_in_order(node: Any) -> list[tuple[Any, Any]]:
   if isinstance(node, dict):
     keys = (sorted(node, key=int) if _digits(node)
