@@ -52,12 +52,12 @@ _FLOOR = """\
 guard keeps the whole average unchanged when any new param is NaN or Inf,
 and the average is updated in place (its buffer is donated). So every new
 param must be read before the first average is written: the check cannot
-share the averaging pass, whatever its formulation. It could only ride along with the pass
-that *produces* the new params (the optimizer's `apply_updates`, as one
-multi-output fusion), and XLA CPU does not fuse a reduction into an
-elementwise pass (`tests/test_hlo.py` pins the separate pass, and that in
-a train step the check reads the user's own new params, with no copy). So
-an exact guard adds at least one read of the new params:
+share the averaging pass, whatever its formulation. It could only ride
+along with the pass that *produces* the new params (the optimizer's
+`apply_updates`, as one multi-output fusion), and XLA CPU does not fuse a
+reduction into an elementwise pass (`tests/test_hlo.py` pins the separate
+pass, and that in a train step the check reads the user's own new params,
+with no copy). So an exact guard adds at least one read of the new params:
 
 - in a standalone `tx.update`, a read of `p` and `u` (it must compute
   `p + u` itself). Measured: the reference plus a read-only pass over `p`

@@ -236,7 +236,8 @@ def _bench_modules():
   root = str(pathlib.Path(__file__).parents[1])
   if root not in sys.path:
     sys.path.insert(0, root)
-  from benchmarks import peers, rows, run, trees  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from benchmarks import peers, rows, run, trees
   return peers, rows, run, trees
 
 
