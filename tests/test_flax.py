@@ -659,3 +659,43 @@ def test_recompute_batch_stats_gives_each_batch_its_own_dropout_key():
   same_mean, same_var = reference(lambda i: jax.random.fold_in(key, 0))
   assert np.max(np.abs(same_mean - mean)) + np.max(
       np.abs(same_var - var)) > 1e-2
+
+
+class _Boxed(nn.Module):
+  """Params boxed with Flax partitioning metadata, as MaxText-style code
+  keeps them at init."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param('w', nn.with_partitioning(nn.initializers.ones,
+                                             ('data', 'model')), (2, 3))
+    b = self.param('b', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                     ('embed',)), (3,))
+    return x @ w + b
+
+
+@pytest.mark.parametrize('kw', [{}, {'pack': True}, {'offload': False,
+                                                     'debias': True}])
+def test_partitioning_metadata_is_averaged_and_kept(kw):
+  params = _Boxed().init(jax.random.key(0), jnp.ones((1, 2)))['params']
+  tx = emax.with_ema(optax.sgd(0.5), 0.5, **kw)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  step = jax.jit(tx.update)
+  for _ in range(2):
+    updates, state = step(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  average = emax.ema_params(state)
+  assert jax.tree.structure(average) == jax.tree.structure(params)
+  assert isinstance(average['w'], nn.Partitioned)
+  assert average['w'].names == ('data', 'model')
+  assert isinstance(average['b'], nn.LogicallyPartitioned)
+  assert average['b'].names == ('embed',)
+  # float64: params 1 -> 0.5 -> 0.0 (w), 0 -> -0.5 -> -1.0 (b).
+  if kw.get('debias'):  # weights 0.5 then 0.75: (0.25 * 0.5 + 0.5 * 0) / 0.75
+    w, b = (0.5 * 0.5 * 0.5 + 0.5 * 0.0) / 0.75, (0.25 * -0.5 + 0.5 * -1.0) / 0.75
+  else:  # TF: 1 -> 0.75 -> 0.375; 0 -> -0.25 -> -0.625
+    w, b = 0.375, -0.625
+  np.testing.assert_allclose(average['w'].value, np.full((2, 3), w),
+                             rtol=1e-6)
+  np.testing.assert_allclose(average['b'].value, np.full(3, b), rtol=1e-6)
