@@ -14,6 +14,14 @@ from typing import Any
 from emax import _options
 
 
+def _count(value: Any, name: str, minimum: int) -> int:
+  """An env-step count; a float with an int value too (CleanRL's defaults
+  are written ``5e3``)."""
+  if isinstance(value, float) and value.is_integer():
+    value = int(value)
+  return _options.check_int(value, name, minimum)
+
+
 def target_network_options(learning_starts: int, train_frequency: int,
                            target_network_frequency: int,
                            tau: float = 1.0) -> dict[str, Any]:
@@ -49,8 +57,10 @@ def target_network_options(learning_starts: int, train_frequency: int,
 
   Args:
     learning_starts: env steps before training starts (the loop trains on
-      env steps strictly greater than it); an int >= 0.
-    train_frequency: train every this many env steps; an int >= 1.
+      env steps strictly greater than it); an int >= 0, or a float with an
+      int value (``5e3``), as for the other two counts.
+    train_frequency: train every this many env steps; an int >= 1 (1 for a
+      loop that trains on every env step, as SAC and TD3 do).
     target_network_frequency: update the target every this many env steps;
       a multiple of ``train_frequency``.
     tau: the step size of a target update, in ``[0, 1]``; 1 (the default)
@@ -62,7 +72,8 @@ def target_network_options(learning_starts: int, train_frequency: int,
     :func:`emax.ema`).
 
   Raises:
-    TypeError: if a count is not an int, or ``tau`` not a number.
+    TypeError: if a count is not an int (or a float with an int value), or
+      ``tau`` not a number.
     ValueError: if a count is out of range, ``target_network_frequency`` is
       not a multiple of ``train_frequency``, or ``tau`` is outside ``[0,
       1]``.
@@ -80,10 +91,10 @@ def target_network_options(learning_starts: int, train_frequency: int,
     The first target update is at env step 500, the 40th training step
     (env steps 110, 120, ..., 500); then every 50 training steps.
   """
-  starts = _options.check_int(learning_starts, 'learning_starts', 0)
-  every = _options.check_int(train_frequency, 'train_frequency', 1)
-  target_every = _options.check_int(target_network_frequency,
-                                    'target_network_frequency', 1)
+  starts = _count(learning_starts, 'learning_starts', 0)
+  every = _count(train_frequency, 'train_frequency', 1)
+  target_every = _count(target_network_frequency, 'target_network_frequency',
+                        1)
   _options.check_constant(tau, 'tau')  # passed on as given: a float32 stays
   if target_every % every:
     lower = max(every, target_every - target_every % every)

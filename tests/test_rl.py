@@ -111,6 +111,12 @@ def test_options_from_cleanrl_defaults():
       rounding='optax')
 
 
+def test_counts_written_as_floats():
+  # CleanRL writes learning_starts: int = 5e3 (a float at run time).
+  assert emax.target_network_options(5e3, 1.0, 2, 0.005) == (
+      emax.target_network_options(5000, 1, 2, 0.005))
+
+
 @pytest.mark.parametrize('args, error, words', [
     ((100, 10, 505), ValueError, ['target_network_frequency', 'multiple',
                                    'train_frequency (10)', '500 or 510']),
@@ -118,7 +124,7 @@ def test_options_from_cleanrl_defaults():
     ((-1, 10, 500), ValueError, ['learning_starts', '[0,']),
     ((100, 0, 500), ValueError, ['train_frequency', '[1,']),
     ((100, 10, 0), ValueError, ['target_network_frequency', '[1,']),
-    ((100.0, 10, 500), TypeError, ['learning_starts must be an int']),
+    ((100.5, 10, 500), TypeError, ['learning_starts must be an int']),
     ((100, True, 500), TypeError, ['train_frequency must be an int']),
     ((100, 10, 500, 1.5), ValueError, ['tau must be in [0, 1]']),
     ((100, 10, 500, '0.005'), TypeError, ['tau must be a float']),
