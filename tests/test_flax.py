@@ -444,7 +444,7 @@ def test_create_validates_its_arguments():
 ])
 @pytest.mark.parametrize('with_batch_stats', [False, True])
 def test_an_average_in_tx_and_another_as_ema_is_refused(tx, with_batch_stats):
-  """Issue item 7: never two averages with two configurations, silently."""
+  """Never two averages with two configurations, silently."""
   params = {'w': jnp.ones(2)}
   kw = dict(batch_stats={'mean': jnp.zeros(2)}) if with_batch_stats else {}
   with pytest.raises(ValueError, match='got an average twice') as info:
@@ -486,7 +486,7 @@ def test_grads_of_other_shapes_get_emax_error_first(momentum, route):
 
 
 def test_batch_stats_policy_is_validated_wherever_it_is_set():
-  """Issue item 25: a typo never silently evaluates with live statistics."""
+  """A typo never silently evaluates with live statistics."""
   state = small_state(ema=emax.ema(0.5))
   with pytest.raises(ValueError, match=r"batch_stats_policy must be one of"
                      r".*got 'avg'"):
@@ -506,7 +506,7 @@ def test_batch_stats_policy_is_validated_wherever_it_is_set():
   assert out.batch_stats_policy == 'copy'
 
 
-# --- a decay of 0 is a bitwise copy (issue 15, Done-when) -------------------
+# --- a decay of 0 is a bitwise copy ----------------------------------------
 
 
 def big_and_small():
@@ -626,7 +626,7 @@ class DropoutThenBN(nn.Module):
 
 
 def test_recompute_batch_stats_gives_each_batch_its_own_dropout_key():
-  """Issue item 29, against a non-jitted loop that computes BN by hand."""
+  """Against a non-jitted loop that computes BN by hand."""
   model = DropoutThenBN()
   rng = np.random.default_rng(2)
   batches = jnp.asarray(rng.normal(size=(4, 16, 2)) + 1.0, jnp.float32)

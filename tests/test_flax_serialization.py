@@ -1,7 +1,6 @@
 """flax.serialization round trips of states holding an emax.EmaState.
 
-Issue 11 item 24 and issue 15 item 7: ``flax.serialization.to_bytes`` /
-``from_bytes`` of an ``EmaTrainState`` and of a plain ``TrainState`` whose
+``flax.serialization.to_bytes`` / ``from_bytes`` of an ``EmaTrainState`` and of a plain ``TrainState`` whose
 ``opt_state`` holds averages (single, named, packed), whatever the order in
 which emax and flax were imported.
 """

@@ -140,7 +140,7 @@ def _param_users(entry, leaf, size):
 
 
 def test_the_guards_pass_is_separate_from_the_averaging_pass():
-  """The premise of the benchmarks' floor rows (issue 14, target 1).
+  """The premise of the benchmarks' floor rows for the NaN guard.
 
   All or nothing, in place: every new param is read by the check before any
   average is written, so the check cannot share the averaging pass. Here

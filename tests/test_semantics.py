@@ -1,7 +1,7 @@
 """The step's semantics: copies, step sizes, schedules of steps, the guard.
 
-Each test pins one behaviour named in the issues, against hand values, an
-independent NumPy computation, or the peer's own rule.
+Each test pins one documented behaviour, against hand values, an independent
+NumPy computation, or the peer's own rule.
 """
 
 import functools
@@ -218,6 +218,56 @@ def test_schedule_returning_nan_is_skipped_and_counted():
   assert int(state.skipped) == 1
   # 1 -> 2 (half way to 3), the NaN step skipped, then half way to 5.
   np.testing.assert_array_equal(emax.ema_params(state)['w'], [3.5, 3.5])
+
+
+def timm_model_ema_v3(params, decay, update_after_step, warmup_gamma=1.0,
+                      warmup_power=2 / 3):
+  """timm's ``ModelEmaV3(use_warmup=True, update_after_step=k)`` with
+  ``update(model, step=t)`` for ``t = 1, 2, ...``, in float64 NumPy: its
+  ``get_decay`` and ``lerp_(p, 1 - decay)`` transcribed (a decay of 0
+  copies)."""
+  ema = np.asarray(params[0], np.float64)
+  for t, p in enumerate(params[1:], start=1):
+    step = max(0, t - update_after_step - 1)
+    d = 0.0
+    if step > 0:
+      d = 1 - (1 + step / warmup_gamma) ** -warmup_power
+      d = max(min(d, decay), 0.0)
+    ema = ema + (1 - d) * (np.asarray(p, np.float64) - ema)
+  return ema
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_a_nan_rate_on_a_copy_step_does_not_stop_the_copy(jit):
+  # timm's warm-up shifted by update_after_step=k, written the natural way:
+  # the schedule is NaN before step k, where start_step copies and the rate
+  # is not used. Those copies happen and are not counted as skipped.
+  k, decay = 5, 0.999
+  warmup = emax.inverse_power_decay(decay, inv_gamma=1.0, power=2 / 3)
+  assert np.isnan(warmup(jnp.asarray(-3)))
+  rng = np.random.default_rng(3)
+  params = [rng.normal(size=8).astype(np.float32) for _ in range(21)]
+  options = dict(decay=lambda n: warmup(n - k), start_step=k + 1,
+                 rounding='lerp')
+  update = jax.jit(functools.partial(emax.update, **options)) if jit else (
+      functools.partial(emax.update, **options))
+  state = emax.init({'w': jnp.asarray(params[0])})
+  for p in params[1:]:
+    state = update(state, {'w': jnp.asarray(p)})
+  want = timm_model_ema_v3(params, decay, update_after_step=k)
+  np.testing.assert_allclose(emax.ema_params(state)['w'], want, rtol=1e-5,
+                             atol=1e-6)
+  assert int(state.skipped) == 0
+  # The same rate on a step that averages (no start_step) is skipped and
+  # counted; on a keep step (update_every=2) it is not looked at.
+  fresh = emax.init({'w': jnp.asarray(params[0])})
+  step = {'w': jnp.asarray(params[1])}
+  for kw, skipped in ((dict(start_step=0), 1),
+                      (dict(start_step=0, update_every=2), 0)):
+    one = functools.partial(emax.update, **dict(options, **kw))
+    out = (jax.jit(one) if jit else one)(fresh, step)
+    assert int(out.skipped) == skipped, kw
+    assert _bits(out.average['w']) == _bits(params[0])
 
 
 def test_schedule_in_the_pure_update_is_called_with_the_count():
