@@ -4,7 +4,7 @@ The only module of emax that imports ``flax.linen`` / ``flax.training``. Two
 routes, pick one:
 
 * :class:`EmaTrainState`: a ``TrainState`` that keeps the average of the params
-  (and, given ``ema=``, of the BatchNorm ``batch_stats``), hands out
+  (and of the BatchNorm ``batch_stats``), hands out
   ``eval_variables()``, and can write the average back or reset it;
 * a plain ``flax.training.train_state.TrainState`` with
   ``tx=emax.with_ema(optimizer, decay)``, read with
@@ -58,21 +58,19 @@ POLICIES = _batch_stats.POLICIES
 class EmaTrainState(train_state.TrainState):
   """A ``TrainState`` that keeps exponential moving averages of the params.
 
-  Configure the average once, in one of two ways:
+  Configure the average once, in ``tx``: ``tx=emax.with_ema(opt, decay,
+  **options)``. The state runs ``opt`` and then the average (``opt_state``
+  is an :class:`emax.WithEmaState`), and averages the ``batch_stats`` with
+  the same decays and options, on the same steps
+  (``batch_stats_policy='average'``, the default). For gradient accumulation
+  pass ``tx=emax.with_ema(optax.MultiSteps(opt, k), decay)``: both averages
+  then move once per real step, never on micro-steps.
 
-  * ``tx=emax.with_ema(opt, decay, **options)`` (or any ``tx`` whose state
-    holds exactly one :class:`emax.EmaState`, e.g.
-    ``optax.MultiSteps(emax.with_ema(opt, decay), k)``), no ``ema``. The
-    params are averaged; ``batch_stats``, if any, can only be evaluated live
-    (``batch_stats_policy='copy'``): the options cannot be read back out of
-    ``tx``.
-  * ``tx=opt`` (a plain optimizer) and ``ema=emax.ema(decay, **options)``.
-    The state runs ``opt`` and then the average, as :func:`emax.with_ema`
-    does (``opt_state`` is an :class:`emax.WithEmaState`), and averages the
-    ``batch_stats`` with the same decays and options, on the same steps
-    (``batch_stats_policy='average'``, the default). For gradient
-    accumulation pass ``tx=optax.MultiSteps(opt, k)``: both averages then
-    move once per real step, never on micro-steps.
+  ``tx=opt, ema=emax.ema(decay, **options)`` builds the same state. Any other
+  ``tx`` whose state holds exactly one :class:`emax.EmaState` (e.g.
+  ``optax.MultiSteps(emax.with_ema(opt, decay), k)``) works for the params;
+  its ``batch_stats`` can then only be evaluated live
+  (``batch_stats_policy='copy'``), as the average cannot be read out of it.
 
   A ``tx`` that already holds an average together with ``ema`` is refused
   (``ValueError``): the state never keeps two configurations. Named averages
@@ -87,8 +85,9 @@ class EmaTrainState(train_state.TrainState):
     batch_stats: the live BatchNorm statistics (``None`` without BatchNorm).
     batch_stats_ema: the :class:`emax.EmaState` of ``batch_stats`` under the
       ``'average'`` policy, else ``None``.
-    ema_tx: the ``ema`` transformation given to :meth:`create` (static), or
-      ``None`` when ``tx`` holds the average.
+    ema_tx: the averaging transformation (static): ``ema``, or the one of a
+      ``tx`` built by :func:`emax.with_ema`; ``None`` for another ``tx``
+      holding the average.
     batch_stats_policy: ``'average'`` or ``'copy'`` (static; checked
       whenever the state is built or replaced).
 
@@ -150,16 +149,15 @@ class EmaTrainState(train_state.TrainState):
     Args:
       apply_fn: usually ``model.apply``.
       params: the model's ``'params'`` collection.
-      tx: the optimizer: ``emax.with_ema(opt, decay, ...)`` (any ``tx``
-        holding exactly one average, e.g. ``optax.MultiSteps`` around it)
-        when ``ema`` is left out; a plain optimizer (``optax.MultiSteps``
-        around it for gradient accumulation) when ``ema`` is given.
-      ema: an ``emax.ema(...)`` transformation (any options): the state then
-        runs it after ``tx`` and averages ``batch_stats`` with it. Needed to
-        average ``batch_stats``; refused when ``tx`` already holds an average.
+      tx: the optimizer with its average: ``emax.with_ema(opt, decay,
+        ...)`` (or any ``tx`` holding exactly one average) when ``ema`` is
+        left out; a plain optimizer when ``ema`` is given.
+      ema: an ``emax.ema(...)`` transformation (any options): the same as
+        ``tx=emax.with_ema(tx, average=ema)``; refused when ``tx`` already
+        holds an average.
       batch_stats: the model's ``'batch_stats'`` collection, if any.
       batch_stats_policy: ``'average'`` (evaluate with an average of the
-        statistics, same decays and options as the params; needs ``ema``) or
+        statistics, same decays and options as the params) or
         ``'copy'`` (evaluate with the live statistics). Ignored without
         ``batch_stats``.
       **kwargs: other fields of a subclass.
