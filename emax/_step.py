@@ -230,8 +230,13 @@ def _all_finite(plan: Plan, values: Params, finite: Any) -> jax.Array:
     flag = _numerics.all_finite(_layout.float_values(values))
   else:
     flag = jnp.asarray(finite, bool).reshape(())
-  if not _is_constant(plan.steps):
-    flag &= jnp.all(jnp.isfinite(plan.steps) & jnp.isfinite(plan.keeps))
+  # A rate counts only on a step that averages: a copy step does not use it
+  # (a schedule shifted by `start_step` may be NaN before it starts).
+  if not _is_constant(plan.steps) and not _always(plan.scheduled, COPY):
+    rates_ok = jnp.all(jnp.isfinite(plan.steps) & jnp.isfinite(plan.keeps))
+    if not _always(plan.scheduled, AVERAGE):
+      rates_ok |= plan.scheduled != AVERAGE
+    flag &= rates_ok
   return _numerics.everywhere(flag)
 
 

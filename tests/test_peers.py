@@ -174,11 +174,13 @@ def ema_pytorch_options(beta=0.9999, update_after_step=100, update_every=10,
 
   Its warm-up is computed in float32, as ema-pytorch does, and given as a
   plain callable: emax then steps by 1 - float32(decay), as ema-pytorch does.
+  The shifted warm-up is NaN before ``update_after_step``, on steps that copy
+  or keep: a rate those steps do not use is not checked.
   """
   ramp = emax.inverse_power_decay(beta, inv_gamma=inv_gamma, power=power)
   start = update_every * (update_after_step // update_every) + 1
   return dict(
-      decay=lambda n: ramp(jnp.maximum(n - update_after_step, 0)),
+      decay=lambda n: ramp(n - update_after_step),
       rounding='lerp', start_step=start, first_update=start + update_every,
       update_every=update_every, per_update=True)
 
@@ -189,6 +191,7 @@ def test_ema_pytorch_defaults():
   options = ema_pytorch_options()
   assert (options['start_step'], options['first_update']) == (101, 111)
   got = average(3000, **options)
+  assert int(got.skipped) == 0  # the NaN warm-up before step 100 is unused
   # torch's float32 pow and XLA's differ by an ulp or so: measured 8 ulp.
   assert max_ulps(got.average['w'], pn.EMA_PYTORCH_DEFAULTS_3000) <= 10
   # With per_update=False the decay would be raised to the 10th power.
