@@ -12,7 +12,6 @@ total once, at the end.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-import numbers
 import os
 from typing import Any, Optional, Union
 
@@ -23,6 +22,7 @@ from jax.sharding import Sharding
 from optax import Params
 
 from emax import _checkpoint_files
+from emax import _options
 from emax import _stored_tree
 from emax import _streaming_sum
 from emax import _tree
@@ -176,10 +176,7 @@ def _choose_steps(found: dict[int, Any], steps: Any, last: Any,
           f'steps must be a sequence of ints (e.g. [100, 200]), got {steps!r}.')
     chosen = []
     for s in steps:
-      if isinstance(s, (bool, np.bool_)) or not isinstance(
-          s, (numbers.Integral, np.integer)):
-        raise TypeError(f'steps must be ints, got {s!r} in {list(steps)!r}.')
-      chosen.append(int(s))
+      chosen.append(_options.check_int(s, 'steps', 0))
     if not chosen:
       raise ValueError(
           'steps is empty; pass the steps to average, or None for all of'
@@ -196,14 +193,12 @@ def _choose_steps(found: dict[int, Any], steps: Any, last: Any,
           f' {", ".join(map(str, missing))} in {directory}; the saved steps'
           f' are {sorted(found)}.')
   if last is not None:
-    if isinstance(last, bool) or not isinstance(
-        last, (numbers.Integral, np.integer)) or int(last) < 1:
-      raise ValueError(f'last must be a positive int, got {last!r}.')
-    if int(last) > len(chosen):
+    last = _options.check_int(last, 'last', 1)
+    if last > len(chosen):
       raise ValueError(
           f'last={last} but there are only {len(chosen)} checkpoints to'
           f' average (steps {sorted(chosen)}).')
-    chosen = sorted(chosen)[-int(last):]
+    chosen = sorted(chosen)[-last:]
   return chosen
 
 
@@ -241,14 +236,9 @@ def _scaled_weights(weights: Any, chosen: list[int]
 
 def _check_accumulator_dtype(accumulator_dtype: Any,
                              sharding: Any) -> np.dtype:
-  if accumulator_dtype is None:
+  dtype = _options.check_accumulator_dtype(accumulator_dtype)
+  if dtype is None:
     return jnp.dtype(jnp.float32)
-  try:
-    dtype = jnp.dtype(accumulator_dtype)
-  except TypeError as e:
-    raise TypeError(
-        'accumulator_dtype must be jnp.float32 or jnp.float64, got'
-        f' {accumulator_dtype!r}.') from e
   if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
     raise ValueError(
         'accumulator_dtype must be jnp.float32 or jnp.float64 (a sum in a'

@@ -150,6 +150,17 @@ def _is_ema_state(x: Any) -> bool:
   return isinstance(x, EmaState)
 
 
+def states_at(tree: Any) -> list[tuple[tuple[Any, ...], EmaState]]:
+  """Every :class:`emax.EmaState` in ``tree``, with its path as Orbax stores it.
+
+  The path is a tuple of keys (``str`` for dict keys and fields, ``int`` for
+  list positions), as :func:`save` records it.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_ema_state)
+  return [(tuple(stored_key(k) for k in p), x) for p, x in flat
+          if _is_ema_state(x)]
+
+
 def _layout_name(average: Any) -> str:
   """``'plain'``, ``'packed'`` (``pack=True``) or ``'offloaded'``."""
   if isinstance(average, _offload.OffloadedTree):
@@ -240,10 +251,7 @@ def widths(sigma_rels: Any, names: Optional[Sequence[str]], count: int,
 
 def _record(state: Any, sigma_rels: Any) -> Optional[dict[str, Any]]:
   """What :func:`save` records about the averages in ``state`` (or None)."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(state,
-                                                 is_leaf=_is_ema_state)
-  states = [(tuple(stored_key(k) for k in p), x) for p, x in flat
-            if _is_ema_state(x)]
+  states = states_at(state)
   if sigma_rels is not None and not states:
     raise ValueError(
         'sigma_rels was given, but the state holds no emax.EmaState to'
@@ -345,11 +353,7 @@ def check_names(recorded_averages: Optional[list[dict[str, Any]]],
   saved as ``('fast', 'slow')`` restored into a state built as ``('slow',
   'fast')`` would come back under each other's names.
   """
-  flat, _ = jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_ema_state)
-  for keypath, x in flat:
-    if not _is_ema_state(x):
-      continue
-    path = tuple(stored_key(k) for k in keypath)
+  for path, x in states_at(like):
     entry = entry_at(recorded_averages, path)
     if entry is None:
       continue

@@ -14,7 +14,6 @@ debiased (:mod:`emax._restored`) and added into one float64 sum per target
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-import numbers
 from typing import Any, Optional, Union
 
 import jax
@@ -22,6 +21,7 @@ import numpy as np
 
 from emax import _checkpoint_files
 from emax import _checkpoint_record
+from emax import _options
 from emax import _posthoc_solve
 from emax import _restored
 from emax import _stored_tree
@@ -143,11 +143,7 @@ def reconstruct_checkpoints(
   root, found = _checkpoint_files.finished_steps(directory, _WHERE)
   if target_step is None:
     target_step = max(found)
-  elif isinstance(target_step, bool) or not isinstance(
-      target_step, (numbers.Integral, np.integer)):
-    raise TypeError(f'target_step must be an int (a checkpoint step), got'
-                    f' {target_step!r}.')
-  elif target_step not in found:
+  elif _options.check_int(target_step, 'target_step', 0) not in found:
     raise FileNotFoundError(
         f'No checkpoint for target_step {target_step} in {root}; the saved'
         f' steps are {sorted(found)}. Pass one of them, or None for the'

@@ -410,10 +410,7 @@ def _like_parts(like: Any, path: tuple[Any, ...], where: str
   """``(abstract EmaState or None, params-like tree or None)`` of ``like``."""
   if like is None:
     return None, None
-  flat, _ = jax.tree_util.tree_flatten_with_path(
-      like, is_leaf=lambda x: isinstance(x, EmaState))
-  states = [(tuple(_stored_tree.stored_key(k) for k in p), x) for p, x in flat
-            if isinstance(x, EmaState)]
+  states = _checkpoint_record.states_at(like)
   if not states:
     return None, like
   if len(states) == 1:

@@ -569,7 +569,7 @@ def test_average_of_one_item_among_several(tmp_path):
      r' \[100, 200, 300, 400\]'),
     ({'steps': [100, 100]}, ValueError, r'steps \[100\] appear more than once'),
     ({'steps': []}, ValueError, 'steps is empty'),
-    ({'steps': [100.0]}, TypeError, 'steps must be ints'),
+    ({'steps': [100.0]}, TypeError, 'steps must be an int, got 100.0'),
     ({'steps': [100, 200], 'weights': [1.0]}, ValueError,
      r'weights has shape \(1,\) but 2 checkpoints are averaged'
      r' \(steps \[100, 200\]\)'),
@@ -581,7 +581,7 @@ def test_average_of_one_item_among_several(tmp_path):
     ({'weights': [0, 0, 0, 0]}, ValueError, 'weights sum to 0'),
     ({'last': 5}, ValueError,
      r'last=5 but there are only 4 checkpoints to average'),
-    ({'last': 0}, ValueError, 'last must be a positive int, got 0'),
+    ({'last': 0}, ValueError, r'last must be an int in \[1, .*\], got 0'),
     ({'path': ('parameters',)}, KeyError,
      r"no path \('parameters',\): at \(\) it holds a dict with keys"
      r" \['opt_state', 'params', 'step'\], with no 'parameters'"),
