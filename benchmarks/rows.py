@@ -7,6 +7,10 @@ these names, :mod:`benchmarks.suite` picks rows per mode by them,
 that each is there. A name is also what the report prints.
 """
 
+# --- ceiling: the bandwidth a plain `a += b` reaches -------------------------
+CEILING_XLA = 'jitted donated add'
+CEILING_NUMPY = 'NumPy in-place add'
+
 # --- updates: one EMA step of a param tree, one table per tree ---------------
 EMAX_UPDATE = 'emax.update'
 EMAX_UPDATE_UNGUARDED = 'emax.update skip_nonfinite=False'

@@ -140,7 +140,7 @@ def ceiling(ctx: Context) -> dict:
     holder[0] = add(holder[0], b)
     return holder[0]
 
-  runners = [timing.Runner('jitted donated add', xla_step)]
+  runners = [timing.Runner(rows.CEILING_XLA, xla_step)]
   if ctx.backend == 'cpu':
     na = np.ones(n, np.float32)
     nb = np.ones(n, np.float32)
@@ -157,12 +157,12 @@ def ceiling(ctx: Context) -> dict:
       for t in ts:
         t.join()
 
-    runners.append(timing.Runner('NumPy in-place add', np_step,
+    runners.append(timing.Runner(rows.CEILING_NUMPY, np_step,
                                  sync=lambda x: x))
   times = ctx.measure(runners)
   out = {name: 12 * n / float(np.median(t)) / 1e9
          for name, t in times.items()}
-  ctx.xla_add_gbps = out['jitted donated add']
+  ctx.xla_add_gbps = out[rows.CEILING_XLA]
   ctx.ceiling_gbps = max(out.values())
   ctx.log(f'ceiling: {out} GB/s on {n / 1e6:g}M float32')
   return dict(elements=n, gbps=ctx.ceiling_gbps, sources=out,
