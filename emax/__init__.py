@@ -14,6 +14,7 @@ import importlib as _importlib
 from emax._bema import BemaState
 from emax._bema import bema
 from emax._bema import bema_params
+from emax._merge import merge_weights
 from emax._read import ema_params
 from emax._read import get_ema_state
 from emax._read import metrics
@@ -50,6 +51,7 @@ __all__ = (
     'half_life_decay',
     'init',
     'inverse_power_decay',
+    'merge_weights',
     'metrics',
     'power_function_decay',
     'reset',
