@@ -72,6 +72,7 @@ def step(options: _options.StepOptions, state: Any, params: Params,
     The new state.
   """
   state = _state.check_state(state, where)
+  _check_finite(finite, where)
   rates = _ordered_rates(options, state.info, where)
   stored, values = _arrive(state, params, updates, where)
   plan = _plan(options, rates, state.count, named=state.info.names is not None)
@@ -86,6 +87,27 @@ def step(options: _options.StepOptions, state: Any, params: Params,
 
 
 # --- 1. The preamble ---------------------------------------------------------
+
+
+def _check_finite(finite: Any, where: str) -> None:
+  """``finite`` must be ``None`` or a bool scalar (one flag for the step)."""
+  if finite is None or isinstance(finite, (bool, np.bool_)):
+    return
+  try:
+    shape, dtype = jnp.shape(finite), jnp.result_type(finite)
+  except TypeError:
+    shape, dtype = None, None
+  if shape == () and dtype == jnp.bool_:
+    return
+  got = (f'an array of shape {shape} and dtype {dtype}'
+         if isinstance(finite, (jax.Array, np.ndarray)) else
+         f'{finite!r} ({type(finite).__name__})')
+  raise ValueError(
+      f'{where}: finite must be a bool scalar, one flag saying whether all'
+      f' the new params are free of NaN and Inf, got {got} instead. Reduce'
+      ' per-leaf or per-element flags to one, e.g. finite=jnp.all(flags) or'
+      ' finite=jnp.isfinite(optax.global_norm(grads)), or leave finite out'
+      ' and the guard checks the params itself.')
 
 
 def _ordered_rates(options: _options.StepOptions,
@@ -396,8 +418,8 @@ def update(state: EmaState, params: Params,
   Raises:
     ValueError: if ``params`` is ``None`` or does not match the state
       (structure, shapes, or a float leaf that became non-float), a rate is
-      outside ``[0, 1]``, the rates' names are not the state's, or ``state``
-      is not an :class:`EmaState`.
+      outside ``[0, 1]``, the rates' names are not the state's, ``finite``
+      is not a bool scalar, or ``state`` is not an :class:`EmaState`.
     TypeError: if both or neither of ``decay`` and ``step_size`` are given,
       a rate is not a number, array or schedule, or an option has the wrong
       type.

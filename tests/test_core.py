@@ -346,6 +346,24 @@ def test_error_non_scalar_decay():
     emax.update(state, {'w': jnp.ones(2)}, jnp.ones(2))
 
 
+@pytest.mark.parametrize('finite', [
+    jnp.array([True, False]), jnp.asarray(1.0), np.ones((), np.int32), 'yes'])
+def test_error_finite_not_a_bool_scalar_names_finite(finite):
+  state = emax.init({'w': jnp.ones(2)})
+  new = {'w': jnp.full(2, 2.0)}
+  match = r'finite must be a bool scalar.*got .*jnp\.all'
+  with pytest.raises(ValueError, match=match):
+    emax.update(state, new, 0.9, finite=finite)
+  if not isinstance(finite, str):  # traced: refused by shape and dtype
+    with pytest.raises(ValueError, match='emax.update: ' + match):
+      jax.jit(lambda s, f: emax.update(s, new, 0.9, finite=f))(state, finite)
+  tx = emax.ema(0.9)
+  with pytest.raises(ValueError, match='emax.ema: ' + match):
+    tx.update(new, tx.init(state.average), state.average, finite=finite)
+  for ok in (True, np.bool_(False), jnp.asarray(True)):  # one flag: taken
+    emax.update(state, new, 0.9, finite=ok)
+
+
 def test_error_state_restored_without_target():
   state = emax.init({'w': jnp.ones(2)})
   as_dict = dict(state._asdict(), info=None)
