@@ -345,14 +345,24 @@ def recorded(metadata: Any) -> Optional[list[dict[str, Any]]]:
   return record['averages']
 
 
-def check_names(recorded_averages: Optional[list[dict[str, Any]]],
-                like: Any, where: str) -> None:
-  """Refuses a target whose averages are named otherwise than the record.
+def in_recorded_order(recorded_averages: Optional[list[dict[str, Any]]],
+                      like: Any, where: str) -> Any:
+  """``like`` with each average's names in the order the save recorded.
 
-  A restore with a target reads the stored arrays by position: averages
-  saved as ``('fast', 'slow')`` restored into a state built as ``('slow',
-  'fast')`` would come back under each other's names.
+  A restore with a target reads the stored arrays by position. Averages
+  saved as ``('fast', 'slow')`` and restored into a state built as
+  ``('slow', 'fast')`` would come back under each other's names; with the
+  target's names put in the recorded order, each array comes back under its
+  own name (a step matches rates to averages by name, in any order).
+
+  Raises:
+    ValueError: if ``like`` holds other names than the record (the message
+      shows both).
   """
+  def show(names: Optional[tuple[str, ...]]) -> str:
+    return 'one unnamed average' if names is None else f'{list(names)}'
+
+  order: dict[tuple[Any, ...], tuple[str, ...]] = {}
   for path, x in states_at(like):
     entry = entry_at(recorded_averages, path)
     if entry is None:
@@ -360,17 +370,27 @@ def check_names(recorded_averages: Optional[list[dict[str, Any]]],
     saved = None if entry.get('names') is None else tuple(entry['names'])
     if saved == x.info.names:
       continue
-    def show(names: Optional[tuple[str, ...]]) -> str:
-      return 'one unnamed average' if names is None else f'{list(names)}'
-    raise ValueError(
-        f'{where}: the averages at {list(path)} were saved as {show(saved)},'
-        f' in that order, but like holds {show(x.info.names)}. A restore'
-        ' reads the arrays by position, so they would come back under each'
-        ' other\'s names. Build like as the run was built (the mapping given'
-        f' to emax.ema with the names in the order {show(saved)}), or read'
-        ' one average by its name with emax.checkpoint.read_average('
-        'manager.restore(step, args=ocp.args.StandardRestore()), name=...,'
-        ' metadata=manager.metadata(step)).')
+    if saved is None or x.info.names is None or sorted(saved) != sorted(
+        x.info.names):
+      raise ValueError(
+          f'{where}: the averages at {list(path)} were saved as'
+          f' {show(saved)}, but like holds {show(x.info.names)}. Build like'
+          ' as the run was built (the averages it saved), or read one'
+          ' average with emax.checkpoint.read_average(manager.restore(step,'
+          ' args=ocp.args.StandardRestore()), name=...,'
+          ' metadata=manager.metadata(step)).')
+    order[path] = saved
+  if not order:
+    return like
+
+  def renamed(keypath: Any, x: Any) -> Any:
+    path = tuple(stored_key(k) for k in keypath)
+    if not _is_ema_state(x) or path not in order:
+      return x
+    return x._replace(info=x.info._replace(names=order[path]))
+
+  return jax.tree_util.tree_map_with_path(renamed, like,
+                                          is_leaf=_is_ema_state)
 
 
 def entry_at(recorded_averages: Optional[list[dict[str, Any]]],

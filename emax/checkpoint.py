@@ -124,6 +124,13 @@ def restore(manager: Any, like: Params, step: Optional[int] = None) -> Params:
       ``EmaTrainState.create(...)``), or its :func:`abstract_state`.
     step: the step to restore; the latest saved one by default.
 
+  Named averages are restored by name: where :func:`emax.checkpoint.save`
+  recorded them in another order than ``like`` lists them (the mapping
+  given to :func:`emax.ema` was reordered), the restored state keeps the
+  saved order, each average under its own name (a step matches its rates to
+  the averages by name). Without a record (a plain Orbax save) the arrays
+  are restored by position, as Orbax does.
+
   Returns:
     The restored state, with the types, static fields and shardings of
     ``like``: the average inside is an :class:`emax.EmaState` again.
@@ -131,17 +138,15 @@ def restore(manager: Any, like: Params, step: Optional[int] = None) -> Params:
   Raises:
     FileNotFoundError: if the manager holds no checkpoint, or none at
       ``step``; the message lists the steps it holds.
-    ValueError: if :func:`emax.checkpoint.save` recorded names for an
-      average that ``like`` names otherwise, or in another order (the
-      arrays are restored by position: they would be swapped).
+    ValueError: if :func:`emax.checkpoint.save` recorded other names for an
+      average than ``like`` holds (the message shows both).
   """
   ocp = _checkpoint_files.orbax()
   step = _checkpoint_files.restorable_step(manager, step)
-  target = abstract_state(like)
-  _checkpoint_record.check_names(
+  target = _checkpoint_record.in_recorded_order(
       _checkpoint_record.recorded(
           _checkpoint_files.manager_custom_metadata(manager, step)),
-      target, f'emax.checkpoint.restore (step {step})')
+      abstract_state(like), f'emax.checkpoint.restore (step {step})')
   return manager.restore(step, args=ocp.args.StandardRestore(target))
 
 
