@@ -106,17 +106,35 @@ def acc_copy(params):
                       params)
 
 
+# Programs compiled for a `program` key of `jax_runner`, by their input
+# shapes: rows of two tables that run the same program on the same shapes
+# compile it once. Emptied at the start of each run.
+COMPILED: dict = {}
+
+
 def jax_runner(name: str, fn: Callable, state, *args, unit: float,
-               donate: bool = True, steps_per_call: int = 1
-               ) -> timing.Runner:
+               donate: bool = True, steps_per_call: int = 1,
+               program=None) -> timing.Runner:
   """Compiles ``state = fn(state, *args)``; a runner that keeps the state.
 
   ``state`` is donated unless ``donate=False``; ``args`` are passed at each
   call (never closed over). ``unit`` is the bytes of one param tree: memory
-  is reported in param trees.
+  is reported in param trees. ``program``: a hashable key that says what
+  ``fn`` computes; a runner with the same key and input shapes reuses the
+  compiled program (and reports its compile time).
   """
-  compiled, compile_s = timing.compile_jit(
-      fn, state, *args, donate_argnums=(0,) if donate else ())
+  key = None
+  if program is not None:
+    leaves, treedef = jax.tree.flatten((state, args))
+    key = (program, donate, treedef,
+           tuple((x.shape, jnp.dtype(x.dtype).name) for x in leaves))
+  if key is not None and key in COMPILED:
+    compiled, compile_s = COMPILED[key]
+  else:
+    compiled, compile_s = timing.compile_jit(
+        fn, state, *args, donate_argnums=(0,) if donate else ())
+    if key is not None:
+      COMPILED[key] = compiled, compile_s
   holder = [state]
 
   def step():
@@ -220,11 +238,21 @@ def _emax_update_lerp(tree):
                         rounding='lerp', skip_nonfinite=False)
 
 
-def _ema_tx(tree, name, **kw):
-  tx = emax.ema(DECAY, **kw)
-  return jax_runner(name, lambda s, u, p: tx.update(u, s, p)[1],
-                    tx.init(tree.params), tree.updates, tree.params,
-                    unit=tree.unit)
+def _ema_tx(tree, name, steps_per_call=1, **kw):
+  """``steps_per_call`` standalone ``tx.update`` calls of ``emax.ema(**kw)``
+  (decay ``DECAY`` unless ``kw`` says otherwise)."""
+  kw = {'decay': DECAY} | kw
+  tx = emax.ema(**kw)
+
+  def calls(s, u, p):
+    for _ in range(steps_per_call):  # update_every=k: time k steps
+      s = tx.update(u, s, p)[1]
+    return s
+
+  return jax_runner(name, calls, tx.init(tree.params), tree.updates,
+                    tree.params, unit=tree.unit, steps_per_call=steps_per_call,
+                    program=('emax.ema tx.update', steps_per_call,
+                             tuple(sorted(kw.items()))))
 
 
 @update_impl(rows.EMA_TX, kind='transform')
@@ -332,18 +360,8 @@ def _stacked(tree):
 
 def _option(name, steps_per_call=1, baseline=False, **kw):
   """Registers the row ``name``: ``emax.ema(DECAY, **kw)``'s tx.update."""
-  def build(tree):
-    tx = emax.ema(**({'decay': DECAY} | kw))
-
-    def calls(s, u, p):
-      for _ in range(steps_per_call):  # update_every=k: time k steps
-        s = tx.update(u, s, p)[1]
-      return s
-
-    return jax_runner(name, calls, tx.init(tree.params), tree.updates,
-                      tree.params, unit=tree.unit,
-                      steps_per_call=steps_per_call)
-  option_impl(name, baseline=baseline)(build)
+  option_impl(name, baseline=baseline)(
+      lambda tree: _ema_tx(tree, name, steps_per_call, **kw))
 
 
 _option(rows.OPT_UNGUARDED, baseline=True, skip_nonfinite=False)
