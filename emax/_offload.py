@@ -23,10 +23,12 @@ read from the arrays themselves.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from optax import Params
 
@@ -123,15 +125,44 @@ def _offloadable(x: Any) -> bool:
   return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize in _BITS
 
 
+NO_GRADIENT = (
+    'Cannot differentiate through an offloaded average (offload=True): it is'
+    ' stored in host memory as raw bits, which carry no gradient, so the'
+    ' derivative would silently be zero. Differentiate through an average'
+    ' kept on the device (offload=False), or stop the gradient of the params'
+    ' that reach the average (jax.lax.stop_gradient) where none is needed.')
+
+
+@jax.custom_jvp
+def _bits(x: jax.Array) -> jax.Array:
+  """The bits of float array ``x`` as unsigned integers of its width."""
+  return lax.bitcast_convert_type(x, _BITS[jnp.dtype(x.dtype).itemsize])
+
+
+@functools.partial(_bits.defjvp, symbolic_zeros=True)
+def _bits_jvp(primals: tuple[Any, ...],
+              tangents: tuple[Any, ...]) -> tuple[Any, Any]:
+  # Reached only when a derivative is taken through `x` (a tangent that is
+  # not a symbolic zero): refuse, rather than returning a zero derivative.
+  if not isinstance(tangents[0], jax.custom_derivatives.SymbolicZero):
+    raise TypeError(NO_GRADIENT)
+  out = _bits(*primals)
+  return out, np.zeros(out.shape, jax.dtypes.float0)
+
+
 def to_host(average: Params) -> OffloadedTree:
-  """``average`` as an :class:`OffloadedTree` (float bits in host memory)."""
+  """``average`` as an :class:`OffloadedTree` (float bits in host memory).
+
+  Raises:
+    TypeError: when differentiated through (the bits carry no gradient).
+  """
   leaves, treedef = jax.tree.flatten(average)
   stored, dtypes = [], []
   for x in leaves:
     dtype = jnp.result_type(x)
     dtypes.append(dtype)
     if _offloadable(x):
-      bits = lax.bitcast_convert_type(x, _BITS[dtype.itemsize])
+      bits = _bits(x)
       x = bits if on_host(bits) else jax.device_put(bits, HOST)
     stored.append(x)
   return OffloadedTree(tuple(stored), treedef, tuple(dtypes))

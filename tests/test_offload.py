@@ -158,6 +158,29 @@ def test_a_state_placed_on_host_by_hand_is_updated_there():
   np.testing.assert_array_equal(np.asarray(stepped.average['w']), 0.5)
 
 
+def test_differentiating_through_an_offloaded_average_is_refused():
+  # Without offload, d ema_params(update(state, p, 0.9)) / dp is 1 - 0.9.
+  # Offloaded, the average is stored as raw bits, which carry no gradient:
+  # a derivative through it is refused instead of silently zero.
+  def read(state):
+    return lambda p: emax.ema_params(emax.update(state, {'w': p}, 0.9))[
+        'w'].sum()
+
+  p = jnp.ones(3)
+  grad = jax.grad(read(emax.init({'w': jnp.zeros(3)})))(p)
+  np.testing.assert_allclose(grad, np.full(3, 0.1), rtol=1e-6)
+  offloaded = read(emax.init({'w': jnp.zeros(3)}, offload=True))
+  for differentiate in (jax.grad, lambda f: jax.grad(jax.jit(f)),
+                        lambda f: jax.jit(jax.grad(f))):
+    with pytest.raises(TypeError, match=r'offloaded average \(offload=True'
+                       r'\).*raw bits.*offload=False.*stop_gradient'):
+      differentiate(offloaded)(p)
+  # Values, and derivatives that do not pass through the average, still work.
+  assert float(offloaded(p)) == pytest.approx(0.3, rel=1e-6)
+  also = lambda p: offloaded(jax.lax.stop_gradient(p)) + p.sum()  # noqa
+  np.testing.assert_array_equal(jax.grad(also)(p), np.ones(3))
+
+
 def test_offload_on_devices_without_host_memory_says_so(monkeypatch):
   monkeypatch.setattr(_offload, 'memory_kinds', lambda device: ['device'])
   with pytest.raises(ValueError, match=r"offload=True needs 'pinned_host'"
