@@ -284,9 +284,8 @@ def _widths_by_state(states: list[tuple[tuple[Any, ...], EmaState]],
                      sigma_rels: Any) -> list[Optional[list[Any]]]:
   """The widths to record for each state (None: none), via :func:`widths`.
 
-  A mapping may name the averages of several states; a sequence or a number
-  goes to the one state it fits (a sequence: named averages, as many; a
-  number: a single unnamed average).
+  A mapping may name the averages of several states; a number (or a
+  schedule) is for the one unnamed average.
   """
   if sigma_rels is None:
     return [None] * len(states)
@@ -305,23 +304,17 @@ def _widths_by_state(states: list[tuple[tuple[Any, ...], EmaState]],
                    len(n), f'the averages at {list(path)}')
             if n is not None and any(k in n for k in sigma_rels) else None
             for (path, _), n in zip(states, names)]
-  fits = [k for k, n in enumerate(names)
-          if (n is not None and _is_sequence(sigma_rels)
-              and len(n) == len(sigma_rels))
-          or (n is None and not _is_sequence(sigma_rels))]
-  if len(fits) != 1:
+  unnamed = [k for k, n in enumerate(names) if n is None]
+  if len(unnamed) != 1:
     raise ValueError(
-        f'sigma_rels={sigma_rels!r} fits'
-        f' {f"{len(fits)} averages" if fits else "no average"} in the state:'
-        ' a single number or'
-        ' schedule is for a single unnamed average, a sequence for named'
-        ' ones (one per name, in order); these are named'
+        f'sigma_rels={sigma_rels!r} names no average: only a single unnamed'
+        f' average takes a width without a name, and the state holds'
+        f' {len(unnamed) or "no"} unnamed averages; the named ones are'
         f' {[list(n) for n in names if n is not None]}. Give a mapping'
-        ' {name: sigma_rel}.')
+        ' {name: sigma_rel}, e.g. the mapping given to emax.ema.')
   out: list[Optional[list[Any]]] = [None] * len(states)
-  (path, _), n = states[fits[0]], names[fits[0]]
-  out[fits[0]] = widths(sigma_rels, n, 1 if n is None else len(n),
-                        f'the averages at {list(path)}')
+  out[unnamed[0]] = widths(sigma_rels, None, 1,
+                           f'the average at {list(states[unnamed[0]][0])}')
   return out
 
 

@@ -759,7 +759,11 @@ def test_save_records_packed_offloaded_and_single_averages(tmp_path):
      r"sigma_rels\['s05'\] must be in \(0, 0.2887\) .*, got 0.5. Typical"
      r' values are 0.05 to 0.15'),
     ('named', {'sigma_rels': 0.05}, ValueError,
-     r'sigma_rels=0.05 fits no average in the state'),
+     r'sigma_rels=0.05 names no average: only a single unnamed average takes'
+     r" a width without a name, and the state holds no unnamed averages; the"
+     r" named ones are \[\['s05', 's10'\]\]"),
+    ('named', {'sigma_rels': [0.05, 0.1]}, ValueError,
+     r'sigma_rels=\[0.05, 0.1\] names no average'),
     ('named', {'sigma_rels': {'s05': 'wide'}}, TypeError,
      r"sigma_rels\['s05'\] must be a number"),
     ('named', {'custom_metadata': {'emax': 1}}, ValueError,
