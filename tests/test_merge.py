@@ -6,10 +6,16 @@ derived by hand; the end-to-end merge through emax.checkpoint.average against
 the float64 merge of the saved arrays.
 """
 
+import csv
+import functools
+import importlib.util
 import math
+import pathlib
+import sys
 
 import hypothesis
 from hypothesis import strategies as st
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -255,3 +261,64 @@ def test_linear_merge_is_the_checkpoint_average_of_the_last_k(tmp_path):
   lawa = emax.checkpoint.average(tmp_path, last=3)
   np.testing.assert_array_equal(got['w'], lawa['w'])
   np.testing.assert_array_equal(got['w'], np.full(2, 14.0 / 3))
+
+
+# --- the example, at a reduced size --------------------------------------------
+
+EXAMPLE = (pathlib.Path(__file__).resolve().parent.parent / 'examples'
+           / 'wsm_digits.py')
+
+
+def _load_example():
+  name = 'emax_example_wsm_digits'
+  if name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(name, EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses (flax Modules) look it up
+    spec.loader.exec_module(module)
+  return sys.modules[name]
+
+
+@pytest.mark.standard_promotion  # flax and optax code, as users run it
+def test_example_at_a_reduced_size(tmp_path):
+  epochs, windows = 4, (1, 3)
+  result = _load_example().main([
+      '--epochs', str(epochs), '--windows', *map(str, windows), '--seeds',
+      '0', '--hidden', '16', '--out', str(tmp_path), '--no-progress'])
+  with open(result['csv']) as f:
+    rows = list(csv.DictReader(f))
+  assert [(r['kind'], r['window'], r['shape']) for r in rows] == [
+      ('constant', '0', 'none')] + [
+          (kind, str(w), s) for w in windows for s in SHAPES
+          for kind in ('merge', 'decay')]
+  for r in rows:
+    assert 0 <= float(r['test_acc']) <= 1 and float(r['test_loss']) > 0
+  png = pathlib.Path(result['png'])
+  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and (
+      png.stat().st_size > 10_000)
+  assert len(result['table']) == 2 + len(windows) * len(SHAPES) + 1
+  # A window of one interval: every shape's weights are [0, 1], so the merge
+  # is the last checkpoint, and evaluates as the constant-rate run does.
+  constant = rows[0]
+  for r in rows:
+    if r['kind'] == 'merge' and r['window'] == '1':
+      assert (r['test_loss'], r['test_acc']) == (constant['test_loss'],
+                                                  constant['test_acc'])
+  # The checkpoints are one per epoch of the longest window, by step; the
+  # example's cosine merge of the long window is their float64 merge.
+  [run] = result['runs']
+  steps = [e * run['spe'] for e in range(epochs - max(windows), epochs + 1)]
+  directory = tmp_path / 'checkpoints' / 'seed_0'
+  with ocp.CheckpointManager(directory) as manager:
+    assert list(manager.all_steps()) == steps
+    saved = [manager.restore(s)['params'] for s in steps]
+  merged = emax.checkpoint.average(directory, steps=steps,
+                                   weights=emax.merge_weights(3, 'cosine'),
+                                   accumulator_dtype=np.float64)
+  c = emax.merge_weights(3, 'cosine')
+  for path, leaf in jax.tree_util.tree_flatten_with_path(merged)[0]:
+    want = sum(cj * np.asarray(
+        functools.reduce(lambda t, key: t[key.key], path, tree), np.float64)
+               for cj, tree in zip(c, saved))
+    assert leaf.dtype == np.float32  # the float64 merge, rounded once
+    np.testing.assert_allclose(leaf, want, rtol=2.0**-24, atol=0)
