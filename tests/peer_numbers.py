@@ -264,6 +264,71 @@ TF_ZERO_DEBIAS_09_BIASED = {
     ),
 }
 
+# --- TensorFlow 2.21.0 on subnormal inputs ------------------------------------
+
+def tiny_params_at(t, dtype=np.float32):
+  """``params_at(t)`` with lanes ``4i`` scaled into the subnormals and lanes
+  ``4i + 1`` to tiny normal values (by powers of two: exact)."""
+  x = params_at(t).astype(dtype)
+  i = np.arange(SIZE)
+  sub, small = (-126, -100) if dtype == np.float32 else (-1022, -1000)
+  x = np.where(i % 4 == 0, x * dtype(2.0 ** sub), x)
+  x = np.where(i % 4 == 1, x * dtype(2.0 ** small), x)
+  return x.astype(dtype)
+
+
+def tiny_decay0_params():
+  """The params of the decay-0 step below: ``tiny_params_at(51)`` with lanes
+  ``4i + 2`` scaled by ``2 ** -30`` (so that ``v - p`` rounds there)."""
+  p = tiny_params_at(51)
+  return np.where(np.arange(SIZE) % 4 == 2, p * np.float32(2.0 ** -30),
+                  p).astype(np.float32)
+
+
+# TF2 eager, float32 (_32) and float64 (_64): w =
+# tf.Variable(tiny_params_at(0, dtype)), ema =
+# tf.train.ExponentialMovingAverage(0.9), ema.apply([w]) once before training,
+# then per step t = 1..50: w.assign(tiny_params_at(t, dtype)), ema.apply([w]);
+# ema.average(w) after step 50 (TF flushes subnormals to zero on CPU: every
+# lane 4i is +-0). TF_TINY_DECAY0_32: from that float32 average v, one step with
+# a decay of 0 (a tf.Variable decay, assigned 0.0, a fresh
+# ExponentialMovingAverage whose shadow starts as v) toward tiny_decay0_params():
+# TF's v - (v - p). The _64 constant holds float64 bit patterns.
+TF_TINY_09_32 = (
+    0x80000000, 0x8d4fe78f, 0xbf43dfd6, 0xbf35b8bd, 0x80000000, 0x8d1ff040,
+    0xbf12d140, 0xbf07640f, 0x80000000, 0x8cdbe3b0, 0xbec72481, 0xbeaa3e55,
+    0x80000000, 0x8c74072b, 0xbe3def95, 0xbe150898, 0x80000000, 0x8b43fb55,
+    0x3ae7a091, 0x3d59a6a8, 0x00000000, 0x0c12a06f, 0x3e434c77, 0x3e740a7d,
+    0x00000000, 0x0ca854b1, 0x3ec1dc60, 0x3edc8542, 0x00000000, 0x0d0712fe,
+    0x3f117cb3, 0x3f1dd425, 0x00000000, 0x0d36dee3, 0x3f43a836, 0x3f4f804e,
+    0x00000000,
+)
+TF_TINY_09_64 = (
+    0x8000000000000000, 0x8169fcf1ecb0ba3a, 0xbfe87bfac49142d0,
+    0xbfe6b717bacdedb8, 0x8000000000000000, 0x8163fe07f8fc742d,
+    0xbfe25a27f01444a5, 0xbfe0ec81c6ac39eb, 0x8000000000000000,
+    0x815b7c761ce3857a, 0xbfd8e490096744e1, 0xbfd547ca8364e8bd,
+    0x8000000000000000, 0x814e80e56697965a, 0xbfc7bdf2b4ea1a32,
+    0xbfc2a1131ab7ac8b, 0x8000000000000000, 0x81287f6aa54d3f15,
+    0x3f5cf4124aaf70be, 0x3fab34d4f61ef08f, 0x0000000000000000,
+    0x0142540e1203ed72, 0x3fc8698ebf15b8b9, 0x3fce814f98533559,
+    0x0000000000000000, 0x01550a9647825d24, 0x3fd83b8c022ebb4d,
+    0x3fdb90a837b3145b, 0x0000000000000000, 0x0160e25fb303ec0c,
+    0x3fe22f96575e12d4, 0x3fe3ba8491bb2e89, 0x0000000000000000,
+    0x0166dbdc3fccbe68, 0x3fe87506a5432daa, 0x3fe9f009ca91a278,
+    0x0000000000000000,
+)
+TF_TINY_DECAY0_32 = (
+    0x80000000, 0x8d4b65b0, 0x00000000, 0xbf3e2350, 0x80000000, 0x8d232f90,
+    0x00000000, 0xbf05ee20, 0x80000000, 0x8cd15960, 0x00000000, 0xbebb7000,
+    0x80000000, 0x8c80ed20, 0x00000000, 0xbe160b40, 0x80000000, 0x8b041600,
+    0x00000000, 0x3da80080, 0x00000000, 0x0bffa600, 0x00000000, 0x3e74d8c0,
+    0x00000000, 0x0cb053e0, 0x00000000, 0x3eead6c0, 0x00000000, 0x0d02adc0,
+    0x00000000, 0x3f1da180, 0x00000000, 0x0d3ae2f0, 0x00000000, 0x3f55d6b0,
+    0x00000000,
+)
+
+
 # --- timm 1.0.31 ModelEmaV3, torch 2.13.0+cpu --------------------------------
 
 # timm ModelEmaV3(net, decay=0.9998) (foreach=True, its default), net holding

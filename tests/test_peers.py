@@ -119,6 +119,37 @@ def test_tf_zero_debias_is_debias_true():
       assert max_ulps(read, pn.TF_ZERO_DEBIAS_09_AVERAGE[t]) <= 2, t
 
 
+@pytest.mark.parametrize('jit', [False, True])
+def test_tf_on_subnormal_inputs(jit):
+  # TensorFlow and XLA both flush subnormal inputs and results of arithmetic
+  # to zero on CPU, so every step with a decay above 0 is bitwise with TF,
+  # float32 and float64 alike.
+  for dtype, uint, want in ((np.float32, np.uint32, pn.TF_TINY_09_32),
+                            (np.float64, np.uint64, pn.TF_TINY_09_64)):
+    with jax.enable_x64(dtype == np.float64):
+      state = emax.init({'w': jnp.asarray(pn.tiny_params_at(0, dtype))})
+      update = jax.jit(emax.update) if jit else emax.update
+      for t in range(1, 51):
+        state = update(state, {'w': jnp.asarray(pn.tiny_params_at(t, dtype))},
+                       0.9)
+      got = np.asarray(state.average['w'])
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got.view(uint), np.asarray(want, uint))
+  # A decay of exactly 0 copies the params bit for bit (docs/migrating.md),
+  # where TF computes v - (v - p): that differs from p on every subnormal p
+  # (flushed to zero) and can differ where v - p rounds, nowhere else.
+  v, p = pn.from_bits(pn.TF_TINY_09_32), pn.tiny_decay0_params()
+  update = jax.jit(emax.update) if jit else emax.update
+  copied = update(emax.init({'w': jnp.asarray(v)}), {'w': jnp.asarray(p)}, 0.0)
+  assert_bitwise(copied.average['w'], pn.bits(p))
+  tf = pn.from_bits(pn.TF_TINY_DECAY0_32)
+  differ = tf.view(np.uint32) != p.view(np.uint32)
+  subnormal = (p != 0) & (np.abs(p) < np.finfo(np.float32).tiny)
+  rounds = (v - p).astype(np.float64) != v.astype(np.float64) - p
+  assert subnormal.any() and (differ & rounds & ~subnormal).any()
+  assert np.all(differ[subnormal]) and not np.any(differ & ~subnormal & ~rounds)
+
+
 def test_keras_use_ema():
   # Keras: momentum * average + (1 - momentum) * var with a float32 momentum,
   # momentum 0 on the first step (a copy).
