@@ -28,7 +28,7 @@ by default), and writes, for each, an Orbax checkpoint of the params:
   OUT_DIR/sigma_rel_<S>/<STEP>/   a CheckpointManager directory; restore with
       ocp.CheckpointManager(os.path.abspath("OUT_DIR/sigma_rel_<S>")).restore(
           STEP, args=ocp.args.StandardRestore())
-  (<S> is the width as given, e.g. 0.1; import orbax.checkpoint as ocp)
+  (<S>: the width as Python writes it, 0.1 for 0.10; ocp: orbax.checkpoint)
 '''
 
 
@@ -97,10 +97,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--step', type=int, default=None,
                       help='the checkpoint step to reconstruct at (default:'
                       ' the latest)')
-  parser.add_argument('--tracked', nargs='+', metavar='NAME=S',
+  parser.add_argument('--tracked', nargs='+', metavar='S',
                       help='the widths of the saved averages, when the'
-                      ' checkpoints do not record them: NAME=S per named'
-                      ' average, or one S per average in order')
+                      ' checkpoints do not record them: one S per average,'
+                      ' in the order given to emax.ema (none: leave one'
+                      ' out); or NAME=S per name, to override widths that'
+                      ' emax.checkpoint.save recorded with the names')
   parser.add_argument('--path', nargs='+', metavar='KEY',
                       help='keys from the root to the average, when the'
                       ' saved state holds several')
