@@ -177,14 +177,23 @@ def _own_sum_input(x: jax.Array) -> jax.Array:
 
 
 def _fewer_arrays(arrays: list[jax.Array]) -> list[jax.Array]:
-  """The arrays to reduce: the large ones as they are, the small unsharded
-  ones of each dtype concatenated into one buffer.
+  """The arrays to reduce: on one device, the large ones as they are and the
+  small ones of each dtype concatenated into one buffer; on several, each as
+  it is.
 
   A reduction over a small array compiles on XLA CPU into its own chain of
   loop fusions, and a tree of a thousand small leaves compiled for tens of
   seconds (24 s for the 1,330 small leaves of a 2,000-leaf transformer,
   2 s once they are one buffer). Copying them costs little: they are small.
   """
+  if jax.device_count() > 1:
+    # Under jit a param's sharding is not in its type (unless mesh axes are
+    # explicit), and concatenating sharded leaves makes XLA gather them:
+    # with several devices every array is summed where it lies, so the
+    # check adds no collective but the flag's scalar all-reduce. (pack=True
+    # packs single-device leaves, decided when the state is built, and so
+    # gives the same few reductions.)
+    return [_own_sum_input(x) for x in arrays]
   small: dict[Any, list[jax.Array]] = {}
   out = []
   for x in arrays:

@@ -8,6 +8,8 @@
 """
 
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ import numpy as np
 import optax
 
 import emax
+from tests.helpers import child_env
 
 
 def _params(n=6, size=4096):
@@ -61,25 +64,56 @@ def test_the_guard_adds_one_reduction_per_array_and_no_copy():
   assert len([f for f in _fusions(_entry(off))]) >= len(params)
 
 
-def test_small_arrays_are_checked_as_one_buffer():
-  """Hundreds of small leaves: one concatenation and one reduction, not one
-  chain of reductions per leaf (which compiled for tens of seconds)."""
-  params = {f'b{i:03d}': jnp.full((64,), float(i)) for i in range(300)}
-  params['big'] = jnp.ones((LARGE,))
+_ONE_BUFFER = r"""
+import re
+import jax, jax.numpy as jnp, numpy as np
+import emax
+assert jax.device_count() == 1
+params = {f'b{i:03d}': jnp.full((64,), float(i)) for i in range(300)}
+params['big'] = jnp.ones((LARGE_SIZE,))
+state = emax.init(params)
+text = jax.jit(lambda s, p: emax.update(s, p, 0.99), donate_argnums=0).lower(
+    state, params).compile().as_text()
+entry = text.split('ENTRY', 1)[1].split('\n}', 1)[0]
+reducing = [f for f in re.findall(r'\n\s*%\S+ = [^\n]*', entry)
+            if re.search(r'= f32\[\] fusion\(', f) and 'reduce_sum' in f]
+assert len(reducing) == 2, reducing  # the big leaf, the small ones
+assert len(re.findall(r'reduce(?:-window)?\(', entry)) == 0
+# And it still sees a NaN in any small leaf, on an averaging step.
+bad = dict(params, b123=params['b123'].at[5].set(jnp.nan))
+for p in (params, bad):
+  state = jax.jit(lambda s, p: emax.update(s, p, 0.99))(state, p)
+assert int(state.skipped) == 1
+np.testing.assert_array_equal(state.average['b123'], params['b123'])
+print('ok')
+""".replace('LARGE_SIZE', str(LARGE))
+
+
+def test_small_arrays_are_checked_as_one_buffer_on_one_device():
+  """Hundreds of small leaves on one device: one concatenation and one
+  reduction, not one chain of reductions per leaf (which compiled for tens
+  of seconds on CPU). A child process with a single device."""
+  env = child_env()
+  env['XLA_FLAGS'] = ''
+  out = subprocess.run([sys.executable, '-c', _ONE_BUFFER], env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]
+
+
+def test_small_arrays_are_summed_where_they_lie_on_several_devices():
+  """With several devices a param's sharding is unknown under jit, and a
+  concatenation of sharded leaves would be gathered: each array is reduced
+  where it lies (tests/test_collectives.py counts the collectives)."""
+  assert jax.device_count() > 1
+  params = {f'b{i:03d}': jnp.full((64,), float(i)) for i in range(20)}
+  entry = _entry(_hlo(lambda s, p: emax.update(s, p, 0.99), emax.init(params),
+                      params, donate_argnums=0))
+  assert 'concatenate' not in entry
+  bad = dict(params, b007=params['b007'].at[5].set(jnp.inf))
   state = emax.init(params)
-  entry = _entry(_hlo(lambda s, p: emax.update(s, p, 0.99), state, params,
-                      donate_argnums=0))
-  reducing = [f for f in re.findall(r'\n\s*%\S+ = [^\n]*', entry)
-              if re.search(r'= f32\[\] fusion\(', f)
-              and 'reduce_sum' in f]
-  assert len(reducing) == 2, reducing  # the big leaf, the small ones
-  assert len(re.findall(r'reduce(?:-window)?\(', entry)) == 0
-  # And it still sees a NaN in any small leaf, on an averaging step.
-  bad = dict(params, b123=params['b123'].at[5].set(jnp.nan))
   for p in (params, bad):
     state = jax.jit(lambda s, p: emax.update(s, p, 0.99))(state, p)
   assert int(state.skipped) == 1
-  np.testing.assert_array_equal(state.average['b123'], params['b123'])
 
 
 def test_named_averages_read_each_param_once():
