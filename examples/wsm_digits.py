@@ -244,28 +244,25 @@ def write_plot(path: str, runs: list[dict], args, title: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc='upper right')
 
-  ax = axes[1]  # merge against real decay, every seed
-  rows = [r for run in runs for r in run['rows']]
+  ax = axes[1]  # merge and real decay against the constant rate, per seed
   labels = []
-  for i, (window, shape) in enumerate(
-      (w, s) for w in args.windows for s in SHAPES):
-    pick = lambda kind: [r['test_loss'] for r in rows if r['kind'] == kind  # noqa: E731,E501
-                         and r['window'] == window and r['shape'] == shape]
-    for merge, decay in zip(pick('merge'), pick('decay')):
+  groups = [(w, s) for w in args.windows for s in SHAPES]
+  for i, (window, shape) in enumerate(groups):
+    for run in runs:
+      base = run['rows'][0]['test_loss']  # the last constant-rate checkpoint
+      [merge, decay] = [r['test_loss'] - base for r in run['rows']
+                        if r['window'] == window and r['shape'] == shape]
       ax.plot([i - 0.15, i + 0.15], [merge, decay], color='gray', lw=0.6)
-    ax.scatter([i - 0.15] * len(pick('merge')), pick('merge'), s=28,
-               color=colors[shape], marker='o', zorder=3)
-    ax.scatter([i + 0.15] * len(pick('decay')), pick('decay'), s=28,
-               color=colors[shape], marker='^', edgecolor='black', lw=0.5,
-               zorder=3)
+      ax.scatter([i - 0.15], [merge], s=28, color=colors[shape], marker='o',
+                 zorder=3)
+      ax.scatter([i + 0.15], [decay], s=28, color=colors[shape], marker='^',
+                 edgecolor='black', lw=0.5, zorder=3)
     labels.append(f'{shape}\n{window} ep')
-  for r in rows:
-    if r['kind'] == 'constant':
-      ax.axhline(r['test_loss'], color='black', lw=0.6, ls='--', alpha=0.5)
+  ax.axhline(0.0, color='black', lw=0.8, ls='--')
   ax.set_xticks(range(len(labels)), labels, fontsize=7)
-  ax.set_ylabel('test loss')
-  ax.set_title('per seed: merge (circle) vs real decay (triangle);\n'
-               'dashed: last constant-rate checkpoint', fontsize=9)
+  ax.set_ylabel('test loss minus the last constant-rate checkpoint\'s')
+  ax.set_title(f'{len(runs)} seeds: merge (circle) vs real decay (triangle),'
+               '\nlinked by seed; below 0: better than no decay', fontsize=9)
   ax.grid(alpha=0.3, axis='y')
 
   ax = axes[2]  # the merge weights of the long window
