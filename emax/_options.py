@@ -1,10 +1,12 @@
-"""Every option of emax, checked once, in one place.
+"""The options of emax's averages: one check for each kind of value.
 
-Each ``check_*`` function takes a value as the user gave it and returns it in
-the form the rest of emax uses, or raises an error that says what was
-expected, what came, and how to fix it. The entry points (:func:`emax.init`,
-:func:`emax.update`, :func:`emax.ema`, :func:`emax.with_ema`, the Flax
-helpers) call these and nothing else to validate.
+Each check takes a value as the user gave it and returns it in the form the
+rest of emax uses, or raises an error that says what was expected, what
+came, and how to fix it. Every entry point (:func:`emax.init`,
+:func:`emax.update`, :func:`emax.ema`, :func:`emax.with_ema`, the schedules,
+BEMA, the checkpoint readers) validates its options with these. Trees
+(structure, shapes, dtypes of leaves) are checked in :mod:`emax._tree`; the
+BatchNorm policy, a flax matter, with the flax integration.
 
 A *rate* is how one average moves on one step: the ``decay`` ``d`` (the
 weight of the old average) or the ``step_size`` ``1 - d`` (the weight of the
