@@ -4,11 +4,12 @@ Three verbs on an ``orbax.checkpoint.CheckpointManager``:
 
 * :func:`save` writes a state and, by default, returns only once the
   checkpoint is on disk, so that a script may exit right after it.
-* :func:`restore` reads one back typed and sharded like a given state. A
+* :func:`restore` reads one back typed and sharded like a given state
+  (:func:`abstract_state` makes the target), named averages by name. A
   checkpoint restored without a target comes back as plain dicts and lists:
   the :class:`emax.EmaState` (a ``NamedTuple``), the optax states around it
-  and the static dtypes of the params are lost; :func:`abstract_state` makes
-  the target.
+  and the static dtypes of the params are lost; :func:`read_average` reads
+  the average from such a tree, with what :func:`save` recorded.
 * :func:`average` averages the params (or any subtree) of checkpoints that
   already exist, one checkpoint at a time: LAWA, uniform model soups, or an
   average attached after the fact to a run that never had one.
