@@ -108,6 +108,28 @@ def test_start_step_and_reset_copy_bit_for_bit():
   assert _bits(emax.ema_params(again)['w']) == _bits(p)
 
 
+@pytest.mark.parametrize('jit', [False, True])
+def test_debias_after_start_step_copies_starts_from_the_copy(jit):
+  # debias=True with start_step=2: the copies set the weight to exactly one,
+  # so the averaging steps after them start from the copy (not from zero)
+  # and reads are not divided; the NumPy reference follows the same rule.
+  rng = np.random.default_rng(5)
+  ps = [rng.normal(size=6).astype(np.float32) for _ in range(6)]
+  ref = NumpyEma([ps[0]], debias=True, start_step=2)
+  state = emax.init({'w': jnp.asarray(ps[0])}, debias=True)
+  update = functools.partial(emax.update, start_step=2)
+  update = jax.jit(update) if jit else update
+  for t, p in enumerate(ps[1:], start=1):
+    state = update(state, {'w': jnp.asarray(p)}, 0.8)
+    ref.step([p], 0.8)
+    assert float(state.weight) == float(ref.weight[None]), t
+    np.testing.assert_array_equal(state.average['w'], ref.average[None][0])
+    np.testing.assert_array_equal(emax.ema_params(state)['w'], ref.read()[0])
+    if t <= 2:  # copies: weight one, the params bit for bit, step size one
+      assert float(state.weight) == 1.0 and float(state.step_size) == 1.0
+      assert _bits(emax.ema_params(state)['w']) == _bits(p)
+
+
 # --- step sizes as users write them ------------------------------------------
 
 
@@ -148,6 +170,38 @@ def test_update_every_compensates_accurately_or_per_update():
       state, params, jnp.float32(0.9999)).step_size)
   np.testing.assert_allclose(got, 1 - np.float64(np.float32(0.9999)) ** 4,
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize('rounding', ['tensorflow', 'lerp', 'optax', 'nnx'])
+@pytest.mark.parametrize('jit', [False, True])
+def test_schedule_rates_under_update_every_match_reference(rounding, jit):
+  # A schedule's rate (traced under jit: the count is) stands for
+  # update_every=3 steps: step size 1 - d ** 3 and decay d ** 3, as the
+  # NumPy reference computes them in float64 (emax in float32, without
+  # cancellation: an ulp or so apart). Both forms of schedule: a plain
+  # callable (a decay) and an emax.Schedule (decay and step size).
+  table = np.asarray([0.5, 0.9, 0.99, 0.75, 0.999, 0.6, 0.8], np.float32)
+  def plain(n):  # emax.Schedule passes n as float32
+    return jnp.asarray(table)[jnp.asarray(n).astype(jnp.int32) % 7]
+
+  schedule = emax.Schedule(plain, lambda n: 1 - plain(n), 'table')
+  rng = np.random.default_rng(11)
+  ps = [rng.normal(size=5).astype(np.float32) for _ in range(16)]
+  for decay in (plain, schedule):
+    ref = NumpyEma([ps[0]], update_every=3, first_update=1)
+    state = emax.init({'w': jnp.asarray(ps[0])})
+    update = functools.partial(emax.update, decay=decay, update_every=3,
+                               first_update=1, rounding=rounding)
+    update = jax.jit(update) if jit else update
+    for t, p in enumerate(ps[1:]):
+      state = update(state, {'w': jnp.asarray(p)})
+      ref.step([p], table[t % 7], rounding=rounding)
+      np.testing.assert_allclose(state.average['w'], ref.average[None][0],
+                                 rtol=2e-6, atol=1e-7)
+      if t % 3 == 0:  # an averaging step: its step size is recorded
+        np.testing.assert_allclose(
+            float(state.step_size), 1 - np.float64(table[t % 7]) ** 3,
+            rtol=1e-6)
 
 
 @pytest.mark.parametrize('every, first, start', [(3, None, 0), (3, 1, 0),
