@@ -14,9 +14,6 @@ import numpy as np
 
 from emax import _options
 
-DecayShape = Union[str, Callable[[float], float]]
-"""A decay shape: a name in :data:`SHAPES`, or a callable ``x -> f(x)``."""
-
 SHAPES: dict[str, Callable[[float], float]] = {
     'linear': lambda x: 1.0 - x,
     'cosine': lambda x: 0.5 * (1.0 + math.cos(math.pi * x)),
@@ -25,7 +22,8 @@ SHAPES: dict[str, Callable[[float], float]] = {
 """The named decay shapes ``f`` on ``[0, 1]``, each with ``f(0) = 1``."""
 
 
-def merge_weights(k: int, decay: DecayShape = 'linear') -> np.ndarray:
+def merge_weights(k: int, decay: Union[str, Callable[[float], float]]
+                  = 'linear') -> np.ndarray:
   r"""The weights of a checkpoint merge that emulates a learning-rate decay.
 
   Warmup-Stable-Merge (WSM; Tian et al., 2025) trains at a constant learning
@@ -46,10 +44,11 @@ def merge_weights(k: int, decay: DecayShape = 'linear') -> np.ndarray:
   :math:`[0, 1]` with :math:`f(0) = 1`, non-increasing, so that the
   coefficients are non-negative and sum to 1.
 
-  How this discretization relates to the paper: the paper states the
-  mapping for any non-increasing :math:`1 \ge w_1 \ge \dots \ge w_k \ge 0`
-  (its merged model is :math:`\theta_n` minus the gradients weighted by
-  :math:`w_i`); emax fixes the sampling: :math:`f` at the start of each
+  How this discretization relates to the paper's: WSM's mapping from
+  :math:`w` to :math:`c` is the one above and holds for any non-increasing
+  :math:`1 \ge w_1 \ge \dots \ge w_k \ge 0` (its merged model is
+  :math:`\theta_n` minus the gradients weighted by :math:`w_i`); emax fixes
+  how :math:`w` is sampled from a shape: :math:`f` at the start of each
   interval, a staircase that holds :math:`f((i-1)/k)` through the
   :math:`i`-th interval and lies on or above the continuous decay. So the
   first interval keeps the full rate (:math:`w_1 = f(0) = 1`, hence
