@@ -111,6 +111,10 @@ assert restored.info == state.info
 assert jax.tree.structure(restored) == jax.tree.structure(state)
 for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
   assert np.array_equal(np.asarray(x), np.asarray(y)), mode
+# BEMA's static config and an int leaf travel too.
+bema = emax.bema().init({'w': np.zeros(2, np.float32), 'i': np.arange(2)})
+again = flax.serialization.from_bytes(bema, flax.serialization.to_bytes(bema))
+assert jax.tree.structure(again) == jax.tree.structure(bema), mode
 print('round trip ok', mode)
 '''
 
