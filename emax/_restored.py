@@ -258,10 +258,10 @@ class Plan:
           f'{where}: the average at {list(path)} holds {self.count}'
           f' averages but its names are {list(self.names)}.')
     # The params' dtypes, one per params leaf (the like_state route).
-    self.param_dtypes: Optional[list[np.dtype]] = (
+    self.param_dtypes: Optional[list[Any]] = (
         list(record.param_dtypes) if record is not None else
         None if self.like_state is None else
-        [np.dtype(d) for d in self.like_state.info.param_dtypes])
+        list(self.like_state.info.param_dtypes))
     stored = _stored_tree.flatten(node['average'])
     if self.like_state is None and record is not None:
       record.check_plain(stored, path, where)
