@@ -125,7 +125,7 @@ def run_seed(args, seed: int) -> dict:
   curves = {('constant', 0): {}}
   params = create(init_key)
   with ocp.CheckpointManager(directory) as manager:
-    for epoch in range(0, args.epochs + 1):
+    for epoch in range(args.epochs + 1):
       if epoch:
         params = train_epoch(params, constant, epoch_key(epoch), x_train,
                              y_train)
