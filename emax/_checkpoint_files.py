@@ -246,14 +246,16 @@ class Reader:
     """The saved tree, its leaves Orbax's array metadata (reads no array).
 
     Raises:
-      FileNotFoundError: naming the step, if its ``_METADATA`` is missing
-        or cannot be read (a truncated copy).
+      FileNotFoundError: naming the step, if its ``_METADATA`` or the
+        metadata of its arrays is missing or cannot be read (a truncated or
+        partial copy).
     """
     try:
       stored = self._handler.metadata(item_dir)
     except (ValueError, FileNotFoundError) as e:  # JSONDecodeError too
-      raise _incomplete(step, item_dir, 'its _METADATA is missing or cannot'
-                        f' be read ({type(e).__name__}: {e})') from None
+      raise _incomplete(step, item_dir, 'its _METADATA, or the metadata of'
+                        f' its arrays, is missing or cannot be read'
+                        f' ({type(e).__name__}: {e})') from None
     return getattr(stored, 'tree', stored)
 
   def read(self, item_dir: Any, stored: Any,

@@ -786,8 +786,9 @@ def test_an_incomplete_checkpoint_is_named(saved_run, tmp_path):
   for read in (lambda: posthoc.from_checkpoints(directory, 0.08),
                lambda: emax.checkpoint.average(directory, path=('params', 'a'))):
     with pytest.raises(FileNotFoundError, match=(
-        r'Checkpoint step 60 \(.*60/default\) is incomplete: its _METADATA'
-        r' is missing or cannot be read \(JSONDecodeError')):
+        r'Checkpoint step 60 \(.*60/default\) is incomplete: its _METADATA,'
+        r' or the metadata of its arrays, is missing or cannot be read'
+        r' \(JSONDecodeError')):
       read()
   # So does a truncated step metadata (where save records the widths).
   shutil.rmtree(directory)
