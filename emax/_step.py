@@ -42,7 +42,7 @@ from emax._state import EmaState
 KEEP, COPY, AVERAGE = 0, 1, 2
 """What a step does to an average: leave it, set it to the params, average."""
 
-Value = Union[np.ndarray, np.generic, jax.Array]
+Value = Union[np.ndarray, jax.Array]
 """A value of a step's plan: a NumPy constant when the host knows it before
 tracing, an array otherwise."""
 
@@ -172,7 +172,7 @@ def scheduled_mode(options: _options.StepOptions, count: jax.Array) -> Value:
   maximum every step averages.
   """
   if options.every_step:
-    return np.int32(AVERAGE)
+    return np.asarray(AVERAGE, np.int32)
   xp: Any = jnp
   if not isinstance(count, jax.core.Tracer):  # eager: decide on the host
     xp = np
@@ -204,6 +204,7 @@ def _plan(options: _options.StepOptions, rates: list[_options.Rate],
     steps, keeps = steps[0], keeps[0]
   scheduled = scheduled_mode(options, count)
   copies = (scheduled == AVERAGE) & (steps == 1)
+  mode: Value
   if _is_constant(steps) and _is_constant(scheduled):
     mode = np.where(copies, COPY, scheduled).astype(np.int32)
   else:
@@ -314,15 +315,15 @@ def _leaf(old: jax.Array, new: jax.Array, *, plan: Plan,
   # bit) and compiles as the hand-written expression does; the others select
   # on the result. Both choices are pinned by bitwise tests against the
   # peers (tests/test_peers.py).
-  on_inputs = rounding == 'nnx' and ok is not None
-  if on_inputs:
-    c, k = jnp.where(ok, c, 0.0), jnp.where(ok, k, 1.0)
-    moving = jnp.where(ok, new.astype(old.dtype), old)
+  inputs_ok = ok if rounding == 'nnx' else None
+  if inputs_ok is not None:
+    c, k = jnp.where(inputs_ok, c, 0.0), jnp.where(inputs_ok, k, 1.0)
+    moving = jnp.where(inputs_ok, new.astype(old.dtype), old)
   value = _select(
       _per_name(plan.mode, n),
       lambda: _numerics.average(start, moving, c, k, rounding, zero),
       lambda: _copied(old, new), lambda: old)
-  if on_inputs and _always(plan.mode, AVERAGE):
+  if inputs_ok is not None and _always(plan.mode, AVERAGE):
     return value  # guarded already (a copy of NaN params is refused below)
   return _guarded(ok, value, old)
 
@@ -401,7 +402,7 @@ def update(state: EmaState, params: Params,
       (``tau``, as ``optax.incremental_update`` takes it), in the same forms.
     skip_nonfinite: leave every average as it was when a new float param (or
       the rate) is NaN or Inf, and count the step in ``state.skipped``.
-    rounding: ``'tensorflow'``, ``'lerp'`` or ``'optax'``: see
+    rounding: ``'tensorflow'``, ``'lerp'``, ``'optax'`` or ``'nnx'``: see
       :func:`emax.ema`.
     update_every: see :func:`emax.ema`.
     first_update: see :func:`emax.ema`.
