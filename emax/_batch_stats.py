@@ -14,7 +14,7 @@ flax (``emax.flax`` runs the model and hands the statistics here):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,7 @@ def check_policy(policy: Any, where: str) -> str:
   return policy
 
 
-def checked(state: Any) -> Optional[EmaState]:
+def checked(state: Any) -> EmaState | None:
   """``None``, or the :class:`EmaState` of ``FIELD`` (an error if not one)."""
   return None if state is None else _state.check_state(state, FIELD)
 
@@ -66,7 +66,7 @@ def average(ema_tx: optax.GradientTransformation, batch_stats: Params,
   return optax.apply_updates(batch_stats, updates), state
 
 
-def read(state: Any, name: Optional[str], where: str) -> Params:
+def read(state: Any, name: str | None, where: str) -> Params:
   """The average ``name`` of the ``batch_stats``, to evaluate with."""
   if state is None:
     raise ValueError(
@@ -100,9 +100,9 @@ def check_recompute_args(variables: Any, batches: Any) -> None:
         ' length >= 1, e.g. an array of shape (num_batches, batch_size, ...).')
 
 
-def mean_over_batches(stats_of: Callable[[Any, Optional[dict]], Params],
+def mean_over_batches(stats_of: Callable[[Any, dict | None], Params],
                       like: Params, batches: Any,
-                      rngs: Optional[dict]) -> Params:
+                      rngs: dict | None) -> Params:
   """The mean over ``i`` of ``stats_of(batches[i], keys_i)``, in one scan.
 
   Args:

@@ -19,7 +19,7 @@ updates happen on steps ``burn_in + k * update_every``.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -161,8 +161,8 @@ def bema(*, kappa: float = 0.5, eta: float = 0.2, rho: float = 10.0,
     return BemaState(average.init(params), config)
 
   def update_fn(updates: optax.Updates, state: BemaState,
-                params: Optional[Params] = None, *,
-                finite: Optional[jax.typing.ArrayLike] = None,
+                params: Params | None = None, *,
+                finite: jax.typing.ArrayLike | None = None,
                 **extra_args: Any) -> tuple[optax.Updates, BemaState]:
     del extra_args  # other transformations' extra arguments
     if not isinstance(state, BemaState):
@@ -185,7 +185,8 @@ def bema_params(state: optax.OptState, params: Params) -> Params:
 
   Args:
     state: a :class:`emax.BemaState`, or any state holding exactly one (the
-      state of ``emax.with_ema(optimizer, average=emax.bema())``, an optax chain).
+      state of ``emax.with_ema(optimizer, average=emax.bema())``, an optax
+      chain).
     params: the current params (after the latest step).
 
   Returns:

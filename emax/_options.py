@@ -22,7 +22,7 @@ import numbers
 import sys
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +71,7 @@ _INT_HINTS: dict[str, str] = {
 }
 
 
-def check_accumulator_dtype(accumulator_dtype: Any) -> Optional[np.dtype]:
+def check_accumulator_dtype(accumulator_dtype: Any) -> np.dtype | None:
   """``None`` (the default policy) or a real floating dtype."""
   if accumulator_dtype is None:
     return None
@@ -122,7 +122,7 @@ def check_rounding(rounding: Any) -> str:
   return rounding
 
 
-def check_names(names: Any) -> Optional[tuple[str, ...]]:
+def check_names(names: Any) -> tuple[str, ...] | None:
   """``None`` for one average, or a non-empty tuple of distinct strings."""
   if names is None:
     return None
@@ -234,8 +234,8 @@ RatesLike = Union[RateLike, Mapping[str, RateLike]]
 """A rate, or a mapping ``{name: rate}`` for named averages."""
 
 
-def check_rates(decay: Optional[RatesLike], step_size: Optional[RatesLike]
-                ) -> tuple[Optional[tuple[str, ...]], tuple[Rate, ...]]:
+def check_rates(decay: RatesLike | None, step_size: RatesLike | None
+                ) -> tuple[tuple[str, ...] | None, tuple[Rate, ...]]:
   """``decay`` or ``step_size`` (one of them), each possibly a mapping.
 
   Returns:
@@ -264,8 +264,8 @@ def _named_rate(value: Any, kind: str, name: str) -> Any:
     raise type(e)(f'For the average {name!r}: {e}') from None
 
 
-def match_names(state_names: Optional[tuple[str, ...]],
-                names: Optional[tuple[str, ...]], where: str) -> None:
+def match_names(state_names: tuple[str, ...] | None,
+                names: tuple[str, ...] | None, where: str) -> None:
   """The rates' names must be the state's names, in any order."""
   if state_names == names or (
       state_names is not None and names is not None and
@@ -290,7 +290,7 @@ def match_names(state_names: Optional[tuple[str, ...]],
 class StepOptions:
   """The validated options of one kind of step (see :func:`emax.ema`)."""
 
-  names: Optional[tuple[str, ...]]
+  names: tuple[str, ...] | None
   rates: tuple[Rate, ...]
   update_every: int = 1
   first_update: int = 1
@@ -306,8 +306,8 @@ class StepOptions:
         self.start_step == 0)
 
 
-def step_options(decay: Optional[RatesLike] = None,
-                 step_size: Optional[RatesLike] = None, *,
+def step_options(decay: RatesLike | None = None,
+                 step_size: RatesLike | None = None, *,
                  update_every: Any = 1, first_update: Any = None,
                  start_step: Any = 0, per_update: Any = False,
                  skip_nonfinite: Any = True,
@@ -344,7 +344,7 @@ def positive(value: Any, name: str, *, zero: bool = False) -> float:
 
 
 def check_write_back(every: Any, name: Any,
-                     names: Optional[tuple[str, ...]]) -> Optional[int]:
+                     names: tuple[str, ...] | None) -> int | None:
   """``write_back_every`` and ``write_back_name`` against the averages' names.
 
   Returns ``write_back_every`` as an int, or ``None`` (no write-back).

@@ -9,7 +9,7 @@ read replica by replica and comes back with that axis.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional, TypeVar
+from typing import Callable, Literal, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ def _replicated(state: EmaState) -> bool:
   return jnp.ndim(state.count) == 1
 
 
-def _debiased(state: EmaState, index: Optional[int]) -> Params:
+def _debiased(state: EmaState, index: int | None) -> Params:
   """Average ``index``, debiased, shaped like the params, accumulator dtypes."""
   tree = _layout.read(_offload.to_device(state.average), index)
   weight = state.weight if index is None else state.weight[index]
@@ -52,7 +52,7 @@ def _per_replica(fn: Callable[[EmaState], T], state: EmaState) -> T:
   return fn(state)
 
 
-def read(state: StateLike, name: Optional[str], *, where: str,
+def read(state: StateLike, name: str | None, *, where: str,
          dtypes: Dtypes = 'params', name_hint: str = '') -> Params:
   """The one reader behind :func:`ema_params` and the flax readers.
 
@@ -86,7 +86,7 @@ def read(state: StateLike, name: Optional[str], *, where: str,
   return _per_replica(one, ema_state)
 
 
-def ema_params(state: StateLike, name: Optional[str] = None, *,
+def ema_params(state: StateLike, name: str | None = None, *,
                dtypes: Dtypes = 'params') -> Params:
   """The averaged params to evaluate with.
 
@@ -176,7 +176,7 @@ def _window(step: jax.Array, update_every: int) -> jax.Array:
                    jnp.inf).astype(jnp.float32)
 
 
-def _metrics(ema_state: EmaState, params: Optional[Params],
+def _metrics(ema_state: EmaState, params: Params | None,
              update_every: int) -> dict[str, jax.Array]:
   """:func:`metrics` of one (not replicated) state."""
   info = ema_state.info
@@ -231,7 +231,7 @@ def _check_params(ema_state: EmaState, params: Params, where: str) -> None:
                       info.param_dtypes)
 
 
-def metrics(state: StateLike, params: Optional[Params] = None, *,
+def metrics(state: StateLike, params: Params | None = None, *,
             update_every: int = 1) -> dict[str, jax.Array]:
   """Scalars to log every few steps: what the average(s) are doing.
 

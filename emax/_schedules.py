@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -183,8 +183,8 @@ def gamma_to_sigma_rel(gamma: float) -> float:
   return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
 
 
-def power_function_decay(gamma: Optional[float] = None, *,
-                         sigma_rel: Optional[float] = None) -> Schedule:
+def power_function_decay(gamma: float | None = None, *,
+                         sigma_rel: float | None = None) -> Schedule:
   """Karras et al.'s power-function EMA: ``(1 - 1 / (n + 1)) ** (gamma + 1)``.
 
   Its averaging window grows in proportion to the step, so the average covers
@@ -235,8 +235,8 @@ def power_function_decay(gamma: Optional[float] = None, *,
       sigma_rel=gamma_to_sigma_rel(gamma))
 
 
-def half_life_decay(half_life: float, *, batch_size: Optional[int] = None,
-                    rampup_ratio: Optional[float] = None) -> Schedule:
+def half_life_decay(half_life: float, *, batch_size: int | None = None,
+                    rampup_ratio: float | None = None) -> Schedule:
   """A decay whose weights halve every ``half_life`` steps (or samples).
 
   ``0.5 ** (1 / half_life)``: a param's weight in the average falls to half

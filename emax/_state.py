@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ from emax import _tree
 
 class _InfoFields(NamedTuple):
   dtype_names: tuple[str, ...]
-  names: Optional[tuple[str, ...]]
+  names: tuple[str, ...] | None
   debias: bool
 
 
@@ -91,7 +91,7 @@ class StateInfo(_InfoFields):
     extra += ', debias=True' if self.debias else ''
     return f'StateInfo(param_dtypes=({dtypes}){extra})'
 
-  def position(self, name: Optional[str], where: str) -> Optional[int]:
+  def position(self, name: str | None, where: str) -> int | None:
     """The position of average ``name`` (``None`` for a single average)."""
     if self.names is None:
       if name is not None:
@@ -163,9 +163,9 @@ def require_params(params: Any, where: str) -> None:
         ' transformation: tx.update(updates, opt_state, params)).')
 
 
-def init(params: Params, *, names: Optional[Sequence[str]] = None,
+def init(params: Params, *, names: Sequence[str] | None = None,
          debias: bool = False,
-         accumulator_dtype: Optional[jax.typing.DTypeLike] = None,
+         accumulator_dtype: jax.typing.DTypeLike | None = None,
          offload: bool = False, pack: bool | int = False) -> EmaState:
   """Starts an exponential moving average of ``params``.
 

@@ -12,7 +12,7 @@ Plain optax and JAX: no flax here (``emax.flax`` holds the state itself).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import optax
@@ -75,7 +75,7 @@ def _check_accumulation(abstract: Any) -> None:
 
 
 def split(tx: Any, params: Params
-          ) -> tuple[Any, Optional[optax.GradientTransformation]]:
+          ) -> tuple[Any, optax.GradientTransformation | None]:
   """``(optimizer, average)`` of ``tx = emax.with_ema(optimizer, ...)``.
 
   The two ways to give the average (``tx=emax.with_ema(opt, ...)``, or
@@ -90,7 +90,7 @@ def split(tx: Any, params: Params
   return tx, None
 
 
-def full_tx(tx: Any, ema: Optional[optax.GradientTransformation],
+def full_tx(tx: Any, ema: optax.GradientTransformation | None,
             params: Params, averages_batch_stats: bool) -> Any:
   """The optimizer the state runs: ``tx`` itself, or ``tx`` then ``ema``."""
   if not (hasattr(tx, 'init') and hasattr(tx, 'update')):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ from emax._state import EmaState
 
 
 def _write_back(updates: Params, state: EmaState, params: Params,
-                every: int, name: Optional[str]) -> Params:
+                every: int, name: str | None) -> Params:
   """``updates`` that move ``params`` onto the average on write-back steps.
 
   On steps ``every, 2 every, ...`` each float update becomes ``average -
@@ -48,16 +48,16 @@ def _write_back(updates: Params, state: EmaState, params: Params,
   return jax.tree.map(leaf, updates, params, target, is_leaf=is_none)
 
 
-def ema(decay: Optional[_options.RatesLike] = None, *,
-        step_size: Optional[_options.RatesLike] = None, debias: bool = False,
-        accumulator_dtype: Optional[jax.typing.DTypeLike] = None,
-        update_every: Optional[int] = None,
-        first_update: Optional[int] = None,
-        start_step: Optional[int] = None, per_update: bool = False,
+def ema(decay: _options.RatesLike | None = None, *,
+        step_size: _options.RatesLike | None = None, debias: bool = False,
+        accumulator_dtype: jax.typing.DTypeLike | None = None,
+        update_every: int | None = None,
+        first_update: int | None = None,
+        start_step: int | None = None, per_update: bool = False,
         skip_nonfinite: bool = True, offload: bool = False,
         pack: bool | int = False, rounding: str = 'tensorflow',
-        write_back_every: Optional[int] = None,
-        write_back_name: Optional[str] = None
+        write_back_every: int | None = None,
+        write_back_name: str | None = None
         ) -> optax.GradientTransformationExtraArgs:
   r"""Track exponential moving averages of the parameters.
 
@@ -89,11 +89,11 @@ def ema(decay: Optional[_options.RatesLike] = None, *,
     accumulator_dtype: dtype of the averages of float params; by default
       float32 for bf16 and f16 params, the param's own dtype otherwise.
     update_every: average only on every ``update_every``-th step (see
-      ``first_update``; ``None`` means 1). By default the decay stays per step: an averaging
-      step uses ``d ** update_every`` (step size ``1 - (1 - c) **
-      update_every``, computed without cancellation), so the time constant in
-      steps stays that of averaging every step. Steps in between neither read
-      the params nor write the average.
+      ``first_update``; ``None`` means 1). By default the decay stays per
+      step: an averaging step uses ``d ** update_every`` (step size ``1 - (1
+      - c) ** update_every``, computed without cancellation), so the time
+      constant in steps stays that of averaging every step. Steps in between
+      neither read the params nor write the average.
     first_update: the first averaging step (steps count from 1); averaging
       steps are then ``first_update + j * update_every``. Default (``None``
       or ``0``, the grid's start before the first step): ``update_every``.
@@ -171,7 +171,7 @@ def ema(decay: Optional[_options.RatesLike] = None, *,
                        accumulator_dtype=acc, offload=offload, pack=pack)
 
   def update_fn(updates: optax.Updates, state: EmaState,
-                params: Optional[Params] = None, *, finite: Any = None,
+                params: Params | None = None, *, finite: Any = None,
                 **extra_args: Any) -> tuple[optax.Updates, EmaState]:
     del extra_args  # other transformations' extra arguments
     state = _step.step(options, state, params, updates, where='emax.ema',
@@ -267,7 +267,7 @@ class _Update:
   average: optax.GradientTransformation
 
   def __call__(self, updates: optax.Updates, state: WithEmaState,
-               params: Optional[Params] = None, **extra_args: Any
+               params: Params | None = None, **extra_args: Any
                ) -> tuple[optax.Updates, WithEmaState]:
     _state.require_params(params, 'emax.with_ema')
     _tree.check_updates(params, updates)  # before the optimizer's own error
@@ -284,9 +284,9 @@ class _Update:
 
 
 def with_ema(optimizer: optax.GradientTransformation,
-             decay: Optional[_options.RatesLike] = None, *,
-             step_size: Optional[_options.RatesLike] = None,
-             average: Optional[optax.GradientTransformation] = None,
+             decay: _options.RatesLike | None = None, *,
+             step_size: _options.RatesLike | None = None,
+             average: optax.GradientTransformation | None = None,
              **options: Any) -> optax.GradientTransformationExtraArgs:
   """``optimizer`` followed by averages of the params it produces.
 

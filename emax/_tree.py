@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import chex
 import jax
@@ -77,7 +77,7 @@ def concat_raveled(arrays: Sequence[jax.Array]) -> jax.Array:
 
 
 def accumulator_dtype_for(param_dtype: Any,
-                          accumulator_dtype: Optional[np.dtype] = None) -> Any:
+                          accumulator_dtype: np.dtype | None = None) -> Any:
   """The dtype a leaf is accumulated in.
 
   Real floats narrower than 32 bits (bf16, f16) accumulate in float32, any

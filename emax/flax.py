@@ -21,7 +21,7 @@ weights from data, as ``torch.optim.swa_utils.update_bn`` does.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +52,6 @@ __all__ = (
 )
 
 POLICIES = _batch_stats.POLICIES
-
 
 
 class EmaTrainState(train_state.TrainState):
@@ -126,9 +125,9 @@ class EmaTrainState(train_state.TrainState):
     Array([0.25], dtype=float32)
   """
 
-  batch_stats: Optional[Params] = None
-  batch_stats_ema: Optional[EmaState] = None
-  ema_tx: Optional[optax.GradientTransformation] = struct.field(
+  batch_stats: Params | None = None
+  batch_stats_ema: EmaState | None = None
+  ema_tx: optax.GradientTransformation | None = struct.field(
       pytree_node=False, default=None)
   batch_stats_policy: str = struct.field(pytree_node=False, default='average')
 
@@ -140,8 +139,8 @@ class EmaTrainState(train_state.TrainState):
   @classmethod
   def create(cls, *, apply_fn: Callable, params: Params,
              tx: optax.GradientTransformation,
-             ema: Optional[optax.GradientTransformation] = None,
-             batch_stats: Optional[Params] = None,
+             ema: optax.GradientTransformation | None = None,
+             batch_stats: Params | None = None,
              batch_stats_policy: str = 'average',
              **kwargs: Any) -> 'EmaTrainState':
     """A new state at step 0, the averages started from ``params``.
@@ -197,7 +196,7 @@ class EmaTrainState(train_state.TrainState):
     )
 
   def apply_gradients(self, *, grads: Params,
-                      batch_stats: Optional[Params] = None,
+                      batch_stats: Params | None = None,
                       **kwargs: Any) -> 'EmaTrainState':
     """One optimizer step; the averages follow.
 
@@ -261,7 +260,7 @@ class EmaTrainState(train_state.TrainState):
         name_hint='This property takes no name: read one with'
         ' state.eval_variables(name=...)["params"].')
 
-  def eval_variables(self, name: Optional[str] = None) -> dict[str, Params]:
+  def eval_variables(self, name: str | None = None) -> dict[str, Params]:
     """The variables to evaluate with: ``{'params': average, ...}``.
 
     Args:
@@ -288,7 +287,7 @@ class EmaTrainState(train_state.TrainState):
         variables['batch_stats'] = jax.tree.map(jnp.copy, self.batch_stats)
     return variables
 
-  def write_back(self, name: Optional[str] = None) -> 'EmaTrainState':
+  def write_back(self, name: str | None = None) -> 'EmaTrainState':
     """The state with its params set to their average (Switch-EMA).
 
     The params become, bit for bit, what :attr:`ema_params` (or
@@ -349,7 +348,7 @@ def _momentum_free(next_fun: Callable, args: Any, kwargs: Any,
 
 
 def recompute_batch_stats(apply_fn: Callable, variables: dict, batches: Any,
-                          *, rngs: Optional[dict] = None,
+                          *, rngs: dict | None = None,
                           **apply_kwargs: Any) -> dict:
   """Recomputes BatchNorm statistics for (averaged) weights from data.
 
@@ -395,10 +394,10 @@ def recompute_batch_stats(apply_fn: Callable, variables: dict, batches: Any,
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _recompute(apply_fn: Callable, kwargs: Any, variables: dict,
-               batches: Any, rngs: Optional[dict]) -> dict:
+               batches: Any, rngs: dict | None) -> dict:
   kwargs = dict(kwargs)
 
-  def batch_stats_of(x: Any, keys: Optional[dict]) -> Any:
+  def batch_stats_of(x: Any, keys: dict | None) -> Any:
     with nn.intercept_methods(_momentum_free):
       _, updated = apply_fn(variables, x, mutable=['batch_stats'], rngs=keys,
                             **kwargs)

@@ -9,7 +9,7 @@ averages work with both (pass ``name``).
 
 from __future__ import annotations
 
-from typing import Optional, TypeVar
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ def _check_optimizer(optimizer: nnx.Optimizer, where: str) -> None:
 
 
 def ema_params(optimizer: nnx.Optimizer,
-               name: Optional[str] = None) -> nnx.State:
+               name: str | None = None) -> nnx.State:
   """The averaged params held by ``optimizer``, as a pure ``nnx.State``.
 
   Args:
@@ -92,7 +92,7 @@ def _check_fits(averaged: nnx.State, params: nnx.State, wrt: object) -> None:
 
 
 def ema_model(model: M, optimizer: nnx.Optimizer,
-              name: Optional[str] = None) -> M:
+              name: str | None = None) -> M:
   """A new model for evaluation: the averaged params, the rest of ``model``.
 
   The variables ``optimizer`` trains (its ``wrt`` filter, usually
