@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import os
-from typing import Any, Optional, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Sharding
+from jax.typing import DTypeLike
 from optax import Params
 
 from emax import _checkpoint_files
@@ -34,15 +35,15 @@ _Selection = tuple[Any, list[tuple[Any, ...]], list[tuple[tuple[int, ...],
                                                           np.dtype]]]
 
 
-def average(directory_or_manager: Union[str, os.PathLike, Any],
-            steps: Optional[Sequence[int]] = None,
-            weights: Optional[Sequence[float]] = None, *,
-            last: Optional[int] = None,
-            path: Union[str, Sequence[Union[str, int]],
-                        Callable[[Any], Any]] = ('params',),
-            item: Optional[str] = None,
-            sharding: Optional[Union[Sharding, Any]] = None,
-            accumulator_dtype: Optional[Any] = None) -> Params:
+def average(directory_or_manager: str | os.PathLike | Any,
+            steps: Sequence[int] | None = None,
+            weights: Sequence[float] | None = None, *,
+            last: int | None = None,
+            path: (str | Sequence[str | int]
+                   | Callable[[Any], Any]) = ('params',),
+            item: str | None = None,
+            sharding: Sharding | Any | None = None,
+            accumulator_dtype: DTypeLike | None = None) -> Params:
   r"""Averages the params (or any subtree) of saved Orbax checkpoints.
 
   .. math:: \bar\theta = \sum_i \frac{w_i}{\sum_j w_j}\, \theta_{s_i}
@@ -50,8 +51,8 @@ def average(directory_or_manager: Union[str, os.PathLike, Any],
   over the checkpoints at steps :math:`s_i`: a uniform average by default
   (uniform model soups; LAWA, Sanyal et al. 2023, with ``last=k``), or a
   weighted one. Works on any checkpoint of a pytree saved with
-  ``ocp.args.StandardSave`` (or :func:`emax.checkpoint.save`), also one that never held an
-  average: that is how a finished run gets one.
+  ``ocp.args.StandardSave`` (or :func:`emax.checkpoint.save`), also one that
+  never held an average: that is how a finished run gets one.
 
   Streams: for each checkpoint only the selected arrays are read from disk
   (Orbax's partial restore), added into the running sum and dropped before
@@ -252,7 +253,7 @@ def _check_accumulator_dtype(accumulator_dtype: Any,
   return dtype
 
 
-def _check_path(path: Any) -> Union[tuple[Any, ...], Callable[[Any], Any]]:
+def _check_path(path: Any) -> tuple[Any, ...] | Callable[[Any], Any]:
   if callable(path):
     return path
   if isinstance(path, (str, int)) and not isinstance(path, bool):
@@ -266,7 +267,7 @@ def _check_path(path: Any) -> Union[tuple[Any, ...], Callable[[Any], Any]]:
       f' that selects a subtree; got {path!r}.')
 
 
-def _select(stored: Any, path: Union[tuple[Any, ...], Callable[[Any], Any]],
+def _select(stored: Any, path: tuple[Any, ...] | Callable[[Any], Any],
             step: int) -> _Selection:
   """The selection's treedef, the key paths of its leaves and their specs."""
   if callable(path):
@@ -330,7 +331,7 @@ def _check_same(step0: int, selection0: _Selection, step: int,
 
 def _leaf_shardings(sharding: Any, treedef: Any,
                     keypaths: list[tuple[Any, ...]]
-                    ) -> list[Optional[Sharding]]:
+                    ) -> list[Sharding | None]:
   if sharding is None:
     return [None] * len(keypaths)
   if isinstance(sharding, Sharding):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import gc
 import os
 import types
-from typing import Any, Optional, Union
+from typing import Any
 
 import jax
 import numpy as np
@@ -37,7 +37,7 @@ def orbax() -> types.ModuleType:
   return ocp
 
 
-def restorable_step(manager: Any, step: Optional[int]) -> int:
+def restorable_step(manager: Any, step: int | None) -> int:
   """``step``, or the latest, once the manager holds it (waits for saves)."""
   manager.wait_until_finished()
   steps = list(manager.all_steps())
@@ -59,7 +59,7 @@ def restorable_step(manager: Any, step: Optional[int]) -> int:
 
 
 def _directory_of(directory_or_manager: Any,
-                  where: str) -> Union[str, os.PathLike]:
+                  where: str) -> str | os.PathLike:
   """The directory of a manager, or the path given, made absolute."""
   if isinstance(directory_or_manager, (str, os.PathLike)):
     directory = os.fspath(directory_or_manager)
@@ -118,7 +118,7 @@ def _incomplete(step: int, step_dir: Any, what: str) -> FileNotFoundError:
       ' it out (steps=, or target_step= before it).')
 
 
-def item_directory(step_dir: Any, item: Optional[str], step: int) -> Any:
+def item_directory(step_dir: Any, item: str | None, step: int) -> Any:
   """The directory of the saved pytree inside one step's checkpoint."""
   if item is not None:
     if not (step_dir / item).is_dir():
@@ -139,7 +139,7 @@ def item_directory(step_dir: Any, item: Optional[str], step: int) -> Any:
       ' pass item= one of them.')
 
 
-def custom_metadata(step_dir: Any, step: int) -> Optional[dict[str, Any]]:
+def custom_metadata(step_dir: Any, step: int) -> dict[str, Any] | None:
   """The ``custom_metadata`` saved with one step, or None.
 
   None also where the step has no step metadata: a checkpoint written by an
@@ -159,7 +159,7 @@ def custom_metadata(step_dir: Any, step: int) -> Optional[dict[str, Any]]:
 
 
 def manager_custom_metadata(manager: Any,
-                            step: int) -> Optional[dict[str, Any]]:
+                            step: int) -> dict[str, Any] | None:
   """The ``custom_metadata`` a manager saved with ``step``, or None."""
   try:
     return manager.metadata(step).custom_metadata
@@ -177,7 +177,7 @@ def _subdirectories(directory: Any) -> list[str]:
 
 def _partial_target(ocp: types.ModuleType, stored: Any,
                     keypaths: Sequence[tuple[Any, ...]],
-                    shardings: Sequence[Optional[Sharding]]
+                    shardings: Sequence[Sharding | None]
                     ) -> tuple[Any, Any]:
   """The stored tree cut down to ``keypaths``, for Orbax's partial restore.
 
@@ -260,7 +260,7 @@ class Reader:
 
   def read(self, item_dir: Any, stored: Any,
            keypaths: Sequence[tuple[Any, ...]],
-           shardings: Optional[Sequence[Optional[Sharding]]] = None
+           shardings: Sequence[Sharding | None] | None = None
            ) -> list[Any]:
     """The arrays at ``keypaths`` of ``stored``, read alone.
 

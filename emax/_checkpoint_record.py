@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import numbers
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -46,14 +46,14 @@ def save(manager: Any, step: int, state: Params, *,
   module docstring for what Orbax guarantees.
 
   What a checkpoint cannot hold, it records. The static parts of every
-  :class:`emax.EmaState` in ``state`` (where it sits in the tree, the names
-  of its averages, the params' dtypes, ``debias``, its layout) and the
-  ``sigma_rels`` given here go into the step's custom metadata, under the
-  key ``'emax'`` (JSON, a few hundred bytes, next to any
-  ``custom_metadata`` you pass). :func:`emax.checkpoint.read_average` and
+  :class:`emax.EmaState` in ``state`` (where it sits in the tree, the names of
+  its averages, the params' dtypes, ``debias``, its layout) and the
+  ``sigma_rels`` given here go into the step's custom metadata, under the key
+  ``'emax'`` (JSON, a few hundred bytes, next to any ``custom_metadata`` you
+  pass). :func:`emax.checkpoint.read_average` and
   :func:`emax.posthoc.from_checkpoints` read it; Orbax's own restores, and
-  :func:`emax.checkpoint.restore` and :func:`emax.checkpoint.average`, ignore it. A state without an
-  average saves exactly as before.
+  :func:`emax.checkpoint.restore` and :func:`emax.checkpoint.average`, ignore
+  it. A state without an average saves exactly as before.
 
   Args:
     manager: an ``orbax.checkpoint.CheckpointManager``.
@@ -196,8 +196,8 @@ def _is_sequence(sigma_rels: Any) -> bool:
       isinstance(sigma_rels, np.ndarray) and sigma_rels.ndim > 0)
 
 
-def widths(sigma_rels: Any, names: Optional[Sequence[str]], count: int,
-           what: str, arg: str = 'sigma_rels') -> list[Optional[float]]:
+def widths(sigma_rels: Any, names: Sequence[str] | None, count: int,
+           what: str, arg: str = 'sigma_rels') -> list[float | None]:
   """One width (None: not a snapshot) per average of one state.
 
   The one reading of ``sigma_rels`` as a user gives it: ``{name: sigma_rel
@@ -249,7 +249,7 @@ def widths(sigma_rels: Any, names: Optional[Sequence[str]], count: int,
   return result
 
 
-def _record(state: Any, sigma_rels: Any) -> Optional[dict[str, Any]]:
+def _record(state: Any, sigma_rels: Any) -> dict[str, Any] | None:
   """What :func:`save` records about the averages in ``state`` (or None)."""
   states = states_at(state)
   if sigma_rels is not None and not states:
@@ -281,7 +281,7 @@ def _record(state: Any, sigma_rels: Any) -> Optional[dict[str, Any]]:
 
 
 def _widths_by_state(states: list[tuple[tuple[Any, ...], EmaState]],
-                     sigma_rels: Any) -> list[Optional[list[Any]]]:
+                     sigma_rels: Any) -> list[list[Any] | None]:
   """The widths to record for each state (None: none), via :func:`widths`.
 
   A mapping may name the averages of several states; a number (or a
@@ -312,13 +312,13 @@ def _widths_by_state(states: list[tuple[tuple[Any, ...], EmaState]],
         f' {len(unnamed) or "no"} unnamed averages; the named ones are'
         f' {[list(n) for n in names if n is not None]}. Give a mapping'
         ' {name: sigma_rel}, e.g. the mapping given to emax.ema.')
-  out: list[Optional[list[Any]]] = [None] * len(states)
+  out: list[list[Any] | None] = [None] * len(states)
   out[unnamed[0]] = widths(sigma_rels, None, 1,
                            f'the average at {list(states[unnamed[0]][0])}')
   return out
 
 
-def recorded(metadata: Any) -> Optional[list[dict[str, Any]]]:
+def recorded(metadata: Any) -> list[dict[str, Any]] | None:
   """The list of recorded averages in ``metadata``, or None."""
   if metadata is None:
     return None
@@ -338,7 +338,7 @@ def recorded(metadata: Any) -> Optional[list[dict[str, Any]]]:
   return record['averages']
 
 
-def in_recorded_order(recorded_averages: Optional[list[dict[str, Any]]],
+def in_recorded_order(recorded_averages: list[dict[str, Any]] | None,
                       like: Any, where: str) -> Any:
   """``like`` with each average's names in the order the save recorded.
 
@@ -352,7 +352,7 @@ def in_recorded_order(recorded_averages: Optional[list[dict[str, Any]]],
     ValueError: if ``like`` holds other names than the record (the message
       shows both).
   """
-  def show(names: Optional[tuple[str, ...]]) -> str:
+  def show(names: tuple[str, ...] | None) -> str:
     return 'one unnamed average' if names is None else f'{list(names)}'
 
   order: dict[tuple[Any, ...], tuple[str, ...]] = {}
@@ -386,8 +386,8 @@ def in_recorded_order(recorded_averages: Optional[list[dict[str, Any]]],
                                           is_leaf=_is_ema_state)
 
 
-def entry_at(recorded_averages: Optional[list[dict[str, Any]]],
-             path: tuple[Any, ...]) -> Optional[dict[str, Any]]:
+def entry_at(recorded_averages: list[dict[str, Any]] | None,
+             path: tuple[Any, ...]) -> dict[str, Any] | None:
   """The recorded entry of the average at ``path``, or None."""
   for entry in recorded_averages or ():
     if same_path(entry.get('path'), path):

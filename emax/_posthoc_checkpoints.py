@@ -14,7 +14,7 @@ debiased (:mod:`emax._restored`) and added into one float64 sum per target
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Optional, Union
+from typing import Any
 
 import jax
 import numpy as np
@@ -40,16 +40,16 @@ def from_checkpoints(directory: Any, target_sigma_rel: Any, *,
 
   Each checkpoint step up to ``target_step`` gives one snapshot per
   power-function average in it: its step is the :attr:`emax.EmaState.count`
-  saved with it (not the checkpoint's step number), its width the
-  ``sigma_rel`` that :func:`emax.checkpoint.save` recorded (or that
-  ``sigma_rels`` gives). The weights come from :func:`emax.posthoc.coefficients`, for each
-  target; then the checkpoints are read one at a time, each by a partial
-  restore of its average alone (the params and the optimizer state are not
-  read), and every snapshot is added, debiased as
-  ``emax.ema_params(..., dtypes='accumulator')`` reads it, into a float64 sum per target, as
-  :func:`emax.posthoc.reconstruct` does. Host memory holds one float64 sum per target (8
-  bytes per param) plus one checkpoint's averages, whatever the number of
-  checkpoints; several targets cost one read of the checkpoints.
+  saved with it (not the checkpoint's step number), its width the ``sigma_rel``
+  that :func:`emax.checkpoint.save` recorded (or that ``sigma_rels`` gives). The
+  weights come from :func:`emax.posthoc.coefficients`, for each target; then the
+  checkpoints are read one at a time, each by a partial restore of its average
+  alone (the params and the optimizer state are not read), and every snapshot is
+  added, debiased as ``emax.ema_params(..., dtypes='accumulator')`` reads it,
+  into a float64 sum per target, as :func:`emax.posthoc.reconstruct` does. Host
+  memory holds one float64 sum per target (8 bytes per param) plus one
+  checkpoint's averages, whatever the number of checkpoints; several targets
+  cost one read of the checkpoints.
 
   Checkpoints whose average has seen no step (``count`` 0, e.g. saved
   before training) hold no snapshot and are skipped.
@@ -86,8 +86,9 @@ def from_checkpoints(directory: Any, target_sigma_rel: Any, *,
   Raises:
     FileNotFoundError: if the directory holds no finished checkpoint or none
       at ``target_step`` (the message lists the steps).
-    ValueError: for anything :func:`emax.posthoc.coefficients` rejects; if no average or
-      no width is found (the message says what to save or pass), two
+    ValueError: for anything :func:`emax.posthoc.coefficients` rejects; if
+      no average or no width is found (the message says what to save or
+      pass), two
       checkpoints hold the same ``count``, or the checkpoints differ in what
       they hold.
 
@@ -128,10 +129,10 @@ def from_checkpoints(directory: Any, target_sigma_rel: Any, *,
 
 
 def reconstruct_checkpoints(
-    directory: Any, target_sigma_rel: Any, *, target_step: Optional[int],
-    sigma_rels: Any, path: Optional[Sequence[Union[str, int]]], like: Any,
-    item: Optional[str],
-    progress: Optional[Callable[[list[int]], Iterable[int]]],
+    directory: Any, target_sigma_rel: Any, *, target_step: int | None,
+    sigma_rels: Any, path: Sequence[str | int] | None, like: Any,
+    item: str | None,
+    progress: Callable[[list[int]], Iterable[int]] | None,
     sigma_rels_arg: str = 'sigma_rels=') -> Any:
   """:func:`from_checkpoints`, saying ``sigma_rels_arg`` in messages.
 
@@ -226,8 +227,8 @@ class _Checkpoint:
   """What one checkpoint holds: where its average is and how to read it."""
 
   def __init__(self, reader: _checkpoint_files.Reader, step: int,
-               step_dir: Any, *, item: Optional[str],
-               path: Optional[Sequence[Union[str, int]]], like: Any,
+               step_dir: Any, *, item: str | None,
+               path: Sequence[str | int] | None, like: Any,
                sigma_rels: Any, sigma_rels_arg: str) -> None:
     self.step = step
     self.item_dir = _checkpoint_files.item_directory(step_dir, item, step)
@@ -258,9 +259,9 @@ class _Checkpoint:
             f' {b} against {a}. Reconstruct from the checkpoints of one run.')
 
 
-def _snapshot_widths(plan: _restored.Plan, entry: Optional[dict[str, Any]],
+def _snapshot_widths(plan: _restored.Plan, entry: dict[str, Any] | None,
                      sigma_rels: Any, where: str,
-                     arg: str) -> list[Optional[float]]:
+                     arg: str) -> list[float | None]:
   """The width of each average of one checkpoint (None: not a snapshot)."""
   what = (f'the {plan.count} average{"s" if plan.count > 1 else ""} at'
           f' {list(plan.path)}')

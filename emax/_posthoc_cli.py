@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable, Iterable, Sequence
 import os
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from emax import _checkpoint_files
 from emax import _checkpoint_record
@@ -42,7 +42,7 @@ def _number(value: str, flag: str) -> float:
         ' the order given to emax.ema).') from None
 
 
-def _parse_tracked(values: Optional[list[str]]) -> Any:
+def _parse_tracked(values: list[str] | None) -> Any:
   """``--tracked``: ``NAME=S ...`` (a mapping) or ``S ...`` (in order)."""
   if not values:
     return None
@@ -74,7 +74,7 @@ def _print_progress(steps: list[int]) -> Iterable[int]:
 
 
 def _progress_bar(
-    quiet: bool) -> Optional[Callable[[list[int]], Iterable[int]]]:
+    quiet: bool) -> Callable[[list[int]], Iterable[int]] | None:
   if quiet:
     return None
   try:
@@ -84,7 +84,7 @@ def _progress_bar(
   return lambda steps: tqdm(steps, desc='checkpoints', unit='ckpt')
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   """``python -m emax.posthoc``: see ``python -m emax.posthoc --help``."""
   parser = argparse.ArgumentParser(
       prog='python -m emax.posthoc', description=_CLI,

@@ -10,7 +10,7 @@ before the next one is loaded.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import optax
@@ -18,7 +18,7 @@ import optax
 from emax import _posthoc_solve
 from emax._streaming_sum import TreeSum
 
-Snapshot = tuple[Any, Any, Union[optax.Params, Callable[[], optax.Params]]]
+Snapshot = tuple[Any, Any, optax.Params | Callable[[], optax.Params]]
 
 
 def reconstruct(snapshots: Iterable[Snapshot], target_sigma_rel: float,
@@ -26,13 +26,12 @@ def reconstruct(snapshots: Iterable[Snapshot], target_sigma_rel: float,
   """Rebuilds the average of another width from snapshots of averages.
 
   Reads ``snapshots`` once into a list, computes the weights with
-  :func:`emax.posthoc.coefficients`, then adds the snapshots one at a time: each tree is
-  loaded (if a loader is given), its float leaves are added, weighted, into
-  float64 accumulators on the host (complex128 for complex leaves), and it is
-  dropped before the next one is loaded. With loaders, at most one loaded
-  snapshot is alive besides the running sum, whatever the number of
-  snapshots. Snapshots taken after ``target_step`` have weight 0 and are
-  never loaded.
+  :func:`emax.posthoc.coefficients`, then adds the snapshots one at a time: each
+  tree is loaded (if a loader is given), its float leaves are added, weighted,
+  into float64 accumulators on the host (complex128 for complex leaves), and it
+  is dropped before the next one is loaded. With loaders, at most one loaded
+  snapshot is alive besides the running sum, whatever the number of snapshots.
+  Snapshots taken after ``target_step`` have weight 0 and are never loaded.
 
   Float leaves come back rounded once from float64 to the snapshots' own
   dtypes (bf16 snapshots give a bf16 result). Non-float leaves (counters and
@@ -58,9 +57,10 @@ def reconstruct(snapshots: Iterable[Snapshot], target_sigma_rel: float,
     The reconstructed tree, structured like the snapshots.
 
   Raises:
-    ValueError: for anything :func:`emax.posthoc.coefficients` rejects; if ``snapshots``
-      is not an iterable of 3-tuples; if a loader returns ``None``; or if the
-      snapshots' trees differ in structure, shapes or dtypes.
+    ValueError: for anything :func:`emax.posthoc.coefficients` rejects; if
+      ``snapshots`` is not an iterable of 3-tuples; if a loader returns
+      ``None``; or if the snapshots' trees differ in structure, shapes or
+      dtypes.
 
   Examples:
     Snapshots given by loaders, from a generator; a width that was tracked

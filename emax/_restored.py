@@ -13,7 +13,7 @@ reads an average the way :func:`emax.ema_params` would: debiased as
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional, Union, cast
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +35,9 @@ _TARGET_HINT = (
 _Found = tuple[tuple[Any, ...], Any]  # (path in the tree, state dict)
 
 
-def read_average(restored: Any, *, name: Optional[Union[str, int]] = None,
+def read_average(restored: Any, *, name: str | int | None = None,
                  like: Any = None,
-                 path: Optional[Sequence[Union[str, int]]] = None,
+                 path: Sequence[str | int] | None = None,
                  metadata: Any = None) -> Params:
   """The average in a checkpoint restored without a target, to evaluate with.
 
@@ -173,7 +173,7 @@ def _describe_top(tree: Any) -> str:
   return f'it was {_stored_tree.describe(tree)}'
 
 
-def pick(found: list[_Found], path: Optional[Sequence[Union[str, int]]],
+def pick(found: list[_Found], path: Sequence[str | int] | None,
          tree: Any, where: str) -> _Found:
   """The one found state at ``path`` (or the only one)."""
   if not found:
@@ -228,7 +228,7 @@ class Plan:
   """
 
   def __init__(self, node: dict[str, Any], path: tuple[Any, ...], *,
-               like: Any, recorded: Optional[list[dict[str, Any]]],
+               like: Any, recorded: list[dict[str, Any]] | None,
                where: str) -> None:
     self.path = path
     self.treedef: Any = None
@@ -258,14 +258,14 @@ class Plan:
           f'{where}: the average at {list(path)} holds {self.count}'
           f' averages but its names are {list(self.names)}.')
     # The params' dtypes, one per params leaf (the like_state route).
-    self.param_dtypes: Optional[list[Any]] = (
+    self.param_dtypes: list[Any] | None = (
         list(record.param_dtypes) if record is not None else
         None if self.like_state is None else
         list(self.like_state.info.param_dtypes))
     stored = _stored_tree.flatten(node['average'])
     if self.like_state is None and record is not None:
       record.check_plain(stored, path, where)
-    self.dtypes: list[Optional[np.dtype]] = [None] * len(stored)
+    self.dtypes: list[np.dtype | None] = [None] * len(stored)
     if record is not None:
       self.dtypes = record.dtypes(stored)
     if params_like is not None:
@@ -280,8 +280,8 @@ class Plan:
                        for x in leaves]
       self.treedef = treedef
 
-  def index(self, name: Optional[Union[str, int]],
-            where: str) -> Optional[int]:
+  def index(self, name: str | int | None,
+            where: str) -> int | None:
     """The stored position of average ``name`` (None: a single one)."""
     if not self.stacked:
       if name is not None and name != 0:
@@ -317,7 +317,7 @@ class Plan:
           f' {list(self.names)}.')
     return self.names.index(name)
 
-  def like_name(self, index: Optional[int]) -> Optional[str]:
+  def like_name(self, index: int | None) -> str | None:
     """The name under which ``like_state`` holds stored position ``index``.
 
     The stored leaves are poured into ``like_state`` by position, so stored
@@ -339,8 +339,8 @@ class _Record:
   """What a save recorded about one average: names, dtypes, layout."""
 
   def __init__(self, info: StateInfo,
-               param_paths: Optional[Sequence[Sequence[Any]]],
-               layout: Optional[str]) -> None:
+               param_paths: Sequence[Sequence[Any]] | None,
+               layout: str | None) -> None:
     self.names = info.names
     self.param_dtypes = list(info.param_dtypes)
     self.param_paths = param_paths
@@ -348,7 +348,7 @@ class _Record:
 
   @classmethod
   def of(cls, node: dict[str, Any], path: tuple[Any, ...],
-         recorded: Optional[list[dict[str, Any]]]) -> Optional[_Record]:
+         recorded: list[dict[str, Any]] | None) -> _Record | None:
     """The record of the average at ``path``: the save's, or flax's info."""
     entry = _checkpoint_record.entry_at(recorded, path)
     if entry is not None:
@@ -379,7 +379,7 @@ class _Record:
         ' checkpoint.' + _TARGET_HINT)
 
   def dtypes(self, stored: list[tuple[tuple[Any, ...], Any]]
-             ) -> list[Optional[np.dtype]]:
+             ) -> list[np.dtype | None]:
     """The params' dtype of each stored leaf (None where not recorded)."""
     if self.param_paths is not None:
       by_path = {tuple(map(str, p)): d
@@ -390,14 +390,14 @@ class _Record:
     return [None] * len(stored)
 
 
-def _same_names(recorded: Optional[tuple[str, ...]],
-                like: Optional[tuple[str, ...]], path: tuple[Any, ...],
+def _same_names(recorded: tuple[str, ...] | None,
+                like: tuple[str, ...] | None, path: tuple[Any, ...],
                 where: str) -> None:
   """``like`` must hold the recorded averages (in any order)."""
   if recorded == like or (recorded is not None and like is not None
                           and sorted(recorded) == sorted(like)):
     return
-  def show(names: Optional[tuple[str, ...]]) -> str:
+  def show(names: tuple[str, ...] | None) -> str:
     return 'a single unnamed average' if names is None else str(list(names))
   raise ValueError(
       f'{where}: the average at {list(path)} was saved holding'
@@ -406,7 +406,7 @@ def _same_names(recorded: Optional[tuple[str, ...]],
 
 
 def _like_parts(like: Any, path: tuple[Any, ...], where: str
-                ) -> tuple[Optional[EmaState], Any]:
+                ) -> tuple[EmaState | None, Any]:
   """``(abstract EmaState or None, params-like tree or None)`` of ``like``."""
   if like is None:
     return None, None
@@ -465,7 +465,7 @@ def _debias(x: Any, weight: Any) -> Any:
   return x / np.asarray(w, x.dtype)
 
 
-def debiased(node: dict[str, Any], plan: Plan, index: Optional[int],
+def debiased(node: dict[str, Any], plan: Plan, index: int | None,
              where: str) -> tuple[list[Any], Any]:
   """One average of ``node``, debiased, in its accumulator dtypes.
 
@@ -488,7 +488,7 @@ def debiased(node: dict[str, Any], plan: Plan, index: Optional[int],
   return out, None
 
 
-def _cast(x: Any, dtype: Optional[np.dtype]) -> Any:
+def _cast(x: Any, dtype: np.dtype | None) -> Any:
   if dtype is None or not _is_inexact(x):
     return x
   return x.astype(dtype)

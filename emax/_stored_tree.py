@@ -12,12 +12,12 @@ keys (``str`` for dict keys, ``int`` for list positions), and ``1`` and
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any
 
 import jax
 
 
-def stored_key(key: Any) -> Union[str, int]:
+def stored_key(key: Any) -> str | int:
   """A ``jax.tree_util`` path entry as Orbax names it in a stored tree."""
   tu = jax.tree_util
   if isinstance(key, tu.DictKey):
@@ -33,14 +33,14 @@ def stored_key(key: Any) -> Union[str, int]:
   return str(key)
 
 
-def same_path(a: Optional[Sequence[Any]], b: Optional[Sequence[Any]]) -> bool:
+def same_path(a: Sequence[Any] | None, b: Sequence[Any] | None) -> bool:
   """Whether two stored paths name the same place (``1`` and ``'1'`` alike)."""
   return (a is not None and b is not None and len(a) == len(b)
           and all(str(x) == str(y) for x, y in zip(a, b)))
 
 
 def first_at(pairs: Sequence[tuple[Sequence[Any], Any]],
-             path: Sequence[Any]) -> Optional[tuple[Any, Any]]:
+             path: Sequence[Any]) -> tuple[Any, Any] | None:
   """The first ``(p, x)`` of ``pairs`` whose ``p`` is ``path``, or None."""
   for pair in pairs:
     if same_path(pair[0], path):
@@ -48,7 +48,7 @@ def first_at(pairs: Sequence[tuple[Sequence[Any], Any]],
   return None
 
 
-def children(node: Any) -> Optional[list[tuple[Any, Any]]]:
+def children(node: Any) -> list[tuple[Any, Any]] | None:
   """(key, child) pairs of a stored tree's dict or list; None for a leaf."""
   if isinstance(node, dict):
     return list(node.items())

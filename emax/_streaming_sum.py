@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -78,9 +78,9 @@ class TreeSum:
     self.treedef: Any = None
     # (path, shape, dtype, sharding or None) per leaf
     self.specs: list[tuple[Any, tuple[int, ...], np.dtype,
-                           Optional[Sharding]]] = []
-    self.totals: list[Optional[np.ndarray]] = []
-    self.latest: list[Optional[np.ndarray]] = []  # non-float leaves
+                           Sharding | None]] = []
+    self.totals: list[np.ndarray | None] = []
+    self.latest: list[np.ndarray | None] = []  # non-float leaves
 
   def add(self, tree: Any, weight: float, latest: bool, where: str) -> None:
     """Adds ``weight * tree``; keeps non-float leaves if ``latest``."""
@@ -114,7 +114,7 @@ class TreeSum:
               else np.float64)
       self.totals[j] = add(self.totals[j], a, weight, wide)
 
-  def result(self, dtypes: Optional[Sequence[Any]] = None) -> Any:
+  def result(self, dtypes: Sequence[Any] | None = None) -> Any:
     """The sum, each float leaf rounded once to its snapshots' dtype.
 
     ``dtypes``: one per leaf, the dtype to round to instead (None: keep).

@@ -37,7 +37,7 @@ importing this module costs nothing.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -112,7 +112,7 @@ def abstract_state(state: Params) -> Params:
   return jax.tree.map(leaf, state)
 
 
-def restore(manager: Any, like: Params, step: Optional[int] = None) -> Params:
+def restore(manager: Any, like: Params, step: int | None = None) -> Params:
   """Restores a checkpoint typed and sharded like ``like``.
 
   Waits first for the manager's own saves still in flight, so it never reads
