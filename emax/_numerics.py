@@ -100,36 +100,28 @@ def coefficients(rate: Rate, count: jax.Array, rounding: str,
   return step, keep
 
 
-def runtime_zero(count: jax.Array) -> jax.Array:
-  """``+0.0`` as float32, computed from the step count at run time.
-
-  A zero the compiler cannot see as a constant: see :func:`average`.
-  """
-  return jnp.copysign(jnp.zeros([], F32), jnp.asarray(count).astype(F32))
-
-
 def average(old: jax.Array, new: jax.Array, step: jax.typing.ArrayLike,
-            keep: jax.typing.ArrayLike, rounding: str,
-            zero: jax.typing.ArrayLike = 0.0) -> jax.Array:
+            keep: jax.typing.ArrayLike, rounding: str) -> jax.Array:
   """One averaging step of ``old`` toward ``new``, in ``old``'s dtype.
 
   ``step`` and ``keep`` are float32 (scalars, or arrays that broadcast
   against ``old``); they are cast to ``old``'s dtype, as TensorFlow casts
   ``1 - decay`` to the variable's dtype.
 
-  For ``'tensorflow'``, ``zero`` must be a ``+0.0`` the compiler cannot
-  constant-fold (:func:`runtime_zero`). XLA's CPU and GPU backends contract
-  ``old - c * d`` into one fused multiply-add, which rounds once where
-  TensorFlow rounds twice; ``old - (c * d - zero)`` cannot be contracted that
-  way (at most ``c * d - zero`` becomes ``fma(c, d, -0)``, which rounds exactly
-  as ``c * d`` does), so both roundings stay, at the cost of one vector
-  subtraction.
+  For ``'tensorflow'``: XLA's CPU and GPU backends contract ``old - c * d``
+  into one fused multiply-add, which rounds once where TensorFlow rounds
+  twice. The product goes through a select on ``isnan(d)``, an identity
+  (``c * d`` is NaN whenever ``d`` is) that the contraction cannot see
+  through, whatever surrounds it; it costs no memory traffic. (A zero
+  computed from the step count, subtracted from the product, was seen
+  through by LLVM's range analysis under a traced copy/keep select.)
   """
   dtype = old.dtype
   new = new.astype(dtype)
   c = jnp.asarray(step).astype(dtype)
   if rounding == 'tensorflow':
-    return old - (c * (old - new) - jnp.asarray(zero).astype(dtype))
+    diff = old - new
+    return old - jnp.where(jnp.isnan(diff), diff, c * diff)
   if rounding == 'lerp':
     return old + c * (new - old)
   k = jnp.asarray(keep).astype(dtype)

@@ -77,13 +77,10 @@ def step(options: _options.StepOptions, state: Any, params: Params,
   stored, values = _arrive(state, params, updates, where)
   plan = _plan(options, rates, state.count, named=state.info.names is not None)
   ok = _guard(options, plan, values, finite)
-  zero = (_numerics.runtime_zero(state.count)
-          if options.rounding == 'tensorflow' else 0.0)
   fresh = state.weight == 0 if state.info.debias else None
   leaf = functools.partial(_leaf, plan=plan, ok=ok, fresh=fresh,
-                           rounding=options.rounding, zero=zero)
-  return _finish(state, _layout.map_leaves(leaf, stored, values), plan, ok,
-                 zero)
+                           rounding=options.rounding)
+  return _finish(state, _layout.map_leaves(leaf, stored, values), plan, ok)
 
 
 # --- 1. The preamble ---------------------------------------------------------
@@ -286,8 +283,8 @@ def _copied(old: jax.Array, new: jax.Array) -> jax.Array:
 
 
 def _leaf(old: jax.Array, new: jax.Array, *, plan: Plan,
-          ok: Optional[jax.Array], fresh: Optional[jax.Array], rounding: str,
-          zero: jax.typing.ArrayLike) -> jax.Array:
+          ok: Optional[jax.Array], fresh: Optional[jax.Array],
+          rounding: str) -> jax.Array:
   """The new value of one stored float array ``old`` (new params ``new``).
 
   Args:
@@ -299,8 +296,6 @@ def _leaf(old: jax.Array, new: jax.Array, *, plan: Plan,
       (its first averaging step starts from zero, not from the stored copy
       of the params); else ``None``.
     rounding: the arithmetic of an averaging step.
-    zero: a run-time ``+0.0`` for ``'tensorflow'`` (see
-      :func:`emax._numerics.average`).
   """
   n = old.ndim
   start = old
@@ -321,7 +316,7 @@ def _leaf(old: jax.Array, new: jax.Array, *, plan: Plan,
     moving = jnp.where(inputs_ok, new.astype(old.dtype), old)
   value = _select(
       _per_name(plan.mode, n),
-      lambda: _numerics.average(start, moving, c, k, rounding, zero),
+      lambda: _numerics.average(start, moving, c, k, rounding),
       lambda: _copied(old, new), lambda: old)
   if inputs_ok is not None and _always(plan.mode, AVERAGE):
     return value  # guarded already (a copy of NaN params is refused below)
@@ -329,14 +324,14 @@ def _leaf(old: jax.Array, new: jax.Array, *, plan: Plan,
 
 
 def _finish(state: EmaState, average: Params, plan: Plan,
-            ok: Optional[jax.Array], zero: jax.typing.ArrayLike) -> EmaState:
+            ok: Optional[jax.Array]) -> EmaState:
   """The new state: ``average`` put back where the old one was, the weight
   and step size of each average moved as it was, the counts."""
   weight = state.weight
   one = jnp.ones([], jnp.float32)
   new_weight = _guarded(ok, _select(
       plan.mode, lambda: _numerics.average(weight, one, plan.steps,
-                                           plan.keeps, 'tensorflow', zero),
+                                           plan.keeps, 'tensorflow'),
       lambda: jnp.broadcast_to(one, weight.shape), lambda: weight), weight)
   step_size = _guarded(ok, _select(
       plan.mode, lambda: jnp.broadcast_to(jnp.asarray(plan.steps, jnp.float32),

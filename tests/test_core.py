@@ -64,6 +64,36 @@ def test_bitwise_equal_to_tensorflow_formula(jit):
   assert np.asarray(state.average['w']).tobytes() == shadow.tobytes()
 
 
+@pytest.mark.parametrize('skip_nonfinite', [False, True])
+@pytest.mark.parametrize('decay', ['float', 'array', 'schedule'])
+def test_tensorflow_rounding_under_jit_with_copy_and_keep_steps(
+    decay, skip_nonfinite):
+  # When the step's mode (copy, average or keep) is traced, TensorFlow's two
+  # roundings must survive the select around them: start_step=1 is TF2's
+  # shadows created by the first apply; update_every=3 averages every third
+  # step. Each averaging step is tf.train.ExponentialMovingAverage's, bitwise
+  # (a fused multiply-add was seen in 1,700 of 4,096 elements).
+  rng = np.random.default_rng(1)
+  params = [rng.normal(size=4096).astype(np.float32) for _ in range(8)]
+  rate = {'float': 0.8, 'array': jnp.asarray(0.8, F32),
+          'schedule': lambda n: jnp.full(jnp.shape(n), 0.8, F32)}[decay]
+  for options in (dict(start_step=1), dict(update_every=3, per_update=True)):
+    update = jax.jit(lambda s, p, o=options: emax.update(  # noqa: B023
+        s, p, rate, skip_nonfinite=skip_nonfinite, **o))
+    state = emax.init({'w': jnp.asarray(params[0])})
+    shadow = params[0]
+    for t, p in enumerate(params[1:], start=1):
+      state = update(state, {'w': jnp.asarray(p)})
+      if t <= options.get('start_step', 0):
+        shadow = p
+      elif (t - options.get('update_every', 1)) % options.get(
+          'update_every', 1) == 0:
+        shadow = tf_shadow_update(shadow, p, 0.8)
+      got = np.asarray(state.average['w'])
+      assert got.tobytes() == shadow.tobytes(), (options, t, int(np.sum(
+          got != shadow)))
+
+
 # --- init -----------------------------------------------------------------
 
 
