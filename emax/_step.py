@@ -138,18 +138,13 @@ def _arrive(state: EmaState, params: Params, updates: Optional[Params],
 
 
 class Plan(NamedTuple):
-  """What one step does to each average.
-
-  Each field is a :data:`Value`: a NumPy constant when the host knows it (a
-  Python float rate, an eager step count), else an array. With named
-  averages ``mode``, ``steps`` and ``keeps`` hold one value per name, in the
-  state's order; otherwise they are scalars.
+  """What one step does to each average (each field a :data:`Value`; with
+  named averages, ``mode``, ``steps`` and ``keeps`` hold one per name).
 
   Attributes:
-    scheduled: :data:`KEEP`, :data:`COPY` or :data:`AVERAGE` by the step
-      count alone (a scalar, shared by every average).
-    mode: what each average does: ``scheduled``, except that averaging with
-      a step size of exactly one is a copy (a select, never arithmetic).
+    scheduled: KEEP, COPY or AVERAGE by the step count alone (a scalar).
+    mode: ``scheduled``, except that averaging with a step size of exactly
+      one is a copy (a select, never arithmetic).
     steps: the step size ``c``, the weight of the new params (float32).
     keeps: the decay ``1 - c`` (float32).
   """
@@ -235,7 +230,8 @@ def _guard(options: _options.StepOptions, plan: Plan, values: Params,
   Nothing is checked without the guard (``skip_nonfinite=False``) or on a
   step the host knows keeps (it reads no params). Otherwise a bool scalar,
   the same on every shard: whether the new params are free of NaN and Inf
-  (``finite``, when the caller vouches for it) and so are the rates.
+  (``finite``, when the caller vouches for it) and, on a step that averages,
+  so are the rates.
   """
   if not options.skip_nonfinite:
     return None
@@ -285,17 +281,10 @@ def _copied(old: jax.Array, new: jax.Array) -> jax.Array:
 def _leaf(old: jax.Array, new: jax.Array, *, plan: Plan,
           ok: Optional[jax.Array], fresh: Optional[jax.Array],
           rounding: str) -> jax.Array:
-  """The new value of one stored float array ``old`` (new params ``new``).
-
-  Args:
-    old: a stored array (names first, for named averages).
-    new: the new params it averages, in their own dtype.
-    plan: the step's plan.
-    ok: the guard's flag, or ``None``.
-    fresh: with ``debias=True``, whether each average still has weight zero
-      (its first averaging step starts from zero, not from the stored copy
-      of the params); else ``None``.
-    rounding: the arithmetic of an averaging step.
+  """The new value of one stored float array ``old`` (names first, for
+  named averages) from its new params ``new``. ``fresh``: with
+  ``debias=True``, whether each average still has weight zero (its first
+  averaging step starts from zero, not from the stored copy of the params).
   """
   n = old.ndim
   start = old
