@@ -53,12 +53,15 @@ def _per_replica(fn: Callable[[EmaState], T], state: EmaState) -> T:
 
 
 def read(state: StateLike, name: str | None, *, where: str,
-         dtypes: Dtypes = 'params', name_hint: str = '') -> Params:
+         dtypes: Dtypes = 'params', name_hint: str = '',
+         params: Params | None = None, fill: bool = False) -> Params:
   """The one reader behind :func:`ema_params` and the flax readers.
 
   ``where`` is the caller's public name, for error messages; the name is
   looked up by ``StateInfo.position``, whoever reads. ``name_hint``
   ends the message of a missing or unknown name (how this caller takes one).
+  With ``fill``, the leaves outside a mask are taken from ``params``
+  (required then); without, they stay ``optax.MaskedNode``.
   """
   if not isinstance(dtypes, str) or dtypes not in _DTYPES:
     raise ValueError(
@@ -83,11 +86,13 @@ def read(state: StateLike, name: str | None, *, where: str,
         _tree.copy_leaf(x, dtype)
         for x, dtype in zip(leaves, s.info.param_dtypes)])
 
-  return _per_replica(one, ema_state)
+  out = _per_replica(one, ema_state)
+  return _tree.fill_masked(out, params, where) if fill else out
 
 
 def ema_params(state: StateLike, name: str | None = None, *,
-               dtypes: Dtypes = 'params') -> Params:
+               dtypes: Dtypes = 'params',
+               params: Params | None = None) -> Params:
   """The averaged params to evaluate with.
 
   Debiased (for ``debias=True``): the stored average divided by the weight
@@ -111,6 +116,9 @@ def ema_params(state: StateLike, name: str | None = None, *,
       ``'accumulator'`` for the same debiased values in the dtypes the
       average is accumulated in (float32 for bf16 params by default), when
       you want the full precision.
+    params: the live params, for an average of part of them (``mask=``):
+      the leaves outside the mask are copies of these. Required then;
+      ignored otherwise.
 
   Returns:
     A tree shaped like the params.
@@ -118,8 +126,8 @@ def ema_params(state: StateLike, name: str | None = None, *,
   Raises:
     ValueError: if ``state`` holds no :class:`emax.EmaState` or several,
       ``name`` is missing (several named averages) or unknown (the message
-      lists the names), or ``dtypes`` is neither ``'params'`` nor
-      ``'accumulator'``.
+      lists the names), ``dtypes`` is neither ``'params'`` nor
+      ``'accumulator'``, or the state is masked and ``params`` is missing.
 
   Examples:
     >>> import jax.numpy as jnp, emax
@@ -130,7 +138,8 @@ def ema_params(state: StateLike, name: str | None = None, *,
     >>> emax.ema_params(state, dtypes='accumulator')
     {'w': Array([1., 1.], dtype=float32)}
   """
-  return read(state, name, where='emax.ema_params', dtypes=dtypes)
+  return read(state, name, where='emax.ema_params', dtypes=dtypes,
+              params=params, fill=True)
 
 
 def get_ema_state(state: StateLike) -> EmaState:
@@ -204,14 +213,17 @@ def _metrics(ema_state: EmaState, params: Params | None,
   return out
 
 
-def _check_params(ema_state: EmaState, params: Params, where: str) -> None:
+def _check_params(ema_state: EmaState, params: Params, where: str) -> Params:
   """``params`` must fit the state, as :func:`emax.update` checks them.
 
   A replicated state (a leading ``pmap`` axis) takes params replicated the
-  same way.
+  same way. Returns ``params`` without the leaves outside a mask.
   """
   info = ema_state.info
   stored = _offload.to_device(ema_state.average)
+  count = None if info.names is None else len(info.names)
+  params = _tree.masked_like(_layout.param_shapes(stored, count), params)
+  checked = params
   if _replicated(ema_state):
     replicas = jnp.shape(ema_state.count)[0]
     for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -226,9 +238,9 @@ def _check_params(ema_state: EmaState, params: Params, where: str) -> None:
         jnp.shape(x)[1:], jnp.result_type(x)), stored)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
         jnp.shape(x)[1:], jnp.result_type(x)), params)
-  count = None if info.names is None else len(info.names)
   _tree.check_matches(_layout.param_shapes(stored, count), params,
                       info.param_dtypes)
+  return checked
 
 
 def metrics(state: StateLike, params: Params | None = None, *,
@@ -293,8 +305,7 @@ def metrics(state: StateLike, params: Params | None = None, *,
   ema_state = _state.find(state, where)
   if params is None:
     return _per_replica(lambda s: _metrics(s, None, update_every), ema_state)
-  params = _tree.as_arrays(params)
-  _check_params(ema_state, params, where)
+  params = _check_params(ema_state, _tree.as_arrays(params), where)
   if _replicated(ema_state):
     return jax.vmap(lambda s, p: _metrics(s, p, update_every))(
         ema_state, params)

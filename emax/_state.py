@@ -166,7 +166,8 @@ def require_params(params: Any, where: str) -> None:
 def init(params: Params, *, names: Sequence[str] | None = None,
          debias: bool = False,
          accumulator_dtype: jax.typing.DTypeLike | None = None,
-         offload: bool = False, pack: bool | int = False) -> EmaState:
+         offload: bool = False, pack: bool | int = False,
+         mask: _tree.MaskLike | None = None) -> EmaState:
   """Starts an exponential moving average of ``params``.
 
   Args:
@@ -186,13 +187,23 @@ def init(params: Params, *, names: Sequence[str] | None = None,
       otherwise.
     offload: keep the averages in host memory (``memory_kind='pinned_host'``,
       same sharding otherwise), so they cost no accelerator memory between
-      steps; each update brings them to the device and back.
+      steps; each update brings them to the device and back. They are
+      stored as raw bits, which carry no gradient: differentiating through
+      :func:`emax.update` or :func:`emax.ema_params` with respect to the
+      params raises a ``TypeError`` (use ``offload=False`` where a gradient
+      must flow through the average).
     pack: store the averages of small float leaves (at most ``2**15``
       elements, or at most ``pack`` elements for an int) that sit on a single
       device in a few contiguous buffers, so that a step over many small
       leaves is a few kernels instead of one per leaf. Sharded and replicated
       leaves are never packed. ``state.average`` is then not indexable; read
       it with :func:`emax.ema_params`.
+    mask: average only part of the params (the trainable ones, adapters),
+      with optax's convention: a tree of bools like the params (or a prefix
+      of them; ``True`` averages the leaf), or a callable ``params -> that
+      tree``. Leaves outside the mask store nothing (``optax.MaskedNode`` in
+      the average); readers fill them from the live params
+      (``emax.ema_params(state, params=params)``).
 
   Returns:
     An :class:`EmaState`. Its arrays are fresh buffers: they never alias
@@ -205,7 +216,8 @@ def init(params: Params, *, names: Sequence[str] | None = None,
       positive int, or ``offload=True`` on devices without pinned host
       memory (``pack`` and ``offload`` combine).
     TypeError: if ``debias`` or ``offload`` is not a bool, ``names`` is not a
-      sequence of strings, or ``accumulator_dtype`` is not a dtype.
+      sequence of strings, ``accumulator_dtype`` is not a dtype, or ``mask``
+      holds a leaf that is not a bool.
 
   Examples:
     >>> import jax.numpy as jnp, emax
@@ -222,6 +234,8 @@ def init(params: Params, *, names: Sequence[str] | None = None,
   acc = _options.check_accumulator_dtype(accumulator_dtype)
   max_pack, offload = _options.check_layout(pack, offload)
   params = _tree.as_arrays(params)
+  if mask is not None:
+    params = _tree.apply_mask(mask, params)
   if offload:
     _offload.check_supported(params)
   count = None if names is None else len(names)
@@ -240,6 +254,14 @@ def init(params: Params, *, names: Sequence[str] | None = None,
       info=StateInfo(tuple(p.dtype for p in jax.tree.leaves(params)), names,
                      debias),
   )
+
+
+def is_masked(state: EmaState) -> bool:
+  """Whether ``state`` averages part of the params only (``mask=``)."""
+  average = state.average
+  if isinstance(average, _offload.OffloadedTree):
+    average = average.treedef.unflatten(average.leaves)
+  return _tree.has_masked(_layout.param_shapes(average, None))
 
 
 RESTORE_HINT = (

@@ -127,8 +127,11 @@ def _arrive(state: EmaState, params: Params, updates: Optional[Params],
   info = state.info
   stored = _offload.to_device(state.average)
   count = None if info.names is None else len(info.names)
-  _tree.check_matches(_layout.param_shapes(stored, count), params,
-                      info.param_dtypes)
+  shapes = _layout.param_shapes(stored, count)
+  # A masked state (mask=) takes the leaves inside its mask only.
+  params = _tree.masked_like(shapes, params)
+  updates = _tree.masked_like(shapes, updates)
+  _tree.check_matches(shapes, params, info.param_dtypes)
   if updates is not None:
     _tree.check_updates(params, updates)
   return stored, _layout.gather(stored, params, updates)

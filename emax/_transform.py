@@ -33,19 +33,19 @@ def _write_back(updates: Params, state: EmaState, params: Params,
   other (Sterbenz), else within one ulp.
   """
   on = (state.count % every == 0) & (state.count > 0)
-  target = _read.ema_params(state, name)
-  is_none = lambda x: x is None  # noqa: E731
+  target = _read.read(state, name, where='emax.ema')  # masked leaves: none
 
-  def leaf(u: Any, p: Any, t: Any) -> Any:
-    if u is None or not _tree.is_float(p) or (
-        jnp.result_type(u) == jax.dtypes.float0):
-      return u
+  def leaf(t: Any, u: Any, p: Any) -> Any:
+    if t is None or _tree.is_masked(t) or u is None or not _tree.is_float(
+        p) or jnp.result_type(u) == jax.dtypes.float0:
+      return u  # (outside a mask, the optimizer's update as it is)
     p = jnp.asarray(p)
     dtype = _tree.promote(jnp.result_type(u), p.dtype)
     moved = t.astype(dtype) - p.astype(dtype)
     return jnp.where(on, moved.astype(jnp.result_type(u)), u)
 
-  return jax.tree.map(leaf, updates, params, target, is_leaf=is_none)
+  return jax.tree.map(leaf, target, updates, params,
+                      is_leaf=lambda x: x is None or _tree.is_masked(x))
 
 
 def ema(decay: _options.RatesLike | None = None, *,
@@ -57,7 +57,8 @@ def ema(decay: _options.RatesLike | None = None, *,
         skip_nonfinite: bool = True, offload: bool = False,
         pack: bool | int = False, rounding: str = 'tensorflow',
         write_back_every: int | None = None,
-        write_back_name: str | None = None
+        write_back_name: str | None = None,
+        mask: _tree.MaskLike | None = None
         ) -> optax.GradientTransformationExtraArgs:
   r"""Track exponential moving averages of the parameters.
 
@@ -109,7 +110,9 @@ def ema(decay: _options.RatesLike | None = None, *,
     offload: keep the average in host memory (``memory_kind='pinned_host'``,
       the params' sharding otherwise) so it costs no accelerator memory
       between steps; each step moves it to the device and back.
-      :func:`emax.ema_params` returns the average on the device.
+      :func:`emax.ema_params` returns the average on the device. Stored as
+      raw bits, it carries no gradient: differentiating through it raises a
+      ``TypeError`` (use ``offload=False`` where a gradient must flow).
     pack: store the averages of small single-device float leaves (at most
       ``2**15`` elements, or ``pack`` elements for an int) in a few
       contiguous buffers: a step over many small leaves becomes a few kernels
@@ -128,6 +131,11 @@ def ema(decay: _options.RatesLike | None = None, *,
       Adam's moments) is left as it is.
     write_back_name: with named averages, the name of the one to write
       back (required then, with ``write_back_every``).
+    mask: average only part of the params (the trainable ones, adapters):
+      a tree of bools like the params (or a prefix), or a callable ``params
+      -> that tree``, as ``optax.masked`` takes it. Leaves outside it store
+      nothing; read with ``emax.ema_params(state, params=params)``, which
+      fills them from the live params. Updates pass through unchanged.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -168,7 +176,8 @@ def ema(decay: _options.RatesLike | None = None, *,
 
   def init_fn(params: Params) -> EmaState:
     return _state.init(params, names=options.names, debias=debias,
-                       accumulator_dtype=acc, offload=offload, pack=pack)
+                       accumulator_dtype=acc, offload=offload, pack=pack,
+                       mask=mask)
 
   def update_fn(updates: optax.Updates, state: EmaState,
                 params: Params | None = None, *, finite: Any = None,

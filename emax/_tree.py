@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
+import optax
 from optax import Params
 
 
@@ -292,3 +293,86 @@ def copy_leaf(x: Any, dtype: Any = None) -> jax.Array:
   if dtype is not None and dtype != x.dtype:
     return x.astype(dtype)
   return jnp.copy(x)
+
+
+# --- masks: averages of part of the params ---------------------------------
+
+
+def is_masked(x: Any) -> bool:
+  """Whether ``x`` marks a leaf left out by a mask (optax's ``MaskedNode``)."""
+  return isinstance(x, optax.MaskedNode)
+
+
+def has_masked(tree: Any) -> bool:
+  return any(is_masked(x) for x in jax.tree.leaves(tree, is_leaf=is_masked))
+
+
+MaskLike = Any
+"""A pytree of bools like the params (or a prefix of them), or a callable
+``params -> that tree``: optax's convention for ``optax.masked``."""
+
+
+def apply_mask(mask: MaskLike, params: Params) -> Params:
+  """``params`` with every leaf outside ``mask`` replaced by ``MaskedNode``.
+
+  ``MaskedNode`` is an empty pytree node: a masked-out leaf stores nothing
+  in the average, and the structure still says where it was.
+  """
+  tree = mask(params) if callable(mask) else mask
+  masks = jax.tree.leaves(tree)
+  bad = [m for m in masks if not isinstance(m, (bool, np.bool_))]
+  if bad:
+    raise TypeError(
+        f'mask must hold True or False at each leaf, got {bad[0]!r}'
+        f' ({type(bad[0]).__name__}). Pass a tree of bools like the params'
+        ' (True: average this leaf), or a callable params -> that tree.')
+  try:
+    out = jax.tree.map(
+        lambda m, p: p if m else optax.MaskedNode(), tree, params)
+  except ValueError as e:
+    raise ValueError(
+        'mask must be a tree of bools shaped like the params (or a prefix'
+        f' of them), got one that does not fit: {e}') from None
+  if not any(bool(m) for m in masks):
+    raise ValueError(
+        'mask leaves every param out, so there is nothing to average.'
+        ' True marks a leaf to average.')
+  return out
+
+
+def masked_like(template: Params, tree: Params | None) -> Params | None:
+  """``tree`` with ``MaskedNode`` wherever ``template`` (a masked params
+  tree) has one; ``tree`` itself when there is no mask or it does not fit
+  (the structure check then says how)."""
+  if tree is None or not has_masked(template):
+    return tree
+  try:
+    return jax.tree.map(lambda t, x: t if is_masked(t) else x, template,
+                        tree, is_leaf=is_masked)
+  except ValueError:
+    return tree
+
+
+def fill_masked(tree: Params, params: Params | None, where: str) -> Params:
+  """``tree`` with the leaves outside the mask taken from ``params``.
+
+  Raises:
+    ValueError: naming ``params=`` when ``tree`` has masked-out leaves and
+      ``params`` is ``None``, or ``params`` does not fit.
+  """
+  if not has_masked(tree):
+    return tree
+  if params is None:
+    raise ValueError(
+        f'{where}: this average holds only the params inside its mask'
+        ' (mask=), so it stores nothing for the others. Pass the live params'
+        f' to fill them: {where}(state, params=params).')
+  params = as_arrays(params)
+  try:
+    return jax.tree.map(
+        lambda a, p: jax.tree.map(copy_leaf, p) if is_masked(a) else a,
+        tree, params, is_leaf=is_masked)
+  except ValueError as e:
+    raise ValueError(
+        f'{where}: params do not fit the average ({e}). Pass the live params,'
+        ' the whole tree the mask was applied to.') from None

@@ -180,6 +180,13 @@ class EmaTrainState(train_state.TrainState):
     if ema is not None:
       _train_state_tx.check_ema(ema, params)
     averages_bs = batch_stats is not None and batch_stats_policy == 'average'
+    if averages_bs and ema is not None and _state.is_masked(
+        jax.eval_shape(ema.init, params)):
+      raise ValueError(
+          'EmaTrainState.create: the average has a mask (mask=), which'
+          ' selects params, so it cannot average the batch_stats too. Pass'
+          ' batch_stats_policy=\'copy\' to evaluate with the live'
+          ' statistics.')
     full_tx = _train_state_tx.full_tx(tx, ema, params, averages_bs)
     bs_ema = ema.init(batch_stats) if averages_bs and ema is not None else None
     return cls(
@@ -258,7 +265,8 @@ class EmaTrainState(train_state.TrainState):
     return _read.read(
         self.opt_state, None, where='EmaTrainState.ema_params',
         name_hint='This property takes no name: read one with'
-        ' state.eval_variables(name=...)["params"].')
+        ' state.eval_variables(name=...)["params"].',
+        params=self.params, fill=True)
 
   def eval_variables(self, name: str | None = None) -> dict[str, Params]:
     """The variables to evaluate with: ``{'params': average, ...}``.
@@ -278,7 +286,8 @@ class EmaTrainState(train_state.TrainState):
     """
     where = 'EmaTrainState.eval_variables'
     _batch_stats.check_policy(self.batch_stats_policy, where)
-    variables = {'params': _read.read(self.opt_state, name, where=where)}
+    variables = {'params': _read.read(self.opt_state, name, where=where,
+                                      params=self.params, fill=True)}
     if self.batch_stats is not None:
       if self.batch_stats_policy == 'average':
         variables['batch_stats'] = _batch_stats.read(self.batch_stats_ema,
@@ -314,7 +323,8 @@ class EmaTrainState(train_state.TrainState):
     batch_stats = self.batch_stats
     if batch_stats is not None and self.batch_stats_policy == 'average':
       batch_stats = _batch_stats.read(self.batch_stats_ema, name, where)
-    return self.replace(params=_read.ema_params(ema_state, name),
+    return self.replace(params=_read.ema_params(ema_state, name,
+                                                params=self.params),
                         batch_stats=batch_stats)
 
   def reset_ema(self) -> 'EmaTrainState':

@@ -40,14 +40,17 @@ def _check_optimizer(optimizer: nnx.Optimizer, where: str) -> None:
         f' got {type(optimizer).__name__} instead.')
 
 
-def ema_params(optimizer: nnx.Optimizer,
-               name: str | None = None) -> nnx.State:
+def ema_params(optimizer: nnx.Optimizer, name: str | None = None, *,
+               params: nnx.State | None = None) -> nnx.State:
   """The averaged params held by ``optimizer``, as a pure ``nnx.State``.
 
   Args:
     optimizer: an ``nnx.Optimizer`` whose ``tx`` holds an average
       (``emax.with_ema(tx, decay)``, or ``emax.ema`` last in a chain).
     name: which named average (required when there are several).
+    params: for an average of part of the params (``mask=``), the live
+      ``nnx.state(model, optimizer.wrt)``, which fills the leaves outside the
+      mask (:func:`ema_model` does this by itself).
 
   Returns:
     An ``nnx.State`` of fresh arrays shaped like
@@ -71,7 +74,9 @@ def ema_params(optimizer: nnx.Optimizer,
   """
   where = 'emax.nnx.ema_params'
   _check_optimizer(optimizer, where)
-  return _read.read(nnx.as_pure(optimizer.opt_state), name, where=where)
+  return _read.read(nnx.as_pure(optimizer.opt_state), name, where=where,
+                    params=None if params is None else nnx.as_pure(params),
+                    fill=True)
 
 
 def _check_fits(averaged: nnx.State, params: nnx.State, wrt: object) -> None:
@@ -132,9 +137,10 @@ def ema_model(model: M, optimizer: nnx.Optimizer,
   """
   where = 'emax.nnx.ema_model'
   _check_optimizer(optimizer, where)
-  averaged = _read.read(nnx.as_pure(optimizer.opt_state), name, where=where)
   graphdef, params, rest = nnx.split(  # type: ignore[misc]
       model, optimizer.wrt, ...)
+  averaged = _read.read(nnx.as_pure(optimizer.opt_state), name, where=where,
+                        params=nnx.as_pure(params), fill=True)
   _check_fits(averaged, nnx.as_pure(params), optimizer.wrt)
   rest = jax.tree.map(jnp.copy, nnx.as_pure(rest))
   return nnx.merge(graphdef, averaged, rest)

@@ -504,7 +504,9 @@ def _train_and_save(directory, *, steps=120, every=20, decays=DECAYS,
         for name in (record or ()):
           if t:
             snapshots.append((count, record[name].sigma_rel, jax.tree.map(
-                np.asarray, emax.ema_params(opt_state, name, dtypes='accumulator'))))
+                np.asarray, emax.ema_params(opt_state, name,
+                                            dtypes='accumulator',
+                                            params=params))))
   return tx, params, opt_state, snapshots
 
 
@@ -876,3 +878,19 @@ def test_cli_errors_name_the_flag(tmp_path, capsys):
   code, _, err = _cli(capsys, tmp_path / 'plain', '--sigma-rel', 0.08,
                       '--out', tmp_path / 'out', '--tracked', 0.05, 0.10)
   assert code == 0, err
+
+
+def test_from_checkpoints_of_a_masked_run(tmp_path):
+  """An average of part of the params (mask=): the post-hoc average covers
+  the leaves inside the mask, as reconstruct of the same snapshots does;
+  the leaves outside it come back as None (nothing was averaged there)."""
+  def mask(params):  # (a callable: the cached optimizer hashes its options)
+    return {'a': True, 'b': [True], 'n': False}
+
+  _, _, _, snapshots = _train_and_save(tmp_path, steps=60, every=20,
+                                       options=(('mask', mask),))
+  got = posthoc.from_checkpoints(tmp_path, 0.08)
+  want = posthoc.reconstruct(snapshots, 0.08)
+  _assert_same({k: got[k] for k in ('a', 'b')},
+               {k: want[k] for k in ('a', 'b')})
+  assert got['n'] is None
