@@ -77,7 +77,10 @@ def step(options: _options.StepOptions, state: Any, params: Params,
   stored, values = _arrive(state, params, updates, where)
   plan = _plan(options, rates, state.count, named=state.info.names is not None)
   ok = _guard(options, plan, values, finite)
-  fresh = state.weight == 0 if state.info.debias else None
+  # An average with no weight yet starts from zero on its first step that
+  # moves it (step size > 0); until then it keeps the copy it reads as.
+  fresh = ((state.weight == 0) & (jnp.asarray(plan.steps) > 0)
+           if state.info.debias else None)
   leaf = functools.partial(_leaf, plan=plan, ok=ok, fresh=fresh,
                            rounding=options.rounding)
   return _finish(state, _layout.map_leaves(leaf, stored, values), plan, ok)

@@ -100,7 +100,9 @@ class NumpyEma:
         elif m == 'copy':
           new.append(p.astype(a.dtype))
         elif m == 'average':
-          start = np.zeros_like(a) if self.weight[n] == 0 else a
+          # A zero-weight average starts from zero on the first step that
+          # moves it (c > 0); a step of size 0 leaves it as it reads.
+          start = np.zeros_like(a) if self.weight[n] == 0 and c > 0 else a
           cc = np.asarray(c).astype(a.dtype)
           pp = p.astype(a.dtype)
           if rounding == 'tensorflow':

@@ -329,9 +329,14 @@ def test_ema_params_found_in_optax_containers():
     state = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
     _, state = tx.update(grads, state, params)
-    out = emax.ema_params(state)
+    out = emax.ema_params(state, params=params)
     assert isinstance(emax.get_ema_state(state), emax.EmaState)
     assert 'w' in out
+  # optax.masked averages part of the params, as mask= does: reading it
+  # needs the live params for the rest.
+  masked = txs[3].update(grads, txs[3].init(params), params)[1]
+  with pytest.raises(ValueError, match='params='):
+    emax.ema_params(masked)
 
 
 def test_optax_tree_get_finds_the_average():
