@@ -22,7 +22,7 @@ from optax import Params
 from emax import _checkpoint_files
 from emax import _layout
 from emax import _offload
-from emax import _posthoc_solve
+from emax import _options
 from emax._state import EmaState
 from emax._stored_tree import same_path
 from emax._stored_tree import stored_key
@@ -184,7 +184,7 @@ def width_of(value: Any, where: str) -> float:
       value, (numbers.Real, np.ndarray, jax.Array)):
     raise TypeError(f'{where} must be a number or a power_function_decay'
                     f' schedule, got {value!r}.')
-  return _posthoc_solve.width(value, where)
+  return _options.check_sigma_rel(value, where)
 
 
 def _is_mapping(sigma_rels: Any) -> bool:

@@ -343,6 +343,37 @@ def positive(value: Any, name: str, *, zero: bool = False) -> float:
   return float(value)
 
 
+def finite_scalar(value: Any, name: str) -> float:
+  """``value`` as a finite float: one real number (or a 0-d array)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (numbers.Real, np.ndarray, jax.Array)):
+    raise ValueError(f'{name} must be a real number, got {value!r}.')
+  array = np.asarray(value)
+  if array.ndim != 0 or array.dtype.kind not in 'iuf':
+    raise ValueError(
+        f'{name} must be a real scalar, got {value!r}. Pass one number.')
+  result = float(array)
+  if not math.isfinite(result):
+    raise ValueError(f'{name} must be finite, got {result}.')
+  return result
+
+
+SIGMA_REL_MAX = 1 / math.sqrt(12)  # gamma -> 0; gamma -> inf gives 0
+"""The widths of power-function averages lie in ``(0, SIGMA_REL_MAX)``."""
+
+
+def check_sigma_rel(value: Any, name: str = 'sigma_rel') -> float:
+  """``value`` as a ``sigma_rel``: a real number in ``(0, SIGMA_REL_MAX)``."""
+  result = finite_scalar(value, name)
+  if not 0 < result < SIGMA_REL_MAX:
+    raise ValueError(
+        f'{name} must be in (0, {SIGMA_REL_MAX:.4f}) (a power-function'
+        ' profile of exponent gamma > 0 has sigma_rel below 1/sqrt(12)), got'
+        f' {result}. Typical values are 0.05 to 0.15; EDM2 trains with 0.05'
+        ' and 0.10.')
+  return result
+
+
 def check_write_back(every: Any, name: Any,
                      names: tuple[str, ...] | None) -> int | None:
   """``write_back_every`` and ``write_back_name`` against the averages' names.

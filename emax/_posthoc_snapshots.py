@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import optax
 
+from emax import _options
 from emax import _posthoc_solve
 from emax._streaming_sum import TreeSum
 
@@ -126,7 +127,7 @@ def _entries(snapshots: Any) -> list[Snapshot]:
 def _column(entries: list[Snapshot], k: int, name: str) -> np.ndarray:
   """Item ``k`` of every snapshot, as float64."""
   return np.array(
-      [_posthoc_solve.scalar(entry[k], f'the {name} of snapshot {j}')
+      [_options.finite_scalar(entry[k], f'the {name} of snapshot {j}')
        for j, entry in enumerate(entries)], np.float64).reshape(len(entries))
 
 

@@ -9,22 +9,12 @@ NumPy on the host, and scales the weights to sum to one.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
-import jax
 import numpy as np
 
+from emax import _options
 from emax._schedules import sigma_rel_to_gamma
-
-SIGMA_REL_MAX = 1 / math.sqrt(12)  # gamma -> 0; gamma -> inf gives 0
-"""The widths of power-function averages lie in ``(0, SIGMA_REL_MAX)``."""
-
-_SIGMA_REL_RANGE = (
-    f'in (0, {SIGMA_REL_MAX:.4f}) (a power-function profile of exponent'
-    ' gamma > 0 has sigma_rel below 1/sqrt(12))')
-
 
 def vector(values: Any, name: str) -> np.ndarray:
   """``values`` as a 1-D float64 array of finite numbers."""
@@ -48,35 +38,6 @@ def vector(values: Any, name: str) -> np.ndarray:
     raise ValueError(f'{name}[{bad[0]}] is {array[bad[0]]}; every entry must'
                      ' be a finite number.')
   return array
-
-
-def scalar(value: Any, name: str) -> float:
-  """``value`` as a finite float: one real number (or a 0-d array)."""
-  if isinstance(value, bool) or not isinstance(
-      value, (numbers.Real, np.ndarray, jax.Array, np.generic)):
-    raise ValueError(f'{name} must be a real number, got {value!r}.')
-  array = np.asarray(value)
-  if array.ndim != 0 or array.dtype.kind not in 'iuf':
-    raise ValueError(
-        f'{name} must be a real scalar, got {value!r}. Pass one number.')
-  result = float(array)
-  if not math.isfinite(result):
-    raise ValueError(f'{name} must be finite, got {result}.')
-  return result
-
-
-def _check_width(value: float, name: str) -> None:
-  if not 0 < value < SIGMA_REL_MAX:
-    raise ValueError(
-        f'{name} must be {_SIGMA_REL_RANGE}, got {value}. Typical values are'
-        ' 0.05 to 0.15; EDM2 trains with 0.05 and 0.10.')
-
-
-def width(value: Any, name: str) -> float:
-  """``value`` as a ``sigma_rel``: a real number in ``(0, SIGMA_REL_MAX)``."""
-  result = scalar(value, name)
-  _check_width(result, name)
-  return result
 
 
 def _inner(t_a: Any, g_a: Any, t_b: Any, g_b: Any) -> np.ndarray:
@@ -109,12 +70,12 @@ def solve(steps: np.ndarray, sigma_rels: np.ndarray, target_sigma_rel: Any,
         ' a snapshot taken after t optimizer steps has step t'
         ' (EmaState.count), so one taken before any step holds no average.')
   for k, s in enumerate(sigma_rels):
-    _check_width(s, f'{sigma_name}[{k}]')
-  target_sigma_rel = width(target_sigma_rel, 'target_sigma_rel')
+    _options.check_sigma_rel(s, f'{sigma_name}[{k}]')
+  target_sigma_rel = _options.check_sigma_rel(target_sigma_rel, 'target_sigma_rel')
   last = float(steps.max())
   if target_step is None:
     target_step = last
-  target_step = scalar(target_step, 'target_step')
+  target_step = _options.finite_scalar(target_step, 'target_step')
   if target_step > last:
     raise ValueError(
         f'target_step {target_step:g} is past the last snapshot (step'
@@ -169,11 +130,11 @@ def targets(target_sigma_rel: Any) -> tuple[list[float], bool]:
   """The target widths as floats, and whether a single one was given."""
   if isinstance(target_sigma_rel, (list, tuple)) or (
       isinstance(target_sigma_rel, np.ndarray) and target_sigma_rel.ndim):
-    values = [scalar(t, f'target_sigma_rel[{i}]')
+    values = [_options.finite_scalar(t, f'target_sigma_rel[{i}]')
               for i, t in enumerate(target_sigma_rel)]
     if not values:
       raise ValueError('target_sigma_rel is empty; give a width, e.g. 0.1,'
                        ' or a list of them.')
-    return [width(t, f'target_sigma_rel[{i}]')
+    return [_options.check_sigma_rel(t, f'target_sigma_rel[{i}]')
             for i, t in enumerate(values)], False
-  return [width(target_sigma_rel, 'target_sigma_rel')], True
+  return [_options.check_sigma_rel(target_sigma_rel, 'target_sigma_rel')], True

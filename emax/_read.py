@@ -13,7 +13,6 @@ from typing import Callable, Literal, TypeVar
 
 import jax
 import jax.numpy as jnp
-import optax
 from optax import Params
 
 from emax import _layout

@@ -158,11 +158,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     >>> round(emax.sigma_rel_to_gamma(0.05), 2), round(emax.sigma_rel_to_gamma(0.10), 2)
     (16.97, 6.94)
   """
-  sigma_rel = _options.positive(sigma_rel, 'sigma_rel')
-  if sigma_rel >= 1 / math.sqrt(12):  # gamma -> 0 gives sigma_rel**2 -> 1/12
-    raise ValueError(
-        f'sigma_rel must be in (0, {1 / math.sqrt(12):.4f}), got {sigma_rel}.'
-        ' Typical values are 0.05 to 0.10.')
+  sigma_rel = _options.check_sigma_rel(sigma_rel)
   t = sigma_rel ** -2
   roots = np.roots([1.0, 7.0, 16.0 - t, 12.0 - t])
   return float(roots.real.max())

@@ -4,7 +4,6 @@ optimizer, then an average of the params it produces, on real steps only)."""
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
