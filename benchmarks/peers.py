@@ -278,6 +278,31 @@ def _optax_apply_incremental(tree):
                     tree.updates, tree.params, unit=tree.unit)
 
 
+def _hand_guarded(new, avg):
+  """``optax.incremental_update`` of ``avg`` toward ``new`` where every new
+  param is finite, else ``avg`` unchanged: the NaN guard written by hand."""
+  c = jnp.float32(1 - DECAY)
+  ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                          for x in jax.tree.leaves(new)]))
+  moved = optax.incremental_update(
+      jax.tree.map(lambda x, a: x.astype(a.dtype), new, avg), avg, c)
+  return jax.tree.map(lambda m, a: jnp.where(ok, m, a), moved, avg)
+
+
+@update_impl(rows.HAND_GUARDED)
+def _hand_guarded_update(tree):
+  return jax_runner(rows.HAND_GUARDED, _hand_guarded, acc_copy(tree.params),
+                    tree.params, unit=tree.unit)
+
+
+@update_impl(rows.HAND_GUARDED_TX, kind='transform')
+def _hand_guarded_tx(tree):
+  return jax_runner(
+      rows.HAND_GUARDED_TX,
+      lambda avg, u, p: _hand_guarded(optax.apply_updates(p, u), avg),
+      acc_copy(tree.params), tree.updates, tree.params, unit=tree.unit)
+
+
 def _lerp(avg, p):
   c = jnp.float32(1 - DECAY)
   return jax.tree.map(

@@ -60,9 +60,12 @@ pass, and that in a train step the check reads the user's own new params,
 with no copy). So an exact guard adds at least one read of the new params:
 
 - in a standalone `tx.update`, a read of `p` and `u` (it must compute
-  `p + u` itself). Measured: the reference plus a read-only pass over `p`
-  and `u` (plain sums, timed as their own row) is the least such a step can
-  take;
+  `p + u` itself): what the same check written by hand reads too, the
+  anchor of that target (`x hand`). (A float sum of `p + u` is not such a
+  read on XLA CPU: its sum kernel takes only arrays in memory, so `p + u`
+  was written out first. emax checks with a boolean reduction in rows of
+  32, which reads `p` and `u` in its own loop and writes one flag per 32
+  elements.) The read-only pass over `p` and `u` is timed as its own row;
 - in a train step (where XLA shares `p + u` with the user's new params) and
   for K averages, 4 bytes per param more than the guard-off step: a floor in
   bytes, which is one in time as long as a read-only pass is not several
@@ -126,16 +129,21 @@ def _updates(result):
               f"{tree['leaves']:,} leaves, {tree['params'] / 1e6:.3f}M params,"
               f" {tree['dtype']}. `x optax`: per-round time ratio to"
               ' `optax.incremental_update` (rows that move 12 B/param) or to'
-              ' `optax.apply_updates + incremental_update` (16 B/param).', '',
+              ' `optax.apply_updates + incremental_update` (16 B/param).'
+              ' `x hand`: the same to the NaN guard written by hand'
+              ' (`all(isfinite)`, then `where(ok, incremental_update(...),'
+              ' ema)`; for 16 B/param rows `apply_updates` first).', '',
               '| implementation | B/param | median ms [95% CI] | GB/s |'
-              ' % ceiling | x optax | compile s | memory steady / peak |',
-              '|---|---:|---|---:|---:|---|---:|---|']
+              ' % ceiling | x optax | x hand | compile s |'
+              ' memory steady / peak |',
+              '|---|---:|---|---:|---:|---|---|---:|---|']
     for r in tree['rows']:
       lines.append(
           f"| {_code(r['impl'])} | {_bytes_per_param(r, tree['params'])} |"
           f" {_ms(r)} | {_f(r.get('gbps'), '.2f')} |"
           f" {_f(r.get('pct_ceiling'), '.0f')} |"
-          f" {_ratio(r.get('vs_ref'))} | {_f(r.get('compile_s'), '.2f')} |"
+          f" {_ratio(r.get('vs_ref'))} | {_ratio(r.get('vs_hand'))} |"
+          f" {_f(r.get('compile_s'), '.2f')} |"
           f' {_mem(r)} |')
   return lines
 
@@ -227,6 +235,32 @@ def _offload(result):
   return lines
 
 
+def _share(result):
+  sh = result.get('share')
+  if not sh or not sh.get('models'):
+    return []
+  lines = ['', 'What each way of keeping an average adds to a whole jitted,'
+           ' donated train step (forward, backward, Adam at a small batch),'
+           ' as a percentage of the same step without it (`clip + adam +'
+           ' ...`: of `clip_by_global_norm + adam`): the median of per-round'
+           ' ratios, minus one, with its 95% CI; all routes of a model timed'
+           ' together. Decay 0.999 (named: 0.999 and 0.9999). Host memories'
+           f" of this backend: {', '.join(sh['memories'])}."]
+  for m in sh['models']:
+    lines += ['', f"### {m['model'].capitalize()}", '',
+              f"{m['describe']}: {m['params'] / 1e6:.2f}M params.", '',
+              '| route | step ms [95% CI] | share of the step [95% CI] |'
+              ' compile s | memory peak |', '|---|---|---|---:|---:|']
+    for r in m['rows']:
+      share = ('(base)' if 'share_pct' not in r else
+               f"{r['share_pct']:+.1f}% [{r['share_ci_pct'][0]:+.1f},"
+               f" {r['share_ci_pct'][1]:+.1f}]")
+      lines.append(f"| {_code(r['impl'])} | {_ms(r)} | {share} |"
+                   f" {_f(r.get('compile_s'), '.1f')} |"
+                   f" {_f(r.get('peak_units'), '.2f')} |")
+  return lines
+
+
 def _targets(result):
   lines = ['', '| target | measured [95% CI] | status |', '|---|---|---|']
   group = None
@@ -285,7 +319,9 @@ def markdown(result, image: str | None) -> str:
     if image:
       lines += ['', f'![GB/s per implementation and tree]({image})']
     lines += _updates(result)
-  for title, fn in (('Train step', _train), ('Options', _options),
+  for title, fn in (('Train step', _train),
+                    ('The average\'s share of a train step', _share),
+                    ('Options', _options),
                     ('K averages', _averages), ('Host offload', _offload)):
     body = fn(result)
     if body:

@@ -21,6 +21,13 @@ EMA_TX_UNGUARDED = 'emax.ema(skip_nonfinite=False) tx.update'
 OPTAX_APPLY_INCREMENTAL = 'optax.apply_updates + incremental_update'
 OPTAX_INCREMENTAL = 'optax.incremental_update'
 OPTAX_EMA = 'optax.ema on params'
+# What a user writes by hand for the NaN guard's semantics: the average moves
+# only when every new param is finite (the `tx.update` form adds the updates
+# first, as `optax.apply_updates`).
+HAND_GUARDED = ('hand-written guard: all(isfinite(p)),'
+                ' where(ok, incremental_update)')
+HAND_GUARDED_TX = ('hand-written guard: apply_updates, all(isfinite),'
+                   ' where(ok, incremental_update)')
 READ_PARAMS_UPDATES = 'one read of p and u: sum(p) + sum(u)'
 LERP_DONATED = 'tree.map lerp, donated'
 LERP_NOT_DONATED = 'tree.map lerp, not donated'
@@ -59,6 +66,16 @@ ON_DEVICE = 'device'
 OFFLOAD = 'offload'
 OFFLOAD_UPDATE_EVERY = 'offload, update_every=4'
 ROUND_TRIP = 'round trip (device_put there and back)'
+
+# --- share: an average's share of a whole train step (Adam, small batch) ---
+SHARE_NONE = 'adam, no average'
+SHARE_WITH_EMA = 'emax.with_ema(adam, d)'
+SHARE_UNGUARDED = 'emax.with_ema(adam, d, skip_nonfinite=False)'
+SHARE_NAMED = 'emax.with_ema(adam, {2 names: d})'
+SHARE_OFFLOAD = 'emax.with_ema(adam, d, offload=True)'
+SHARE_CLIP = 'clip_by_global_norm + adam, no average'
+SHARE_CLIP_FINITE = ('emax.with_ema(clip + adam, d), finite= from the'
+                     ' clipping norm')
 
 # A whole section that did not run, in the list of rows not run.
 WHOLE_SECTION = '(whole section)'

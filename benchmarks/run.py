@@ -13,7 +13,7 @@ Every run prints its report. Where it is written: ``--docs`` (implied by
 the repository (``--docs-dir DIR`` writes them elsewhere); ``--out DIR``
 writes ``DIR/<mode>.json`` (every sample), ``.md`` and ``.png``.
 
-Other options: ``--only ceiling,updates,train,options,averages,offload``,
+Other options: ``--only ceiling,updates,train,options,averages,offload,share``,
 ``--tree NAME`` (repeatable; a tree's name or its start), ``--no-torch``,
 ``--threads N``, ``--from-json PATH`` (rewrite a saved run's report).
 ``--gpu`` refuses to run on a CPU backend unless ``EMAX_BENCH_GPU_ON_CPU=1``
@@ -24,7 +24,8 @@ The modules: :mod:`benchmarks.trees` (the trees), :mod:`benchmarks.rows`
 (the rows' names), :mod:`benchmarks.peers` (the implementations, a registry
 per table), :mod:`benchmarks.timing` (the one timer),
 :mod:`benchmarks.suite` (the sections and modes), :mod:`benchmarks.offload`
-(host offload), :mod:`benchmarks.targets` and :mod:`benchmarks.report`
+(host offload), :mod:`benchmarks.share` (an average's share of a real train
+step: in ``--full`` and ``--gpu``), :mod:`benchmarks.targets` and :mod:`benchmarks.report`
 (JSON, Markdown, the docs page, the plot).
 """
 
@@ -48,13 +49,14 @@ import jax  # noqa: E402
 from benchmarks import offload as offload_lib  # noqa: E402
 from benchmarks import peers  # noqa: E402
 from benchmarks import report  # noqa: E402
+from benchmarks import share as share_lib  # noqa: E402
 from benchmarks import suite  # noqa: E402
 from benchmarks import targets  # noqa: E402
 
 GPU_ON_CPU = 'EMAX_BENCH_GPU_ON_CPU'
 _FNS = dict(ceiling=suite.ceiling, updates=suite.updates, train=suite.train,
             options=suite.options, averages=suite.averages,
-            offload=offload_lib.offload)
+            offload=offload_lib.offload, share=share_lib.share)
 
 
 def machine(threads: int) -> dict:
@@ -160,8 +162,11 @@ def main(argv=None) -> dict:
     mode['trees'] = tuple(args.trees)
   if args.gpu and mode_name != 'gpu':
     mode['min_sample_s'] = suite.MODES['gpu']['min_sample_s'] * 0.1
+  # Host offload and the share of a real train step run on a GPU, in the
+  # full run (share) or when asked (--only).
+  extra = {'offload': args.gpu, 'share': args.gpu or mode_name == 'full'}
   sections = (args.only.split(',') if args.only else
-              [s for s in suite.SECTIONS if s != 'offload' or args.gpu])
+              [s for s in suite.SECTIONS if extra.get(s, True)])
   unknown = sorted(set(sections) - set(suite.SECTIONS))
   if unknown:
     raise SystemExit(f'--only takes {",".join(suite.SECTIONS)}; got'

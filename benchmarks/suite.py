@@ -27,6 +27,11 @@ from benchmarks import rows
 from benchmarks import timing
 from benchmarks import trees
 
+SHARE_FULL = dict(transformer=dict(d=768, layers=12, vocab=50257, seq=32,
+                                   batch=1),
+                  convnet=dict(width=1.0, image=64, batch=2))
+SHARE_FULL_ROUNDS = 21
+
 # Sizes and repetitions per mode. `limits`: trees with at least that many
 # leaves run only the listed rows (a per-leaf program over that many
 # separate buffers compiles slowly; each row's compile seconds are in the
@@ -44,20 +49,32 @@ MODES = {
                          trees.RESNET50_BF16),
                   rows={trees.RESNET50_BF16: (
                       rows.EMAX_UPDATE, rows.EMAX_UPDATE_UNGUARDED,
-                      rows.OPTAX_INCREMENTAL, rows.TORCH_LERP),
+                      rows.OPTAX_INCREMENTAL, rows.TORCH_LERP,
+                      rows.HAND_GUARDED, rows.EMA_TX,
+                      rows.HAND_GUARDED_TX),
                         trees.small_leaves_name(16): _FEW_ON_MANY[:4]},
-                  offload_sizes=(4096,), limits=()),
+                  offload_sizes=(4096,), limits=(),
+                  share=dict(transformer=dict(d=32, layers=1, vocab=64,
+                                              seq=8, batch=2),
+                             convnet=dict(width=1 / 16, image=16, batch=2,
+                                          classes=10, blocks=(1, 1, 1, 1)))),
     'quick': dict(shrink=8.0, small_leaves=2000, vector=25_000_000,
                   rounds=9, warmup=2, ceiling=25_000_000,
                   mlp=(784, 2048, 2048, 10), batches=(32, 256),
                   cooldown_s=0.05, min_sample_s=0.0, averages_k=(1, 2, 4),
-                  offload_sizes=(1_000_000, 16_000_000), limits=()),
+                  offload_sizes=(1_000_000, 16_000_000), limits=(),
+                  share=dict(transformer=dict(d=256, layers=4, vocab=8192,
+                                              seq=64, batch=2),
+                             convnet=dict(width=0.25, image=32, batch=4))),
     'full': dict(shrink=1.0, small_leaves=20000, vector=100_000_000,
                  rounds=15, warmup=2, ceiling=100_000_000,
                  train_rounds=61,
                  mlp=(784, 2048, 2048, 10), batches=(32, 256),
                  cooldown_s=0.05, min_sample_s=0.0, averages_k=(1, 2, 4),
                  offload_sizes=(1_000_000, 16_000_000),
+                 # CPU: GPT-2 small's and ResNet-50's param counts, with
+                 # short sequences and small images (a step in seconds).
+                 share=SHARE_FULL, share_rounds=SHARE_FULL_ROUNDS,
                  # On 20,000 separate buffers: the packed route, the proof
                  # (an identity), the stacked route and torch only.
                  limits=((10_000, _FEW_ON_MANY[:4]),)),
@@ -71,10 +88,15 @@ MODES = {
                 mlp=(4096, 8192, 8192, 4096), batches=(32, 256),
                 cooldown_s=0.0, min_sample_s=2e-3, averages_k=(1, 2, 4),
                 offload_sizes=(100_000_000, 500_000_000),
+                # GPT-2 small and ResNet-50 at their real sizes.
+                share=dict(transformer=dict(d=768, layers=12, vocab=50257,
+                                            seq=256, batch=8),
+                           convnet=dict(width=1.0, image=224, batch=32)),
                 limits=((1_000, _FEW_ON_MANY),
                         (10_000, _FEW_ON_MANY[:4]))),
 }
-SECTIONS = ('ceiling', 'updates', 'train', 'options', 'averages', 'offload')
+SECTIONS = ('ceiling', 'updates', 'train', 'options', 'averages', 'offload',
+            'share')
 
 
 @dataclasses.dataclass
@@ -209,6 +231,10 @@ def _row(ctx, runner, times, nbytes):
 
 REFERENCES = {'update': rows.OPTAX_INCREMENTAL,
               'transform': rows.OPTAX_APPLY_INCREMENTAL}
+# The NaN guard's semantics written by hand, per kind: the anchor of the
+# guarded rows (`x hand-written`).
+HAND_WRITTEN = {'update': rows.HAND_GUARDED,
+                'transform': rows.HAND_GUARDED_TX}
 
 
 def updates(ctx: Context) -> list[dict]:
@@ -246,6 +272,10 @@ def updates(ctx: Context) -> list[dict]:
       if ref in times and ref != r.name:
         row['vs_ref'] = dict(ref=ref, **timing.paired_ratio(
             times[r.name], times[ref]))
+      hand = HAND_WRITTEN.get(kind)
+      if hand in times and hand != r.name:
+        row['vs_hand'] = dict(ref=hand, **timing.paired_ratio(
+            times[r.name], times[hand]))
       table_rows.append(row)
       ctx.log(_fmt(row))
     out.append(dict(case=name, leaves=len(shapes), params=tree.n,
@@ -258,6 +288,8 @@ def updates(ctx: Context) -> list[dict]:
 def _fmt(r):
   gb = '-' if r.get('gbps') is None else f"{r['gbps']:7.2f} GB/s"
   vs = (f"  x{r['vs_ref']['median']:.3f} vs ref" if 'vs_ref' in r else '')
+  if 'vs_hand' in r:
+    vs += f"  x{r['vs_hand']['median']:.3f} vs hand"
   return (f"  {r['impl']:<44} {r['median_ms']:9.3f} ms"
           f" [{r['ci_ms'][0]:.3f}, {r['ci_ms'][1]:.3f}] {gb}"
           f"  compile {r.get('compile_s') or 0:.2f} s{vs}")

@@ -20,6 +20,11 @@ import optax
 # The names of the suite's trees (a table's key in the results).
 RESNET50 = 'ResNet-50-like'
 RESNET50_BF16 = 'ResNet-50-like, bf16 params'
+LLAMA_BF16 = 'Llama-1B-like / 8, bf16 params'
+LLAMA_SHRINK = 8.0
+"""The Llama-like tree's own scale: its largest dimensions are divided by
+this (and by the mode's ``shrink``): 1.2B bf16 params and their float32
+average would not fit a small machine's run."""
 GPT2_SMALL = 'GPT-2-small-like'
 TRANSFORMER_2K = 'transformer, 2k leaves'
 _SMALL_LEAVES = 'leaves x 256'
@@ -63,6 +68,18 @@ def transformer(d: int, layers: int, vocab: int, ctx: int):
 def gpt2_small():
   """GPT-2 small (148 leaves, 124M params)."""
   return transformer(768, 12, 50257, 1024)
+
+
+def llama_1b():
+  """Llama-3.2-1B's shapes (147 leaves, 1.24B params): embeddings, per layer
+  two RMSNorm scales, q/k/v/o (grouped-query: k and v 512 wide), the gated
+  MLP; the final norm and an untied output layer."""
+  d, layers, ff, vocab, kv = 2048, 16, 8192, 128256, 512
+  shapes = [(vocab, d)]
+  for _ in range(layers):
+    shapes += [(d,), (d, d), (d, kv), (d, kv), (d, d), (d,), (d, ff),
+               (d, ff), (ff, d)]
+  return shapes + [(d,), (d, vocab)]
 
 
 def transformer_2k():
@@ -132,6 +149,8 @@ def cases(*, shrink: float, small_leaves: int, vector_size: int,
        np.float32),
       (f'one {vector_size / 1e6:g}M vector', vector(vector_size), np.float32),
       (RESNET50_BF16, shrink_shapes(resnet50(), shrink), 'bfloat16'),
+      (LLAMA_BF16, shrink_shapes(llama_1b(), shrink * LLAMA_SHRINK),
+       'bfloat16'),
   ]
   return [(name, shapes[:max_leaves], dtype)
           for name, shapes, dtype in all_cases

@@ -130,17 +130,6 @@ def average(old: jax.Array, new: jax.Array, step: jax.typing.ArrayLike,
   return c * new + k * old
 
 
-def _total(sums: list[jax.Array]) -> jax.Array:
-  """The sum of per-array scalar sums, as float32 (the real and imaginary
-  parts of complex ones added: a non-finite part stays non-finite)."""
-  total = jnp.zeros([], F32)
-  for x in sums:
-    if jnp.iscomplexobj(x):
-      x = jnp.real(x) + jnp.imag(x)
-    total = total + x.astype(F32)
-  return total
-
-
 SMALL_ARRAY = 1 << 14
 """Arrays below this many elements are checked together (see
 :func:`all_finite`)."""
@@ -151,21 +140,6 @@ def _unsharded_type(x: jax.Array) -> bool:
   concatenate differently sharded operands; such leaves are summed alone)."""
   spec = getattr(getattr(jax.typeof(x), 'sharding', None), 'spec', None)
   return spec is None or all(axis is None for axis in spec)
-
-
-def _own_sum_input(x: jax.Array) -> jax.Array:
-  """``x``, behind a barrier when it is a 16-bit float.
-
-  ``jnp.sum`` of a bf16 or f16 array converts it to float32 first, the same
-  conversion the averaging pass makes of the same param: XLA then computes
-  it once, writes the whole float32 copy to memory for both, and the sum no
-  longer reads the 16-bit param directly (for a ResNet-50 in bf16 the
-  guarded step took 7x the unguarded one). The barrier keeps the two
-  conversions apart, each fused into its own pass.
-  """
-  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
-    return lax.optimization_barrier(x)
-  return x
 
 
 def _fewer_arrays(arrays: list[jax.Array]) -> list[jax.Array]:
@@ -185,48 +159,67 @@ def _fewer_arrays(arrays: list[jax.Array]) -> list[jax.Array]:
     # check adds no collective but the flag's scalar all-reduce. (pack=True
     # packs single-device leaves, decided when the state is built, and so
     # gives the same few reductions.)
-    return [_own_sum_input(x) for x in arrays]
+    return list(arrays)
   small: dict[Any, list[jax.Array]] = {}
   out = []
   for x in arrays:
     if x.size < SMALL_ARRAY and _unsharded_type(x):
       small.setdefault(x.dtype, []).append(x)
     else:
-      out.append(_own_sum_input(x))
+      out.append(x)
   # The barrier keeps the buffer: XLA would otherwise split the sum of a
   # concatenation back into one sum per operand.
   return out + [lax.optimization_barrier(_tree.concat_raveled(xs))
                 for xs in small.values()]
 
 
+_ROW = 32
+"""Elements per row of the guard's first reduction (see :func:`_finite`)."""
+
+
+def _finite(x: jax.Array, rows: bool) -> jax.Array:
+  """Whether ``x`` is free of NaN and Inf (a bool scalar), in one pass.
+
+  ``all(isfinite(x))``: exact, nothing can overflow, and the reduction fuses
+  its producer (``p + u``, a 16-bit param's conversion) into its own loop.
+  (A float sum or max would not: XLA CPU runs those as a library kernel that
+  takes only an array already in memory, so ``sum(p + u)`` in a standalone
+  ``tx.update`` wrote all of ``p + u`` first.)
+
+  With ``rows``, the reduction is split by hand into rows of 32 elements and
+  then the row flags, a barrier between them: XLA CPU splits a long boolean
+  reduction into a tree whose first stage it writes at full size (one byte
+  per element); rows of 32 are reduced in the loop that reads ``x``, which
+  writes one flag per 32 elements. Used on one device only: reshaping a
+  sharded array could move it between devices.
+  """
+  if not rows:
+    return jnp.all(jnp.isfinite(x))
+  flat = x.reshape(-1)
+  n = flat.size // _ROW * _ROW
+  ok = jnp.asarray(True)
+  if n:
+    per_row = jnp.all(jnp.isfinite(flat[:n].reshape(-1, _ROW)), axis=1)
+    ok = jnp.all(lax.optimization_barrier(per_row))
+  if n < flat.size:
+    ok &= jnp.all(jnp.isfinite(flat[n:]))
+  return ok
+
+
 def all_finite(arrays: list[jax.Array]) -> jax.Array:
   """Whether every array is free of NaN and Inf (a bool scalar).
 
-  First the sum of every array's sum: finite means every element is finite
-  (a NaN or Inf anywhere makes it NaN or Inf), and a plain sum is the fastest
-  reduction XLA has on CPU. Only when that total is not finite (a NaN or Inf,
-  or finite values whose sum overflows) the exact check runs: the total of
-  ``sum(x - x)``, zero for finite arrays and NaN otherwise, which cannot
-  overflow. The per-array sums are added as a chain of scalars: stacking
-  thousands of flags made XLA's compile time grow much faster than the
-  number of leaves.
+  One exact pass over each array (:func:`_finite`), no branch; the flags are
+  and-ed as a chain of scalars (stacking thousands of flags made XLA's
+  compile time grow much faster than the number of leaves).
   """
   if not arrays:
     return jnp.asarray(True)
-  arrays = _fewer_arrays(arrays)
-  # Each array is summed in its own dtype: a float16 sum can overflow and
-  # then take the exact path, but summing in float32 materialized a float32
-  # copy of the array first (XLA does not fuse the cast into the sum).
-  fast = jnp.isfinite(_total([jnp.sum(x) for x in arrays]))
-
-  def exact() -> jax.Array:
-    return jnp.isfinite(_total([jnp.sum(x - x) for x in arrays]))
-
-  if not isinstance(fast, jax.core.Tracer):  # eager: decide on the host
-    return fast if bool(fast) else exact()
-  # `fast` itself (True) rather than a constant: under `shard_map` both
-  # branches then vary over the same mesh axes.
-  return lax.cond(fast, lambda: fast, exact)
+  rows = jax.device_count() == 1
+  ok = jnp.asarray(True)
+  for x in _fewer_arrays(arrays):
+    ok &= _finite(x, rows)
+  return ok
 
 
 def everywhere(flag: jax.Array) -> jax.Array:
