@@ -1,6 +1,8 @@
 """Assertions and references shared by the test files (no Flax needed)."""
 
+import importlib.util
 import os
+import sys
 
 import jax
 import numpy as np
@@ -45,3 +47,15 @@ def child_env():
       [ROOT] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
   env.setdefault('JAX_PLATFORMS', 'cpu')
   return env
+
+
+def load_example(name):
+  """Imports ``examples/<name>.py`` once (its jitted functions stay warm)."""
+  module_name = f'emax_example_{name}'
+  if module_name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(
+        module_name, os.path.join(ROOT, 'examples', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses (flax Modules) look it up
+    spec.loader.exec_module(module)
+  return sys.modules[module_name]

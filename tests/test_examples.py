@@ -7,30 +7,17 @@ examples are run for a few epochs/steps and their outputs checked.
 
 import contextlib
 import csv
-import functools
-import importlib.util
 import io
 import math
 import pathlib
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from helpers import load_example
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / 'examples'
-
-
-@functools.cache
-def load_example(name):
-  """Imports ``examples/<name>.py`` once (its jitted functions stay warm)."""
-  module_name = f'emax_example_{name}'
-  spec = importlib.util.spec_from_file_location(
-      module_name, EXAMPLES / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[module_name] = module  # dataclasses (flax Modules) look it up
-  spec.loader.exec_module(module)
-  return module
 
 
 # TensorFlow's float32 arithmetic, transcribed with NumPy (independent of emax).

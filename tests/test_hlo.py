@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 import emax
-from tests.helpers import child_env
+from helpers import child_env
 
 
 def _params(n=6, size=4096):

@@ -8,10 +8,8 @@ the float64 merge of the saved arrays.
 
 import csv
 import functools
-import importlib.util
 import math
 import pathlib
-import sys
 
 import hypothesis
 from hypothesis import strategies as st
@@ -22,6 +20,7 @@ import pytest
 
 import emax
 import emax.checkpoint
+from helpers import load_example
 
 SHAPES = ('linear', 'cosine', '1-sqrt')
 
@@ -265,24 +264,11 @@ def test_linear_merge_is_the_checkpoint_average_of_the_last_k(tmp_path):
 
 # --- the example, at a reduced size --------------------------------------------
 
-EXAMPLE = (pathlib.Path(__file__).resolve().parent.parent / 'examples'
-           / 'wsm_digits.py')
-
-
-def _load_example():
-  name = 'emax_example_wsm_digits'
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(name, EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses (flax Modules) look it up
-    spec.loader.exec_module(module)
-  return sys.modules[name]
-
 
 @pytest.mark.standard_promotion  # flax and optax code, as users run it
 def test_example_at_a_reduced_size(tmp_path):
   epochs, windows = 4, (1, 3)
-  result = _load_example().main([
+  result = load_example('wsm_digits').main([
       '--epochs', str(epochs), '--windows', *map(str, windows), '--seeds',
       '0', '--hidden', '16', '--out', str(tmp_path), '--no-progress'])
   with open(result['csv']) as f:

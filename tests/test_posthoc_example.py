@@ -6,7 +6,6 @@ and what it writes restores to what ``emax.posthoc.from_checkpoints`` gives.
 """
 
 import csv
-import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -18,27 +17,17 @@ import pytest
 
 import emax
 import emax.posthoc
-from helpers import child_env
+from helpers import child_env, load_example
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / 'examples' / 'posthoc_digits.py'
 LR, EPOCHS = 0.5, 3
 
 
-def _load_example():
-  name = 'emax_example_posthoc_digits'
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(name, EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses (flax Modules) look it up
-    spec.loader.exec_module(module)
-  return sys.modules[name]
-
-
 @pytest.fixture(scope='module')
 def example_run(tmp_path_factory):
   out = tmp_path_factory.mktemp('posthoc')
-  result = _load_example().main([
+  result = load_example('posthoc_digits').main([
       '--lr', str(LR), '--epochs', str(EPOCHS), '--hidden', '16',
       '--sigma-rels', '0.05', '0.08', '0.10', '0.2', '--out', str(out),
       '--no-progress'])
