@@ -61,38 +61,19 @@ autodoc_member_order = 'bysource'
 autodoc_typehints = 'signature'
 autodoc_default_options = {'show-inheritance': False}
 # Show type aliases by name, not expanded into long unions (a rate is a
-# ten-way union). Sphinx matches the annotation as written in the source
-# (string annotations: `from __future__ import annotations`), so each alias
-# of emax's modules is listed as `_module.Name` (how the modules refer to one
-# another) and as `Name`; a name absent from the sources does nothing.
+# ten-way union). Sphinx matches these names as written in a string
+# annotation (`from __future__ import annotations`). emax's own aliases,
+# written `_options.RatesLike`, are not listed here: a key `_options.X` would
+# hide the module's other names from Sphinx (it cannot import `_options`);
+# their expansions are replaced by their names instead (`_short_aliases`).
+# `Params` (chex's recursive `ArrayTree`) must stay unevaluated: its forward
+# reference cannot be resolved in emax's modules, and one annotation that
+# fails to evaluate leaves the whole signature as raw strings.
 _EXTERNAL_ALIASES = (
     'ArrayLike', 'jax.typing.ArrayLike', 'jax.typing.DTypeLike', 'DTypeLike',
     'PyTree', 'optax.Params', 'optax.Updates', 'optax.OptState',
     'optax.Schedule', 'optax.ScalarOrSchedule', 'chex.ArrayTree',
-    'chex.Numeric')
-
-
-def _emax_aliases():
-  import importlib
-  import pkgutil
-  import types
-  import typing
-  found = {}
-  for info in pkgutil.iter_modules(emax.__path__):
-    try:
-      module = importlib.import_module(f'emax.{info.name}')
-    except ImportError:  # an integration whose extra is missing
-      continue
-    for name, value in vars(module).items():
-      if name[:1].isupper() and typing.get_origin(value) in (
-          typing.Union, types.UnionType):
-        for key in (name, f'{info.name}.{name}', f'emax.{info.name}.{name}'):
-          found[key] = name
-  return found
-
-
-autodoc_type_aliases = {name: name for name in _EXTERNAL_ALIASES}
-autodoc_type_aliases.update(_emax_aliases())
+    'chex.Numeric', 'Params', 'ArrayTree')
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
@@ -106,23 +87,48 @@ html_static_path = []
 
 
 _FORWARD_REF = re.compile(r"TypeAliasForwardRef\('([\w.]+)'\)")
+_PRIVATE_MODULE = re.compile(r'(?<![\w.])(?:emax\.)?_[a-z_]+\.(?=[A-Z])')
+
+
+def _emax_aliases():
+  """{name: value} of the type aliases (unions) of emax's modules."""
+  import importlib
+  import pkgutil
+  import types
+  import typing
+  found = {}
+  for info in pkgutil.iter_modules(emax.__path__):
+    try:
+      module = importlib.import_module(f'emax.{info.name}')
+    except ImportError:  # an integration whose extra is missing
+      continue
+    for name, value in vars(module).items():
+      if name[:1].isupper() and typing.get_origin(value) in (
+          typing.Union, types.UnionType):
+        found[name] = value
+  return found
 
 
 def _expanded_aliases():
-  """{the union Sphinx writes for an alias: its name}, for the aliases of
-  other libraries that reach a signature already evaluated (a dataclass's
-  fields, e.g. ``optax.OptState`` in a Flax train state), where
-  ``autodoc_type_aliases`` cannot apply; the longest first."""
+  """[(the union Sphinx writes for an alias, its name)], the longest first:
+  emax's aliases, and chex's tree type where a signature holds it evaluated
+  (a dataclass's fields: ``optax.OptState`` in a Flax train state)."""
   import chex
   import optax
   from sphinx.util.typing import stringify_annotation
-  aliases = {'optax.OptState': optax.OptState, 'chex.ArrayTree': chex.ArrayTree}
+  aliases = {name: value for name, value in _emax_aliases().items()
+             if value != chex.ArrayTree}  # `Params`: by name, never expanded
+  # optax.OptState, optax.Params and chex.ArrayTree are one union: where
+  # Sphinx expands it (evaluated annotations), call it what it is.
+  aliases['PyTree'] = optax.OptState
   found = {stringify_annotation(value, 'smart'): name
            for name, value in aliases.items()}
   return sorted(found.items(), key=lambda item: -len(item[0]))
 
 
 _EXPANDED = _expanded_aliases()
+autodoc_type_aliases = {name: name for name in _EXTERNAL_ALIASES}
+autodoc_type_aliases.update({name: name for name in _emax_aliases()})
 
 
 def _short_aliases(app, what, name, obj, options, signature, return_annotation):
@@ -133,9 +139,10 @@ def _short_aliases(app, what, name, obj, options, signature, return_annotation):
   def fix(text):
     if text is None:
       return None
+    text = _FORWARD_REF.sub(r'\1', text)
     for union, alias in _EXPANDED:
       text = text.replace(union, alias)
-    return _FORWARD_REF.sub(r'\1', text)
+    return _PRIVATE_MODULE.sub('', text)  # `_tree.MaskLike` -> `MaskLike`
   return fix(signature), fix(return_annotation)
 
 
