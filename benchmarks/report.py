@@ -29,9 +29,10 @@ How the times are taken: every implementation of a table is compiled and
 warmed up, then all of them run in rounds, each once per round in a fresh
 random order, so that machine drift hits all alike. A cell shows the median
 over rounds and, in brackets, a 95% confidence interval of that median.
-Comparisons (`x optax`, `x K separate`, "added") are taken pair by pair
-within a round, then summarized the same way. An "added" time (a train step
-with the EMA minus plain Adam) whose interval reaches zero is shown as
+Comparisons (`x optax`, `x hand`, `x K separate`, "added", a share) are
+taken pair by pair within a round, then summarized the same way. An "added"
+time (a train step with the EMA minus plain Adam) whose interval reaches
+zero is shown as
 *noise*, never as a negative time, and never meets a target. A target is met
 (`yes`) only when the measured value clears its threshold; `NO` when it does
 not; `noise` when the run cannot tell; `skipped` with the reason when a row
