@@ -289,13 +289,19 @@ def _hand_guarded(new, avg):
   return jax.tree.map(lambda m, a: jnp.where(ok, m, a), moved, avg)
 
 
-@update_impl(rows.HAND_GUARDED)
+def _few_leaves(tree):
+  """Trees of fewer than 1,000 leaves: XLA compiles the hand-written guard
+  (a reduction per leaf, their flags stacked) for minutes on 2,000."""
+  return len(tree.shapes) < 1000
+
+
+@update_impl(rows.HAND_GUARDED, where=_few_leaves)
 def _hand_guarded_update(tree):
   return jax_runner(rows.HAND_GUARDED, _hand_guarded, acc_copy(tree.params),
                     tree.params, unit=tree.unit)
 
 
-@update_impl(rows.HAND_GUARDED_TX, kind='transform')
+@update_impl(rows.HAND_GUARDED_TX, kind='transform', where=_few_leaves)
 def _hand_guarded_tx(tree):
   return jax_runner(
       rows.HAND_GUARDED_TX,
