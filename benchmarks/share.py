@@ -4,7 +4,8 @@ Two models, each a jitted, donated train step of Adam at a small batch,
 timed with the suite's one timer, with each way of adding an average:
 
 * a GPT-2-style transformer (token and position embeddings, pre-LayerNorm
-  attention and MLP blocks, the output tied to the token embedding);
+  attention and MLP blocks, the output tied to the token embedding), its
+  layers stacked and run by ``lax.scan`` (one layer to compile);
 * a ResNet-50-style conv net (bottleneck blocks of 1x1, 3x3, 1x1
   convolutions with projections, stages of 3, 4, 6, 3 blocks; BatchNorm as a
   per-channel scale and bias, without running statistics).
@@ -64,13 +65,20 @@ def transformer(*, d: int, layers: int, vocab: int, seq: int, batch: int,
   rng = np.random.default_rng(seed)
   w = lambda *s: _normal(rng, s, 0.02)  # noqa: E731
   ones, zeros = (lambda n: jnp.ones(n)), (lambda n: jnp.zeros(n))
+  # The layers stacked, one leaf per kind with a leading axis of `layers`,
+  # and run by `lax.scan`, as scanned models keep them: one layer to compile.
+  stack = lambda make: jnp.stack([make() for _ in range(layers)])  # noqa
   params = dict(
       wte=w(vocab, d), wpe=w(seq, d), ln_g=ones(d), ln_b=zeros(d),
-      blocks=[dict(ln1_g=ones(d), ln1_b=zeros(d), qkv=w(d, 3 * d),
-                   qkv_b=zeros(3 * d), proj=w(d, d), proj_b=zeros(d),
-                   ln2_g=ones(d), ln2_b=zeros(d), fc=w(d, 4 * d),
-                   fc_b=zeros(4 * d), out=w(4 * d, d), out_b=zeros(d))
-              for _ in range(layers)])
+      blocks=dict(ln1_g=stack(lambda: ones(d)), ln1_b=stack(lambda: zeros(d)),
+                  qkv=stack(lambda: w(d, 3 * d)),
+                  qkv_b=stack(lambda: zeros(3 * d)),
+                  proj=stack(lambda: w(d, d)), proj_b=stack(lambda: zeros(d)),
+                  ln2_g=stack(lambda: ones(d)), ln2_b=stack(lambda: zeros(d)),
+                  fc=stack(lambda: w(d, 4 * d)),
+                  fc_b=stack(lambda: zeros(4 * d)),
+                  out=stack(lambda: w(4 * d, d)),
+                  out_b=stack(lambda: zeros(d))))
   heads = max(1, d // 64)
   tokens = jnp.asarray(rng.integers(0, vocab, (batch, seq + 1)), jnp.int32)
 
@@ -82,9 +90,9 @@ def transformer(*, d: int, layers: int, vocab: int, seq: int, batch: int,
   def loss(p, tokens):
     x_in, y = tokens[:, :-1], tokens[:, 1:]
     t = x_in.shape[1]
-    h = p['wte'][x_in] + p['wpe'][:t]
     mask = jnp.tril(jnp.ones((t, t), bool))
-    for blk in p['blocks']:
+
+    def layer(h, blk):
       a = norm(h, blk['ln1_g'], blk['ln1_b']) @ blk['qkv'] + blk['qkv_b']
       q, k, v = (z.reshape(*z.shape[:2], heads, -1)
                  for z in jnp.split(a, 3, axis=-1))
@@ -93,13 +101,16 @@ def transformer(*, d: int, layers: int, vocab: int, seq: int, batch: int,
       o = jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s, -1), v)
       h = h + o.reshape(h.shape) @ blk['proj'] + blk['proj_b']
       m = norm(h, blk['ln2_g'], blk['ln2_b']) @ blk['fc'] + blk['fc_b']
-      h = h + jax.nn.gelu(m) @ blk['out'] + blk['out_b']
+      return h + jax.nn.gelu(m) @ blk['out'] + blk['out_b'], None
+
+    h, _ = jax.lax.scan(layer, p['wte'][x_in] + p['wpe'][:t], p['blocks'])
     logits = norm(h, p['ln_g'], p['ln_b']) @ p['wte'].T
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   return Model(
-      'transformer', f'GPT-2-style transformer, d={d}, {layers} layers,'
-      f' vocab {vocab:,}, batch {batch} x {seq} tokens', params, (tokens,),
+      'transformer', f'GPT-2-style transformer, d={d}, {layers} layers'
+      f' (stacked, under lax.scan), vocab {vocab:,}, batch {batch} x {seq}'
+      ' tokens', params, (tokens,),
       loss)
 
 
