@@ -12,8 +12,8 @@ A leaf of a parameter tree is one of three kinds:
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Union
 
 import chex
 import jax
@@ -307,7 +307,7 @@ def has_masked(tree: Any) -> bool:
   return any(is_masked(x) for x in jax.tree.leaves(tree, is_leaf=is_masked))
 
 
-MaskLike = Any
+MaskLike = Union[Params, Callable[[Params], Params]]
 """A pytree of bools like the params (or a prefix of them), or a callable
 ``params -> that tree``: optax's convention for ``optax.masked``."""
 

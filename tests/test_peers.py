@@ -161,8 +161,11 @@ def test_keras_use_ema():
   assert_bitwise(eager.average['w'], pn.KERAS_USE_EMA_099)
   jitted = average(300, start_step=1, **options)  # measured 2 ulp: XLA fuses
   assert max_ulps(jitted.average['w'], pn.KERAS_USE_EMA_099) <= 4
-  # Keras under tf.function(jit_compile=True) fuses otherwise: measured 8 ulp.
+  # Keras under tf.function(jit_compile=True) fuses otherwise: measured 8 ulp
+  # from 'optax', and bit for bit from a jitted 'nnx' rounding.
   assert max_ulps(jitted.average['w'], pn.KERAS_USE_EMA_099_XLA) <= 10
+  xla = average(300, start_step=1, decay=np.float32(0.99), rounding='nnx')
+  assert_bitwise(xla.average['w'], pn.KERAS_USE_EMA_099_XLA)
   # A Python float decay gives float32(1 - 0.99), not 1 - float32(0.99).
   py_float = average(300, decay=0.99, rounding='optax', start_step=1)
   assert max_ulps(py_float.average['w'], pn.KERAS_USE_EMA_099) >= 10
