@@ -122,3 +122,15 @@ def test_scale_decay_is_the_power_rule():
                                rtol=1e-5)
   with pytest.raises(ValueError, match='factor must be a finite number > 0'):
     emax.scale_decay(0.9, 0)
+
+
+def test_scale_decay_of_a_plain_callable_applies_the_factor():
+  # An optax schedule or a lambda has no step_size: the rule still applies.
+  for k in (2.0, 0.5, 3):
+    scaled = emax.scale_decay(lambda n: 0.9, k)
+    np.testing.assert_allclose(float(scaled(0)), 0.9 ** k, rtol=1e-6)
+    np.testing.assert_allclose(float(scaled.step_size(0)), 1 - 0.9 ** k,
+                               rtol=1e-5)
+  schedule = optax.linear_schedule(0.5, 0.9, 10)
+  scaled = emax.scale_decay(schedule, 2.0)
+  np.testing.assert_allclose(float(scaled(5)), 0.7 ** 2, rtol=1e-6)
