@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import gc
 import os
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import jax
 import numpy as np
@@ -24,6 +24,13 @@ from emax import _stored_tree
 COLLECT_ABOVE_BYTES = 64 << 20
 """Above this many bytes per checkpoint, a :class:`Reader` runs a full garbage
 collection after each one (about 0.2 s, against reading this much)."""
+
+
+if TYPE_CHECKING:  # orbax is imported on first use, never at import
+  import orbax.checkpoint as _ocp
+
+Manager: TypeAlias = '_ocp.CheckpointManager'
+"""An ``orbax.checkpoint.CheckpointManager`` (a name: orbax loads lazily)."""
 
 
 def orbax() -> types.ModuleType:
@@ -37,7 +44,7 @@ def orbax() -> types.ModuleType:
   return ocp
 
 
-def restorable_step(manager: Any, step: int | None) -> int:
+def restorable_step(manager: Manager, step: int | None) -> int:
   """``step``, or the latest, once the manager holds it (waits for saves)."""
   manager.wait_until_finished()
   steps = list(manager.all_steps())
@@ -158,7 +165,7 @@ def custom_metadata(step_dir: Any, step: int) -> dict[str, Any] | None:
                       f' ({e})') from None
 
 
-def manager_custom_metadata(manager: Any,
+def manager_custom_metadata(manager: Manager,
                             step: int) -> dict[str, Any] | None:
   """The ``custom_metadata`` a manager saved with ``step``, or None."""
   try:

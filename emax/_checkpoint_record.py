@@ -33,7 +33,7 @@ METADATA_KEY = 'emax'
 _FORMAT = 1
 
 
-def save(manager: Any, step: int, state: Params, *,
+def save(manager: _checkpoint_files.Manager, step: int, state: Params, *,
          sigma_rels: Any = None, wait: bool = True, **kwargs: Any) -> bool:
   """Saves ``state`` at ``step``; by default returns once it is on disk.
 

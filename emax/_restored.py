@@ -12,7 +12,7 @@ reads an average the way :func:`emax.ema_params` would: debiased as
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -35,10 +35,10 @@ _TARGET_HINT = (
 _Found = tuple[tuple[Any, ...], Any]  # (path in the tree, state dict)
 
 
-def read_average(restored: Any, *, name: str | int | None = None,
-                 like: Any = None,
+def read_average(restored: Params, *, name: str | int | None = None,
+                 like: Params | None = None,
                  path: Sequence[str | int] | None = None,
-                 metadata: Any = None) -> Params:
+                 metadata: Mapping[str, Any] | None = None) -> Params:
   """The average in a checkpoint restored without a target, to evaluate with.
 
   A checkpoint restored without a target (``manager.restore(step)`` with no

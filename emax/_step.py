@@ -345,7 +345,8 @@ def _finish(state: EmaState, average: Params, plan: Plan,
       skipped=skipped)
 
 
-def reset(state: Any, params: Params, *, where: str = 'emax.reset') -> Any:
+def reset(state: _state.StateLike, params: Params, *,
+          where: str = 'emax.reset') -> _state.StateLike:
   """Every average set to ``params`` (bitwise copies), weight one.
 
   ``state`` may be an :class:`EmaState` or any state holding one (an optax
@@ -368,7 +369,8 @@ def update(state: EmaState, params: Params,
            skip_nonfinite: bool = True,
            rounding: str = 'tensorflow', update_every: int = 1,
            first_update: Optional[int] = None, start_step: int = 0,
-           per_update: bool = False, finite: Any = None) -> EmaState:
+           per_update: bool = False,
+           finite: jax.typing.ArrayLike | None = None) -> EmaState:
   r"""One pure step of the moving average(s) toward ``params``.
 
   Computes, in each float leaf's accumulator dtype, exactly what

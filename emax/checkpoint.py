@@ -112,7 +112,8 @@ def abstract_state(state: Params) -> Params:
   return jax.tree.map(leaf, state)
 
 
-def restore(manager: Any, like: Params, step: int | None = None) -> Params:
+def restore(manager: _checkpoint_files.Manager, like: Params,
+            step: int | None = None) -> Params:
   """Restores a checkpoint typed and sharded like ``like``.
 
   Waits first for the manager's own saves still in flight, so it never reads
