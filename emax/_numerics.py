@@ -177,49 +177,49 @@ _ROW = 32
 """Elements per row of the guard's first reduction (see :func:`_finite`)."""
 
 
-def _finite(x: jax.Array, rows: bool) -> jax.Array:
-  """Whether ``x`` is free of NaN and Inf (a bool scalar), in one pass.
-
-  ``all(isfinite(x))``: exact, nothing can overflow, and the reduction fuses
-  its producer (``p + u``, a 16-bit param's conversion) into its own loop.
-  (A float sum or max would not: XLA CPU runs those as a library kernel that
-  takes only an array already in memory, so ``sum(p + u)`` in a standalone
-  ``tx.update`` wrote all of ``p + u`` first.)
-
-  With ``rows``, the reduction is split by hand into rows of 32 elements and
-  then the row flags, a barrier between them: XLA CPU splits a long boolean
-  reduction into a tree whose first stage it writes at full size (one byte
-  per element); rows of 32 are reduced in the loop that reads ``x``, which
-  writes one flag per 32 elements. Used on one device only: reshaping a
-  sharded array could move it between devices.
-  """
-  if not rows:
-    return jnp.all(jnp.isfinite(x))
+def _row_flags(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``x`` flattened into rows of 32 and a tail: a flag per row (whether it
+  is free of NaN and Inf) and one for the tail (True when there is none)."""
   flat = x.reshape(-1)
   n = flat.size // _ROW * _ROW
-  ok = jnp.asarray(True)
-  if n:
-    per_row = jnp.all(jnp.isfinite(flat[:n].reshape(-1, _ROW)), axis=1)
-    ok = jnp.all(lax.optimization_barrier(per_row))
-  if n < flat.size:
-    ok &= jnp.all(jnp.isfinite(flat[n:]))
-  return ok
+  rows = jnp.all(jnp.isfinite(flat[:n].reshape(-1, _ROW)), axis=1)
+  tail = jnp.all(jnp.isfinite(flat[n:])) if n < flat.size else None
+  return rows, (jnp.asarray(True) if tail is None else tail)
 
 
 def all_finite(arrays: list[jax.Array]) -> jax.Array:
   """Whether every array is free of NaN and Inf (a bool scalar).
 
-  One exact pass over each array (:func:`_finite`), no branch; the flags are
-  and-ed as a chain of scalars (stacking thousands of flags made XLA's
-  compile time grow much faster than the number of leaves).
+  One exact pass over each array, no branch: ``all(isfinite(x))``, which
+  cannot overflow and whose reduction fuses its producer (``p + u``, a
+  16-bit param's conversion) into its own loop. (A float sum or max would
+  not: XLA CPU runs those as a library kernel that takes only an array
+  already in memory, so ``sum(p + u)`` in a standalone ``tx.update`` wrote
+  all of ``p + u`` first.)
+
+  On one device each array is reduced in rows of 32 elements, in the loop
+  that reads it (one flag per row is written); the row flags of all arrays
+  are then concatenated behind a barrier and reduced once. A long boolean
+  reduction of its own, XLA CPU splits into a tree whose first stage it
+  writes at full size (a byte per element), and a tree per array compiled
+  for minutes on hundreds of large leaves. On several devices each array is
+  reduced where it lies (reshaping a sharded array could move it), the
+  flags and-ed as a chain of scalars.
   """
   if not arrays:
     return jnp.asarray(True)
-  rows = jax.device_count() == 1
+  arrays = _fewer_arrays(arrays)
   ok = jnp.asarray(True)
-  for x in _fewer_arrays(arrays):
-    ok &= _finite(x, rows)
-  return ok
+  if jax.device_count() > 1:
+    for x in arrays:
+      ok &= jnp.all(jnp.isfinite(x))
+    return ok
+  flags = []
+  for x in arrays:
+    rows, tail = _row_flags(x)
+    flags.append(rows)
+    ok &= tail
+  return ok & jnp.all(lax.optimization_barrier(jnp.concatenate(flags)))
 
 
 def everywhere(flag: jax.Array) -> jax.Array:
