@@ -143,23 +143,14 @@ def _unsharded_type(x: jax.Array) -> bool:
 
 
 def _fewer_arrays(arrays: list[jax.Array]) -> list[jax.Array]:
-  """The arrays to reduce: on one device, the large ones as they are and the
-  small ones of each dtype concatenated into one buffer; on several, each as
-  it is.
+  """The arrays to reduce on one device: the large ones as they are, the
+  small ones of each dtype concatenated into one buffer.
 
   A reduction over a small array compiles on XLA CPU into its own chain of
   loop fusions, and a tree of a thousand small leaves compiled for tens of
   seconds (24 s for the 1,330 small leaves of a 2,000-leaf transformer,
   2 s once they are one buffer). Copying them costs little: they are small.
   """
-  if jax.device_count() > 1:
-    # Under jit a param's sharding is not in its type (unless mesh axes are
-    # explicit), and concatenating sharded leaves makes XLA gather them:
-    # with several devices every array is summed where it lies, so the
-    # check adds no collective but the flag's scalar all-reduce. (pack=True
-    # packs single-device leaves, decided when the state is built, and so
-    # gives the same few reductions.)
-    return list(arrays)
   small: dict[Any, list[jax.Array]] = {}
   out = []
   for x in arrays:
@@ -187,6 +178,47 @@ def _row_flags(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return rows, (jnp.asarray(True) if tail is None else tail)
 
 
+def _total(sums: list[jax.Array]) -> jax.Array:
+  """The sum of per-array scalar sums, as float32 (the real and imaginary
+  parts of complex ones added: a non-finite part stays non-finite)."""
+  total = jnp.zeros([], F32)
+  for x in sums:
+    if jnp.iscomplexobj(x):
+      x = jnp.real(x) + jnp.imag(x)
+    total = total + x.astype(F32)
+  return total
+
+
+def _own_sum_input(x: jax.Array) -> jax.Array:
+  """``x``, behind a barrier when it is a 16-bit float: ``jnp.sum`` converts
+  it to float32 first, the conversion the averaging pass makes of the same
+  param, and XLA would otherwise write that float32 copy out once for both."""
+  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
+    return lax.optimization_barrier(x)
+  return x
+
+
+def _sums_finite(arrays: list[jax.Array]) -> jax.Array:
+  """The check on several devices, where an array cannot be cut into rows
+  without moving it between devices, and a boolean reduction over a whole
+  array writes a byte per element first on XLA CPU: the total of each
+  array's float sum, each reduced where it lies (a scalar all-reduce for a
+  sharded one). A finite total means finite elements; only when it is not
+  (a NaN or Inf, or finite values whose sum overflows) does the exact check
+  run, ``sum(x - x)``: zero for finite arrays, NaN otherwise."""
+  arrays = [_own_sum_input(x) for x in arrays]
+  fast = jnp.isfinite(_total([jnp.sum(x) for x in arrays]))
+
+  def exact() -> jax.Array:
+    return jnp.isfinite(_total([jnp.sum(x - x) for x in arrays]))
+
+  if not isinstance(fast, jax.core.Tracer):  # eager: decide on the host
+    return fast if bool(fast) else exact()
+  # `fast` itself (True) rather than a constant: under `shard_map` both
+  # branches then vary over the same mesh axes.
+  return lax.cond(fast, lambda: fast, exact)
+
+
 def all_finite(arrays: list[jax.Array]) -> jax.Array:
   """Whether every array is free of NaN and Inf (a bool scalar).
 
@@ -202,18 +234,20 @@ def all_finite(arrays: list[jax.Array]) -> jax.Array:
   are then concatenated behind a barrier and reduced once. A long boolean
   reduction of its own, XLA CPU splits into a tree whose first stage it
   writes at full size (a byte per element), and a tree per array compiled
-  for minutes on hundreds of large leaves. On several devices each array is
-  reduced where it lies (reshaping a sharded array could move it), the
-  flags and-ed as a chain of scalars.
+  for minutes on hundreds of large leaves. On several devices see
+  :func:`_sums_finite`.
   """
   if not arrays:
     return jnp.asarray(True)
+  if jax.device_count() > 1:
+    # Under jit a param's sharding is not in its type (unless mesh axes are
+    # explicit): concatenating or reshaping sharded leaves would make XLA
+    # gather them. Each array is summed where it lies, so the check adds no
+    # collective but scalar all-reduces. (pack=True packs single-device
+    # leaves, decided when the state is built: the same few reductions.)
+    return _sums_finite(arrays)
   arrays = _fewer_arrays(arrays)
   ok = jnp.asarray(True)
-  if jax.device_count() > 1:
-    for x in arrays:
-      ok &= jnp.all(jnp.isfinite(x))
-    return ok
   flags = []
   for x in arrays:
     rows, tail = _row_flags(x)
