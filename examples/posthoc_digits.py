@@ -27,7 +27,6 @@ Runs are deterministic for a given ``--seed``.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import os
 import shutil
@@ -47,7 +46,7 @@ import emax.posthoc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The model and data of train_digits.py, next to this file.
-from train_digits import MLP, load_data  # noqa: E402  pylint: disable=all
+from train_digits import MLP, load_data, write_csv  # noqa: E402  pylint: disable=all
 
 TRACKED = {'s05': 0.05, 's10': 0.10}  # the two averages kept in training
 SWEEP = (0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.10, 0.12, 0.15,
@@ -203,15 +202,6 @@ def print_table(rows: list[dict]) -> dict:
   return best
 
 
-def write_csv(path: str, rows: list[dict]) -> None:
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    for r in rows:
-      writer.writerow({k: (f'{v:.6f}' if isinstance(v, float) and k not in (
-          'lr', 'sigma_rel') else v) for k, v in r.items()})
-
-
 def write_plot(path: str, rows: list[dict], title: str,
                test_images: int) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -323,7 +313,7 @@ def main(argv=None) -> dict:
           f' average by at most {max(errors):.1e}.')
   csv_path = os.path.join(args.out, 'posthoc_digits.csv')
   png_path = os.path.join(args.out, 'posthoc_digits.png')
-  write_csv(csv_path, rows)
+  write_csv(csv_path, rows, exact=('lr', 'sigma_rel'))
   write_plot(png_path, rows,
              f'Post-hoc EMA on sklearn digits (MLP + dropout, SGD,'
              f' {args.epochs} epochs, seed {args.seed}): {len(first["steps"])}'

@@ -194,13 +194,14 @@ def print_table(summary: dict, last: int) -> None:
           f' (last {last} epochs); its mean is {gain:+.2f} points vs raw.')
 
 
-def write_csv(path: str, history: list[dict]) -> None:
+def write_csv(path: str, history: list[dict], exact: tuple = ()) -> None:
+  """One row per dict; floats with 6 decimals, except the ``exact`` keys."""
   with open(path, 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=list(history[0]))
     writer.writeheader()
     for row in history:
-      writer.writerow({k: (f'{v:.6f}' if isinstance(v, float) else v)
-                       for k, v in row.items()})
+      writer.writerow({k: (f'{v:.6f}' if isinstance(v, float) and k not in
+                           exact else v) for k, v in row.items()})
 
 
 def write_plot(path: str, history: list[dict], title: str) -> None:

@@ -32,7 +32,6 @@ Runs are deterministic for a given ``--seeds``.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import os
 import statistics
@@ -51,7 +50,7 @@ import emax.checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The model and data of train_digits.py, the folder check of posthoc_digits.py.
-from train_digits import MLP, load_data  # noqa: E402  pylint: disable=all
+from train_digits import MLP, load_data, write_csv  # noqa: E402  pylint: disable=all
 from posthoc_digits import fresh_directory  # noqa: E402  pylint: disable=all
 
 SHAPES = ('linear', 'cosine', '1-sqrt')
@@ -200,15 +199,6 @@ def table(rows: list[dict], seeds: list[int], windows: list[int]) -> list[str]:
       f' {mean("constant", 0, "none", "test_loss"):.4f} | |'
       f' {mean("constant", 0, "none", "test_acc"):.4f} | | |')
   return lines
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    for r in rows:
-      writer.writerow({k: (f'{v:.6f}' if isinstance(v, float) else v)
-                       for k, v in r.items()})
 
 
 def write_plot(path: str, runs: list[dict], args, title: str) -> None:
