@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +122,7 @@ class PackedTree(_PackedFields):
   __slots__ = ()
 
   def __new__(cls, buffers: tuple[jax.Array, ...], rest: tuple[Any, ...],
-              layout: Optional[Layout] = None) -> 'PackedTree':
+              layout: Layout | None = None) -> 'PackedTree':
     return _node.new(cls, PackedTree, layout, buffers, rest)
 
   @property
@@ -201,7 +201,7 @@ def _concat(layout: Layout, leaves: list[Any], group: tuple[int, ...],
   return _tree.concat_raveled(parts)
 
 
-def _stored(p: Any, dtype: Any, count: Optional[int]) -> jax.Array:
+def _stored(p: Any, dtype: Any, count: int | None) -> jax.Array:
   """A fresh stored copy of ``p`` in ``dtype``, stacked ``count`` times."""
   if count is None:
     return _tree.copy_leaf(p, dtype)
@@ -210,7 +210,7 @@ def _stored(p: Any, dtype: Any, count: Optional[int]) -> jax.Array:
 
 
 def build(params: Params, acc: Callable[[Any], Any], *,
-          count: Optional[int] = None, max_pack: int = 0) -> Params:
+          count: int | None = None, max_pack: int = 0) -> Params:
   """A fresh copy of ``params`` in a layout (never an alias of them).
 
   Args:
@@ -240,7 +240,7 @@ def build(params: Params, acc: Callable[[Any], Any], *,
   return jax.tree.map(stored, params)
 
 
-def param_shapes(storage: Params, count: Optional[int]) -> Params:
+def param_shapes(storage: Params, count: int | None) -> Params:
   """A tree shaped like the params (``ShapeDtypeStruct`` leaves), for checks."""
   def unstacked(x: Any) -> Any:
     shape = jnp.shape(x)
@@ -259,7 +259,7 @@ def param_shapes(storage: Params, count: Optional[int]) -> Params:
 
 
 def gather(storage: Params, params: Params,
-           updates: Optional[Params] = None) -> Params:
+           updates: Params | None = None) -> Params:
   """The new params, ``params + updates``, arranged like ``storage``.
 
   Without ``updates``, ``params`` themselves. Values come in the params'
@@ -324,7 +324,7 @@ def map_leaves(fn: Callable[[jax.Array, jax.Array], jax.Array],
   return PackedTree(buffers, rest, storage.layout)
 
 
-def read(storage: Params, index: Optional[int] = None) -> Params:
+def read(storage: Params, index: int | None = None) -> Params:
   """One average as a tree shaped like the params (accumulator dtypes).
 
   Args:

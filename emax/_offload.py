@@ -24,7 +24,7 @@ read from the arrays themselves.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +68,7 @@ class OffloadedTree(_OffloadedFields):
   __slots__ = ()
 
   def __new__(cls, leaves: tuple[Any, ...], treedef: Any = None,
-              dtypes: Optional[tuple[Any, ...]] = None) -> 'OffloadedTree':
+              dtypes: tuple[Any, ...] | None = None) -> 'OffloadedTree':
     static = None if treedef is None else (treedef, tuple(dtypes or ()))
     return _node.new(cls, OffloadedTree, static, leaves)
 

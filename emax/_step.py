@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +52,7 @@ def _is_constant(x: Any) -> bool:
 
 
 def step(options: _options.StepOptions, state: Any, params: Params,
-         updates: Optional[Params] = None, *, where: str,
+         updates: Params | None = None, *, where: str,
          finite: Any = None) -> EmaState:
   """One step of every average in ``state`` toward ``params + updates``.
 
@@ -120,7 +120,7 @@ def _ordered_rates(options: _options.StepOptions,
   return [by_name[n] for n in info.names]
 
 
-def _arrive(state: EmaState, params: Params, updates: Optional[Params],
+def _arrive(state: EmaState, params: Params, updates: Params | None,
             where: str) -> tuple[Params, Params]:
   """``(stored, values)``: the averages on the device, and the new params
   (``params + updates``) arranged like them, after checking ``params`` and
@@ -230,7 +230,7 @@ def _select(mode: Value, averaged: Callable[[], jax.Array],
 
 
 def _guard(options: _options.StepOptions, plan: Plan, values: Params,
-           finite: Any) -> Optional[jax.Array]:
+           finite: Any) -> jax.Array | None:
   """Whether this step may change the averages; ``None``: nothing checked.
 
   Nothing is checked without the guard (``skip_nonfinite=False``) or on a
@@ -262,7 +262,7 @@ def _all_finite(plan: Plan, values: Params, finite: Any) -> jax.Array:
   return _numerics.everywhere(flag)
 
 
-def _guarded(ok: Optional[jax.Array], value: jax.Array,
+def _guarded(ok: jax.Array | None, value: jax.Array,
              old: jax.Array) -> jax.Array:
   """``value`` where the guard passed (or checked nothing), else ``old``."""
   return value if ok is None else jnp.where(ok, value, old)
@@ -285,7 +285,7 @@ def _copied(old: jax.Array, new: jax.Array) -> jax.Array:
 
 
 def _leaf(old: jax.Array, new: jax.Array, *, plan: Plan,
-          ok: Optional[jax.Array], fresh: Optional[jax.Array],
+          ok: jax.Array | None, fresh: jax.Array | None,
           rounding: str) -> jax.Array:
   """The new value of one stored float array ``old`` (names first, for
   named averages) from its new params ``new``. ``fresh``: with
@@ -319,7 +319,7 @@ def _leaf(old: jax.Array, new: jax.Array, *, plan: Plan,
 
 
 def _finish(state: EmaState, average: Params, plan: Plan,
-            ok: Optional[jax.Array]) -> EmaState:
+            ok: jax.Array | None) -> EmaState:
   """The new state: ``average`` put back where the old one was, the weight
   and step size of each average moved as it was, the counts."""
   weight = state.weight
@@ -364,11 +364,11 @@ def reset(state: _state.StateLike, params: Params, *,
 
 
 def update(state: EmaState, params: Params,
-           decay: Optional[_options.RatesLike] = None, *,
-           step_size: Optional[_options.RatesLike] = None,
+           decay: _options.RatesLike | None = None, *,
+           step_size: _options.RatesLike | None = None,
            skip_nonfinite: bool = True,
            rounding: str = 'tensorflow', update_every: int = 1,
-           first_update: Optional[int] = None, start_step: int = 0,
+           first_update: int | None = None, start_step: int = 0,
            per_update: bool = False,
            finite: jax.typing.ArrayLike | None = None) -> EmaState:
   r"""One pure step of the moving average(s) toward ``params``.
