@@ -46,10 +46,6 @@ def check_ema(ema: Any, params: Params) -> None:
       ' e.g. tx=optax.adam(1e-3), ema=emax.ema(0.999).')
 
 
-def _is_multisteps(x: Any) -> bool:
-  return isinstance(x, optax.MultiStepsState)
-
-
 def _check_accumulation(abstract: Any) -> None:
   """Under ``optax.MultiSteps`` the average in ``tx`` must skip micro-steps.
 
@@ -57,15 +53,16 @@ def _check_accumulation(abstract: Any) -> None:
   ``emax.with_ema(optax.MultiSteps(opt, k), d)``; anywhere else it would
   move on every micro-step.
   """
-  nodes = jax.tree.leaves(abstract, is_leaf=lambda x: _is_multisteps(x) or (
-      isinstance(x, _transform.WithEmaState)
-      and _is_multisteps(x.inner_state)))
-  if not any(_is_multisteps(x) for x in jax.tree.leaves(
-      abstract, is_leaf=_is_multisteps)):
+  if not _state.all_states(abstract, optax.MultiStepsState):
     return
-  covered = [s for x in nodes
-             if _is_multisteps(x) or isinstance(x, _transform.WithEmaState)
-             for s in _state.all_states(x)]
+
+  def skips_micro_steps(x: Any) -> bool:
+    return _transform.is_multisteps(x) or (
+        isinstance(x, _transform.WithEmaState)
+        and _transform.is_multisteps(x.inner_state))
+
+  covered = [s for x in jax.tree.leaves(abstract, is_leaf=skips_micro_steps)
+             if skips_micro_steps(x) for s in _state.all_states(x)]
   if len(covered) < len(_state.all_states(abstract)):
     raise ValueError(
         'The average sits outside optax.MultiSteps, so it would move on every'

@@ -200,7 +200,8 @@ def _is_transformation(x: Any) -> bool:
       x, type)
 
 
-def _is_multisteps(x: Any) -> bool:
+def is_multisteps(x: Any) -> bool:
+  """Whether ``x`` is the state of ``optax.MultiSteps``."""
   return isinstance(x, optax.MultiStepsState)
 
 
@@ -213,7 +214,7 @@ def on_real_steps(old: Any, new: Any, step: Callable[[], T],
   ``lax.cond`` on whether its ``gradient_step`` moved gives ``step()`` on
   real steps and ``unchanged`` on micro-steps.
   """
-  if not _is_multisteps(old):
+  if not is_multisteps(old):
     return step()
   moved = new.gradient_step != old.gradient_step
   return lax.cond(moved, step, lambda: unchanged)
@@ -225,10 +226,10 @@ def check_real_steps(inner_state: Any) -> None:
   An ``optax.MultiSteps`` anywhere but at the top of the optimizer's state
   would hide its micro-steps from :func:`on_real_steps`: refused.
   """
-  if _is_multisteps(inner_state):
+  if is_multisteps(inner_state):
     return
-  if any(_is_multisteps(x) for x in jax.tree.leaves(
-      inner_state, is_leaf=_is_multisteps)):
+  if any(is_multisteps(x) for x in jax.tree.leaves(
+      inner_state, is_leaf=is_multisteps)):
     raise ValueError(
         'The optimizer holds optax.MultiSteps inside another transformation,'
         ' so its average cannot tell micro-steps from real steps and would'
