@@ -1,13 +1,16 @@
 """The command line, ``python -m emax.posthoc``: post-hoc EMA to files.
 
-Reads a checkpoint directory with :func:`emax.posthoc.from_checkpoints` and
-writes one Orbax checkpoint of the params per reconstructed width.
+Reads an Orbax checkpoint directory with :func:`emax.posthoc.from_checkpoints`
+and writes one Orbax checkpoint of the params per reconstructed width; or a
+folder of ``NAME-STEP-SIGMA.safetensors`` snapshots with
+:func:`emax.posthoc.from_files` and writes one safetensors file per width.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Iterable, Sequence
+import json
 import os
 import sys
 from typing import Any
@@ -15,20 +18,31 @@ from typing import Any
 from emax import _checkpoint_files
 from emax import _checkpoint_record
 from emax import _posthoc_checkpoints
+from emax import _posthoc_files
+from emax import _safetensors
 
 _CLI = '''\
-Post-hoc EMA from the Orbax checkpoints of a training run.
+Post-hoc EMA from the Orbax checkpoints or the safetensors snapshots of a
+training run.
 
-Reads the checkpoints in CHECKPOINT_DIR (an orbax.checkpoint.CheckpointManager
-directory whose states hold emax power-function averages, saved with
-emax.checkpoint.save(..., sigma_rels=...) or described with --tracked),
-reconstructs the average of each --sigma-rel at checkpoint --step (the latest
-by default), and writes, for each, an Orbax checkpoint of the params:
+Reconstructs the average of each --sigma-rel at step --step (the latest by
+default) from the snapshots in DIR, which holds either
 
-  OUT_DIR/sigma_rel_<S>/<STEP>/   a CheckpointManager directory; restore with
+- the checkpoints of an orbax.checkpoint.CheckpointManager whose states hold
+  emax power-function averages, saved with emax.checkpoint.save(...,
+  sigma_rels=...) or described with --tracked; writes, for each width,
+  OUT_DIR/sigma_rel_<S>/<STEP>/, a CheckpointManager directory; restore with
       ocp.CheckpointManager(os.path.abspath("OUT_DIR/sigma_rel_<S>")).restore(
           STEP, args=ocp.args.StandardRestore())
   (<S>: the width as Python writes it, 0.1 for 0.10; ocp: orbax.checkpoint)
+
+- or one safetensors file per snapshot, NAME-STEP-SIGMA.safetensors (EDM2's
+  naming: STEP the steps the average had seen, an integer; SIGMA its
+  sigma_rel, e.g. ema-0020000-0.050.safetensors), saved by any framework
+  (safetensors.torch.save_file(ema.state_dict(), ...)); writes, for each
+  width, OUT_DIR/NAME-STEP-<S>.safetensors with the same tensor names and
+  dtypes (<S>: the width with three decimals, 0.100, or more if needed).
+  Needs safetensors: pip install "emax[safetensors]".
 '''
 
 
@@ -56,64 +70,98 @@ def _parse_tracked(values: list[str] | None) -> Any:
           for v in values]
 
 
-def _out_dirs(out: str, sigma_rels: list[float]) -> list[str]:
-  """One folder per width, named by the width as given (distinct widths,
-  distinct folders: ``repr`` of a float tells any two floats apart)."""
+def _distinct(sigma_rels: list[float]) -> list[float]:
+  """The widths, each given once (distinct floats get distinct outputs)."""
   repeated = sorted({s for s in sigma_rels if sigma_rels.count(s) > 1})
   if repeated:
     raise ValueError(f'--sigma-rel lists {repeated} more than once; give each'
                      ' width once.')
+  return sigma_rels
+
+
+def _out_dirs(out: str, sigma_rels: list[float]) -> list[str]:
+  """One folder per width, named by the width as given (``repr`` of a float
+  tells any two floats apart)."""
   return [os.path.join(out, f'sigma_rel_{s!r}') for s in sigma_rels]
 
 
-def _print_progress(steps: list[int]) -> Iterable[int]:
-  for k, step in enumerate(steps, 1):
-    print(f'checkpoint {k}/{len(steps)} (step {step})', file=sys.stderr,
-          flush=True)
-    yield step
+def _print_progress(what: str) -> Callable[[list[Any]], Iterable[Any]]:
+  def progress(items: list[Any]) -> Iterable[Any]:
+    for k, item in enumerate(items, 1):
+      print(f'{what} {k}/{len(items)} ({item})', file=sys.stderr, flush=True)
+      yield item
+  return progress
 
 
 def _progress_bar(
-    quiet: bool) -> Callable[[list[int]], Iterable[int]] | None:
+    quiet: bool, what: str, unit: str
+) -> Callable[[list[Any]], Iterable[Any]] | None:
   if quiet:
     return None
   try:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   except ImportError:
-    return _print_progress
-  return lambda steps: tqdm(steps, desc='checkpoints', unit='ckpt')
+    return _print_progress(what)
+  return lambda items: tqdm(items, desc=f'{what}s', unit=unit)
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='python -m emax.posthoc', description=_CLI,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('checkpoint_dir', metavar='DIR',
+                      help='the checkpoint directory, or the folder of the'
+                      ' snapshot files')
+  parser.add_argument('--sigma-rel', type=float, nargs='+', required=True,
+                      metavar='S', help='the widths to reconstruct')
+  parser.add_argument('--out', required=True, metavar='OUT_DIR',
+                      help='where to write one checkpoint or file per width')
+  parser.add_argument('--step', type=int, default=None,
+                      help='the checkpoint step, or the STEP of the snapshot'
+                      ' files, to reconstruct at (default: the latest)')
+  parser.add_argument('--name', default=None,
+                      help='safetensors snapshots: the NAME of the files to'
+                      ' read, when DIR holds several')
+  parser.add_argument('--tracked', nargs='+', metavar='S',
+                      help='Orbax checkpoints: the widths of the saved'
+                      ' averages, when the checkpoints do not record them:'
+                      ' one S per average, in the order given to emax.ema'
+                      ' (none: leave one out); or NAME=S per name, to'
+                      ' override widths that emax.checkpoint.save recorded'
+                      ' with the names')
+  parser.add_argument('--path', nargs='+', metavar='KEY',
+                      help='Orbax checkpoints: keys from the root to the'
+                      ' average, when the saved state holds several')
+  parser.add_argument('--item', default=None,
+                      help='Orbax checkpoints: the item, for managers that'
+                      ' save several')
+  parser.add_argument('--quiet', action='store_true',
+                      help='no progress bar')
+  return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """``python -m emax.posthoc``: see ``python -m emax.posthoc --help``."""
-  parser = argparse.ArgumentParser(
-      prog='python -m emax.posthoc', description=_CLI,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('checkpoint_dir', metavar='CHECKPOINT_DIR')
-  parser.add_argument('--sigma-rel', type=float, nargs='+', required=True,
-                      metavar='S', help='the widths to reconstruct')
-  parser.add_argument('--out', required=True, metavar='OUT_DIR',
-                      help='where to write one checkpoint per width')
-  parser.add_argument('--step', type=int, default=None,
-                      help='the checkpoint step to reconstruct at (default:'
-                      ' the latest)')
-  parser.add_argument('--tracked', nargs='+', metavar='S',
-                      help='the widths of the saved averages, when the'
-                      ' checkpoints do not record them: one S per average,'
-                      ' in the order given to emax.ema (none: leave one'
-                      ' out); or NAME=S per name, to override widths that'
-                      ' emax.checkpoint.save recorded with the names')
-  parser.add_argument('--path', nargs='+', metavar='KEY',
-                      help='keys from the root to the average, when the'
-                      ' saved state holds several')
-  parser.add_argument('--item', default=None,
-                      help='the item, for managers that save several')
-  parser.add_argument('--quiet', action='store_true',
-                      help='no progress bar')
+  parser = _parser()
   args = parser.parse_args(argv)
-  ocp = _checkpoint_files.orbax()
   try:
-    outs = _out_dirs(args.out, list(args.sigma_rel))
+    sigma_rels = _distinct(list(args.sigma_rel))
+  except ValueError as e:
+    parser.error(str(e))
+  if _posthoc_files.holds_snapshots(args.checkpoint_dir):
+    return _from_files(parser, args, sigma_rels)
+  if args.name is not None:
+    parser.error(f'--name picks among safetensors snapshot files, and'
+                 f' {args.checkpoint_dir} holds no .safetensors file.')
+  return _from_checkpoints(parser, args, sigma_rels)
+
+
+def _from_checkpoints(parser: argparse.ArgumentParser, args: Any,
+                      sigma_rels: list[float]) -> int:
+  """Orbax checkpoints in, one Orbax checkpoint per width out."""
+  ocp = _checkpoint_files.orbax()
+  outs = _out_dirs(args.out, sigma_rels)
+  try:
     tracked = _parse_tracked(args.tracked)
   except ValueError as e:
     parser.error(str(e))
@@ -123,16 +171,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                  ' remove them or choose another --out.')
   try:
     results = _posthoc_checkpoints.reconstruct_checkpoints(
-        args.checkpoint_dir, list(args.sigma_rel), target_step=args.step,
+        args.checkpoint_dir, sigma_rels, target_step=args.step,
         sigma_rels=tracked, path=args.path, like=None, item=args.item,
-        progress=_progress_bar(args.quiet), sigma_rels_arg='--tracked')
+        progress=_progress_bar(args.quiet, 'checkpoint', 'ckpt'),
+        sigma_rels_arg='--tracked')
   except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
     parser.exit(1, f'{parser.prog}: error: {e}\n')
   step = args.step
   if step is None:  # from_checkpoints found them: the latest
     step = max(_checkpoint_files.finished_steps(
         args.checkpoint_dir, parser.prog)[1])
-  for sigma_rel, out, params in zip(args.sigma_rel, outs, results):
+  for sigma_rel, out, params in zip(sigma_rels, outs, results):
     with ocp.CheckpointManager(os.path.abspath(out)) as manager:
       _checkpoint_record.save(
           manager, step, params, sigma_rels=None, wait=True,
@@ -140,4 +189,47 @@ def main(argv: Sequence[str] | None = None) -> int:
               'sigma_rel': sigma_rel, 'step': step,
               'checkpoints': os.path.abspath(args.checkpoint_dir)}})
     print(f'sigma_rel {sigma_rel!r}: wrote {out}/{step}')
+  return 0
+
+
+def _from_files(parser: argparse.ArgumentParser, args: Any,
+                sigma_rels: list[float]) -> int:
+  """``NAME-STEP-SIGMA.safetensors`` files in, one such file per width out.
+  """
+  orbax_only = [f for f, v in (('--tracked', args.tracked),
+                               ('--path', args.path), ('--item', args.item))
+                if v is not None]
+  if orbax_only:
+    parser.error(
+        f'{", ".join(orbax_only)} read{"s" * (len(orbax_only) == 1)} Orbax'
+        f' checkpoints, but {args.checkpoint_dir} holds safetensors snapshots,'
+        ' whose file names give their widths (NAME-STEP-SIGMA.safetensors).'
+        ' Leave it out.')
+  if os.path.isdir(args.out) and os.path.samefile(args.out,
+                                                  args.checkpoint_dir):
+    parser.error('--out is the snapshot folder itself; the outputs would be'
+                 ' read as snapshots next time. Choose another --out.')
+  try:
+    read = _posthoc_files.read(
+        args.checkpoint_dir, sigma_rels, target_step=args.step,
+        name=args.name, where=parser.prog, name_arg='--name ',
+        progress=_progress_bar(args.quiet, 'snapshot', 'file'))
+    outs = [os.path.join(args.out, _posthoc_files.file_name(read.target, s))
+            for s in sigma_rels]
+  except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+    parser.exit(1, f'{parser.prog}: error: {e}\n')
+  taken = [o for o in outs if os.path.exists(o)]
+  if taken:
+    one = len(taken) == 1
+    parser.exit(1, f'{parser.prog}: error: {", ".join(taken)} already'
+                f' exist{"s" * one}; remove {"it" if one else "them"} or'
+                ' choose another --out.\n')
+  os.makedirs(args.out, exist_ok=True)
+  for sigma_rel, out, arrays in zip(sigma_rels, outs, read.results):
+    record = {'sigma_rel': sigma_rel, 'step': read.target.step,
+              'snapshots': os.path.abspath(args.checkpoint_dir)}
+    _safetensors.save_safetensors(
+        arrays, out, metadata={**(read.metadata or {}),
+                               'emax.posthoc': json.dumps(record)})
+    print(f'sigma_rel {sigma_rel!r}: wrote {out}')
   return 0

@@ -40,6 +40,12 @@ Solving happens in float64 NumPy on the host; summing the snapshots streams,
 one at a time, into float64 host accumulators (see :func:`reconstruct`):
 memory is the sum (8 bytes per param) plus one loaded snapshot, whatever the
 number of snapshots.
+
+The snapshots come from memory (:func:`reconstruct`), from Orbax checkpoints
+(:func:`from_checkpoints`) or from safetensors files that any framework saved
+(:func:`from_files`); :func:`save_safetensors` exports any average for use
+outside JAX. ``python -m emax.posthoc`` reconstructs from checkpoints or
+files into files.
 """
 
 from __future__ import annotations
@@ -52,9 +58,13 @@ import numpy as np
 from emax import _posthoc_solve
 from emax._posthoc_checkpoints import from_checkpoints
 from emax._posthoc_cli import main
+from emax._posthoc_files import from_files
 from emax._posthoc_snapshots import reconstruct
+from emax._safetensors import load_safetensors
+from emax._safetensors import save_safetensors
 
-__all__ = ('coefficients', 'from_checkpoints', 'reconstruct')
+__all__ = ('coefficients', 'from_checkpoints', 'from_files',
+           'load_safetensors', 'reconstruct', 'save_safetensors')
 
 
 def coefficients(steps: Sequence[float], sigma_rels: Sequence[float],
