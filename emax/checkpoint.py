@@ -46,6 +46,8 @@ from optax import Params
 
 from emax import _checkpoint_files
 from emax import _checkpoint_record
+from emax import _late_start
+from emax import _options
 from emax._checkpoint_average import average
 from emax._checkpoint_record import save
 from emax._restored import read_average
@@ -113,7 +115,8 @@ def abstract_state(state: Params) -> Params:
 
 
 def restore(manager: _checkpoint_files.Manager, like: Params,
-            step: int | None = None) -> Params:
+            step: int | None = None, *, start_average: bool = False
+            ) -> Params:
   """Restores a checkpoint typed and sharded like ``like``.
 
   Waits first for the manager's own saves still in flight, so it never reads
@@ -125,6 +128,18 @@ def restore(manager: _checkpoint_files.Manager, like: Params,
     like: a state built as the saved one was (e.g. a fresh
       ``EmaTrainState.create(...)``), or its :func:`abstract_state`.
     step: the step to restore; the latest saved one by default.
+    start_average: start the averages of ``like`` from the restored params
+      when the checkpoint holds none (a run that trained without an average
+      and resumes with one: ``tx=emax.with_ema(opt, ...)`` or
+      ``optax.chain(opt, emax.ema(...))`` around the ``opt`` it saved with).
+      Every array of the checkpoint goes to its place in ``like`` without
+      its averages (the optimizer's state out of its
+      :class:`emax.WithEmaState` or chain), and each average starts as
+      :func:`emax.init` starts it, from the restored ``params`` (an
+      attribute or key at the top of the state; the ``batch_stats`` average
+      of an :class:`emax.flax.EmaTrainState` from its ``batch_stats``):
+      count 0, a copy, or weight 0 with ``debias=True``. No effect when the
+      checkpoint holds the averages.
 
   Named averages are restored by name: where :func:`emax.checkpoint.save`
   recorded them in another order than ``like`` lists them (the mapping
@@ -141,10 +156,20 @@ def restore(manager: _checkpoint_files.Manager, like: Params,
     FileNotFoundError: if the manager holds no checkpoint, or none at
       ``step``; the message lists the steps it holds.
     ValueError: if :func:`emax.checkpoint.save` recorded other names for an
-      average than ``like`` holds (the message shows both).
+      average than ``like`` holds (the message shows both); if ``like``
+      holds an average and the checkpoint none, without
+      ``start_average=True``; if the checkpoint holds an average and
+      ``like`` none (restore into a state with the average, or read the
+      params alone with :func:`average`).
   """
   ocp = _checkpoint_files.orbax()
   step = _checkpoint_files.restorable_step(manager, step)
+  start_average = _options.check_bool(start_average, 'start_average')
+  with _checkpoint_files.Reader() as reader:
+    item_dir, stored = _late_start.stored_tree(manager, step, reader)
+    if _late_start.check(stored, abstract_state(like), step, start_average):
+      return _late_start.restore(item_dir, stored, abstract_state(like), step,
+                                 reader)
   target = _checkpoint_record.in_recorded_order(
       _checkpoint_record.recorded(
           _checkpoint_files.manager_custom_metadata(manager, step)),

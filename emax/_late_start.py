@@ -1,0 +1,199 @@
+"""Starting an average late: ``emax.checkpoint.restore(start_average=True)``.
+
+A run that trained without an average and saved checkpoints, then resumes
+with one (``tx=emax.with_ema(opt, ...)``, or ``optax.chain(opt, emax.ema(...))``)
+restores into a state whose tree the checkpoint does not hold: the
+optimizer's state moved (into :class:`emax.WithEmaState`, or into a chain's
+tuple) and the averages are new. :func:`restore` maps every array of the
+checkpoint to its place in ``like`` by taking the averages out of ``like``
+(:func:`_without_averages`), reads the arrays alone with Orbax's partial
+restore, each into ``like``'s sharding, and starts every average from the
+restored params as :func:`emax.init` would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+import itertools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emax import _checkpoint_files
+from emax import _restored
+from emax import _state
+from emax import _step
+from emax import _stored_tree
+from emax._state import EmaState
+from emax._transform import WithEmaState
+
+OPTION = 'start_average=True'
+
+_BATCH_STATS_AVERAGE = 'batch_stats_ema'
+"""The field of :class:`emax.flax.EmaTrainState` that averages batch_stats."""
+
+
+def stored_tree(manager: _checkpoint_files.Manager, step: int,
+                reader: _checkpoint_files.Reader) -> tuple[Any, Any]:
+  """The item directory of ``step`` and its saved tree (metadata only);
+  ``(None, None)`` where the step's folder is not named by its step."""
+  _, found = _checkpoint_files.finished_steps(manager, 'emax.checkpoint.restore')
+  if step not in found:  # a manager with its own step names: Orbax alone
+    return None, None
+  item_dir = _checkpoint_files.item_directory(found[step], None, step)
+  return item_dir, reader.stored(item_dir, step)
+
+
+def check(stored: Any, target: Any, step: int, start_average: bool) -> bool:
+  """Whether the averages of ``target`` must be started (the checkpoint has
+  none); raises where the checkpoint and ``target`` disagree on averages."""
+  if stored is None:
+    return False
+  in_like = bool(_state.all_states(target))
+  in_checkpoint = [list(p) for p, _ in _restored.found_states(stored)]
+  where = f'emax.checkpoint.restore (step {step})'
+  if in_checkpoint and not in_like:
+    raise ValueError(
+        f'{where}: the checkpoint holds an emax average (at'
+        f' {in_checkpoint}) but like holds none. {OPTION} starts an average'
+        ' that a checkpoint lacks; it cannot drop one. Restore into a state'
+        ' built with the average (the same tx, e.g. emax.with_ema(opt,'
+        ' decay)), or read the params alone with emax.checkpoint.average('
+        f'manager, steps=[{step}]) and the average with'
+        ' emax.checkpoint.read_average.')
+  if in_like and not in_checkpoint:
+    if not start_average:
+      raise ValueError(
+          f'{where}: like holds an emax average but the checkpoint holds'
+          ' none (it was saved by a run without one). To start the average'
+          f' from the restored params, pass {OPTION}.')
+    return True
+  return False
+
+
+def _is_chain(node: Any) -> bool:
+  return type(node) is tuple and any(isinstance(c, EmaState) for c in node)
+
+
+def _without_averages(tree: Any, unwrap: bool) -> Any:
+  """``tree`` as the optimizer without its averages keeps it.
+
+  A :class:`WithEmaState` becomes its ``inner_state``; an
+  :class:`EmaState` in a chain's tuple leaves the tuple (with ``unwrap``, a
+  tuple left with one entry becomes that entry: ``chain(opt, ema)`` after
+  ``opt``); any other :class:`EmaState` becomes ``None``.
+  """
+  def special(x: Any) -> bool:
+    return isinstance(x, (WithEmaState, EmaState)) or _is_chain(x)
+
+  def drop(x: Any) -> Any:
+    if isinstance(x, WithEmaState):
+      return _without_averages(x.inner_state, unwrap)
+    if isinstance(x, EmaState):
+      return None
+    if _is_chain(x):
+      kept = tuple(_without_averages(c, unwrap) for c in x
+                   if not isinstance(c, EmaState))
+      return kept[0] if unwrap and len(kept) == 1 else kept
+    return x
+
+  return jax.tree.map(drop, tree, is_leaf=special)
+
+
+def _key(path: Iterable[Any]) -> tuple[str, ...]:
+  return tuple(str(k) for k in path)
+
+
+def _placed(stored: Any, indices: Any, step: int
+            ) -> list[tuple[tuple[Any, ...], int]]:
+  """``[(stored path, index of like's leaf)]`` for every saved array.
+
+  Tries the chain's tuple kept and unwrapped; raises if neither is the
+  checkpoint's tree.
+  """
+  saved = {_key(p): p for p, _ in _stored_tree.flatten(stored)}
+  for unwrap in (False, True):
+    flat = jax.tree_util.tree_flatten_with_path(
+        _without_averages(indices, unwrap))[0]
+    placed = {_key(_stored_tree.stored_key(k) for k in path): i
+              for path, i in flat}
+    if placed.keys() == saved.keys():
+      return [(saved[k], i) for k, i in placed.items()]
+  missing = sorted(set(placed) - set(saved))[:3]
+  extra = sorted(set(saved) - set(placed))[:3]
+  raise ValueError(
+      f'emax.checkpoint.restore (step {step}): the checkpoint is not like'
+      f' without its averages, so {OPTION} cannot place its arrays. like'
+      f' without averages has {[list(k) for k in missing]} that the'
+      f' checkpoint lacks, and the checkpoint has {[list(k) for k in extra]}'
+      ' that it lacks. Build like with the optimizer the run trained with'
+      ' (emax.with_ema(opt, ...) or optax.chain(opt, emax.ema(...)) around'
+      ' the same opt).')
+
+
+def _params_for(path: tuple[Any, ...]) -> str:
+  """Where the params of the average at ``path`` (a like path) are."""
+  first = _stored_tree.stored_key(path[0]) if path else None
+  return 'batch_stats' if first == _BATCH_STATS_AVERAGE else 'params'
+
+
+def _field(tree: Any, name: str, step: int) -> Any:
+  if isinstance(tree, dict) and name in tree:
+    return tree[name]
+  if hasattr(tree, name):
+    return getattr(tree, name)
+  raise ValueError(
+      f'emax.checkpoint.restore (step {step}): {OPTION} starts each average'
+      f' from the restored {name!r} (an attribute or key at the top of the'
+      f' state, as in a TrainState or {{"params": ..., "opt_state": ...}}),'
+      f' but like ({type(tree).__name__}) has no {name!r}.')
+
+
+def _started(abstract: EmaState, params: Any) -> EmaState:
+  """The state :func:`emax.init` gives ``params``, in ``abstract``'s layout."""
+  zeros = jax.tree.map(  # host memory kinds too (offload=True)
+      lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding),
+      abstract)
+  state = _step.reset(zeros, params, where='emax.checkpoint.restore')
+  return state._replace(
+      weight=jnp.full_like(state.weight, 0.0 if abstract.info.debias else 1.0),
+      step_size=jnp.zeros_like(state.step_size))
+
+
+def restore(item_dir: Any, stored: Any, target: Any, step: int,
+            reader: _checkpoint_files.Reader) -> Any:
+  """The checkpoint's arrays in ``target``'s places, averages started."""
+  leaves, treedef = jax.tree.flatten(target)
+  counter = itertools.count()
+  indices = jax.tree.unflatten(treedef, [next(counter) for _ in leaves])
+  placed = _placed(stored, indices, step)
+  values = reader.read(item_dir, stored, [p for p, _ in placed],
+                       [getattr(leaves[i], 'sharding', None)
+                        for _, i in placed])
+  out: list[Any] = [None] * len(leaves)
+  for (path, i), value in zip(placed, values):
+    want = leaves[i]
+    if tuple(np.shape(value)) != tuple(want.shape):
+      raise ValueError(
+          f'emax.checkpoint.restore (step {step}): the array at {list(path)}'
+          f' has shape {np.shape(value)} in the checkpoint but'
+          f' {tuple(want.shape)} in like.')
+    out[i] = value.astype(want.dtype) if value.dtype != want.dtype else value
+
+  def restored(subtree: Any) -> Any:
+    return jax.tree.map(lambda i: out[i], subtree)
+
+  is_state = lambda x: isinstance(x, EmaState)  # noqa: E731
+  for path, node in jax.tree_util.tree_flatten_with_path(
+      indices, is_leaf=is_state)[0]:
+    if not is_state(node):
+      continue
+    params = restored(_field(indices, _params_for(path), step))
+    abstract = jax.tree.map(lambda i: leaves[i], node)
+    started = _started(abstract, params)
+    for i, x in zip(jax.tree.leaves(node), jax.tree.leaves(started)):
+      out[i] = x
+  return jax.tree.unflatten(treedef, out)
+

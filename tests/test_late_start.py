@@ -1,0 +1,206 @@
+"""emax.checkpoint.restore(start_average=True): an average started late.
+
+A run trained without an average; it resumes with one. Every array of its
+checkpoint lands where it belongs in the new state (the optimizer's state
+inside emax.WithEmaState or a chain), each average starts from the restored
+params as emax.init starts it, and the next step moves it as the float64
+rule ``avg + (1 - d) * (p - avg)`` says. Without the option, and in the
+reverse direction, the error names it.
+"""
+
+import os
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import emax
+import emax.checkpoint
+from emax.flax import EmaTrainState
+
+DECAY = 0.75
+OPT = optax.sgd(0.1, momentum=0.9)
+
+
+def _params():
+  return {'w': jnp.arange(6, dtype=jnp.float32).reshape(2, 3) / 7,
+          'b': jnp.full((3,), 0.3, jnp.bfloat16)}
+
+
+def _grads(params, k):
+  return jax.tree.map(lambda x: jnp.full_like(x, 0.5 + k), params)
+
+
+def _trained_without_average():
+  """A flax TrainState (no average) after two steps, its batch_stats kept."""
+  state = _TrainStateBS.create(apply_fn=None, params=_params(), tx=OPT,
+                               batch_stats={'mean': jnp.full((3,), 2.0)})
+  for k in range(2):
+    state = state.apply_gradients(grads=_grads(state.params, k))
+  return state.replace(batch_stats={'mean': jnp.full((3,), 5.0)})
+
+
+class _TrainStateBS(train_state.TrainState):
+  batch_stats: dict = flax.struct.field(default=None)
+
+
+def _save(path, state, step=2):
+  with ocp.CheckpointManager(os.path.abspath(path)) as manager:
+    assert emax.checkpoint.save(manager, step, state)
+
+
+def _restore(path, like, **kw):
+  with ocp.CheckpointManager(os.path.abspath(path)) as manager:
+    return emax.checkpoint.restore(manager, like, **kw)
+
+
+def _assert_same(got, want):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert np.asarray(a).dtype == np.asarray(b).dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize('debias', [False, True])
+def test_train_state_resumes_with_an_average(tmp_path, debias):
+  old = _trained_without_average()
+  _save(tmp_path, old)
+  like = EmaTrainState.create(
+      apply_fn=None, params=_params(), tx=OPT,
+      ema=emax.ema(DECAY, debias=debias),
+      batch_stats={'mean': jnp.zeros(3)})
+  state = _restore(tmp_path, like, start_average=True)
+
+  assert type(state) is EmaTrainState and int(state.step) == 2
+  _assert_same(state.params, old.params)
+  _assert_same(state.batch_stats, old.batch_stats)
+  _assert_same(state.opt_state.inner_state, old.opt_state)
+  ema = state.opt_state.ema_state
+  assert int(ema.count) == 0 and int(ema.skipped) == 0
+  assert float(ema.weight) == (0.0 if debias else 1.0)
+  assert float(ema.step_size) == 0.0
+  # Read now, the averages are the restored params and batch_stats.
+  _assert_same(state.ema_params, old.params)
+  _assert_same(state.batch_stats_ema.average, {'mean': np.full(3, 5.0,
+                                                               np.float32)})
+
+  # One more step moves the average by the float64 rule from the restored
+  # params (debias: weight 1 - d, read divided by it).
+  grads = _grads(state.params, 2)
+  nxt = state.apply_gradients(grads=grads)
+  for key in ('w',):
+    p0 = np.asarray(old.params[key], np.float64)
+    p1 = np.asarray(nxt.params[key], np.float64)
+    if debias:
+      want = (1 - DECAY) * p1 / (1 - DECAY)
+    else:
+      want = p0 + (1 - DECAY) * (p1 - p0)
+    np.testing.assert_allclose(np.asarray(nxt.ema_params[key]), want,
+                               rtol=2e-7)
+  # The optimizer goes on from its restored moments: the same step as the
+  # run without an average takes.
+  _assert_same(nxt.params, old.apply_gradients(grads=grads).params)
+
+
+@pytest.mark.parametrize('options', [
+    {}, {'names': True}, {'pack': True}, {'offload': True},
+    {'mask': {'w': True, 'b': False}}, {'accumulator_dtype': jnp.float64}])
+def test_chain_state_starts_as_init_would(tmp_path, options):
+  old = _trained_without_average()
+  _save(tmp_path, {'params': old.params, 'opt_state': old.opt_state})
+  decay = {'fast': 0.5, 'slow': 0.9} if options.pop('names', False) else DECAY
+  if options.get('accumulator_dtype') is jnp.float64:
+    pytest.importorskip('jax').config.update('jax_enable_x64', True)
+  try:
+    tx = optax.chain(OPT, emax.ema(decay, **options))
+    like = {'params': _params(), 'opt_state': tx.init(_params())}
+    state = _restore(tmp_path, like, start_average=True)
+    _assert_same(state['params'], old.params)
+    _assert_same(state['opt_state'][0], old.opt_state)
+    # The average is emax.init of the restored params, bit for bit (same
+    # layout, dtypes, host memory for offload).
+    _assert_same(state['opt_state'][1], tx.init(old.params)[1])
+    assert (jax.tree.structure(state['opt_state'][1])
+            == jax.tree.structure(like['opt_state'][1]))
+    if options.get('offload'):
+      kinds = {x.sharding.memory_kind
+               for x in jax.tree.leaves(state['opt_state'][1].average)}
+      assert kinds == {'pinned_host'}
+  finally:
+    jax.config.update('jax_enable_x64', False)
+
+
+def test_opt_alone_and_chain_of_one_both_place(tmp_path):
+  """A checkpoint of chain(opt) (a 1-tuple) or of opt itself."""
+  old = _trained_without_average()
+  tx = optax.chain(OPT, emax.ema(DECAY))
+  like = {'params': _params(), 'opt_state': tx.init(_params())}
+  for name, saved in (('alone', old.opt_state), ('one', (old.opt_state,))):
+    _save(tmp_path / name, {'params': old.params, 'opt_state': saved})
+    state = _restore(tmp_path / name, like, start_average=True)
+    _assert_same(state['opt_state'][0], old.opt_state)
+
+
+def test_sharded_like_restores_sharded(tmp_path):
+  mesh = jax.make_mesh((8,), ('x',))
+  sharding = NamedSharding(mesh, P('x'))
+  params = {'w': jax.device_put(jnp.arange(16.0), sharding)}
+  opt_state = OPT.init(params)
+  _save(tmp_path, {'params': params, 'opt_state': opt_state})
+  tx = emax.with_ema(OPT, DECAY)
+  like = {'params': params, 'opt_state': tx.init(params)}
+  state = _restore(tmp_path, like, start_average=True)
+  for got in (state['params']['w'],
+              state['opt_state'].ema_state.average['w'],
+              state['opt_state'].inner_state[0].trace['w']):
+    assert got.sharding == sharding
+  np.testing.assert_array_equal(
+      np.asarray(state['opt_state'].ema_state.average['w']), np.arange(16.0))
+
+
+def test_without_the_option_the_error_names_it(tmp_path):
+  old = _trained_without_average()
+  _save(tmp_path, old)
+  like = EmaTrainState.create(apply_fn=None, params=_params(), tx=OPT,
+                              ema=emax.ema(DECAY),
+                              batch_stats={'mean': jnp.zeros(3)})
+  with pytest.raises(ValueError, match='start_average=True'):
+    _restore(tmp_path, like)
+  with pytest.raises(TypeError, match='start_average must be True or False'):
+    _restore(tmp_path, like, start_average='yes')
+
+
+def test_reverse_checkpoint_with_average_into_state_without(tmp_path):
+  tx = emax.with_ema(OPT, DECAY)
+  _save(tmp_path, {'params': _params(), 'opt_state': tx.init(_params())})
+  like = {'params': _params(), 'opt_state': OPT.init(_params())}
+  for option in (False, True):
+    with pytest.raises(ValueError, match=r'start_average=True starts an'
+                       r' average that a checkpoint lacks; it cannot drop'):
+      _restore(tmp_path, like, start_average=option)
+
+
+def test_other_optimizer_is_refused_with_both_sides(tmp_path):
+  old = _trained_without_average()
+  _save(tmp_path, {'params': old.params, 'opt_state': old.opt_state})
+  tx = emax.with_ema(optax.adam(0.1), DECAY)
+  like = {'params': _params(), 'opt_state': tx.init(_params())}
+  with pytest.raises(ValueError, match=r'not like without its averages.*'
+                     r"'mu'.*'trace'"):
+    _restore(tmp_path, like, start_average=True)
+
+
+def test_no_effect_when_the_checkpoint_has_the_average(tmp_path):
+  tx = emax.with_ema(OPT, DECAY)
+  state = {'params': _params(), 'opt_state': tx.init(_params())}
+  state = {'params': state['params'],
+           'opt_state': tx.update(_grads(_params(), 0), state['opt_state'],
+                                  state['params'])[1]}
+  _save(tmp_path, state)
+  _assert_same(_restore(tmp_path, state, start_average=True), state)
