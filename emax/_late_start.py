@@ -26,6 +26,7 @@ from emax import _restored
 from emax import _state
 from emax import _step
 from emax import _stored_tree
+from emax._bema import BemaState
 from emax._state import EmaState
 from emax._transform import WithEmaState
 
@@ -73,8 +74,12 @@ def check(stored: Any, target: Any, step: int, start_average: bool) -> bool:
   return False
 
 
+_AVERAGES = (EmaState, BemaState)
+"""The states of an averaging transformation: what a chain's tuple loses."""
+
+
 def _is_chain(node: Any) -> bool:
-  return type(node) is tuple and any(isinstance(c, EmaState) for c in node)
+  return type(node) is tuple and any(isinstance(c, _AVERAGES) for c in node)
 
 
 def _without_averages(tree: Any, unwrap: bool) -> Any:
@@ -83,19 +88,19 @@ def _without_averages(tree: Any, unwrap: bool) -> Any:
   A :class:`WithEmaState` becomes its ``inner_state``; an
   :class:`EmaState` in a chain's tuple leaves the tuple (with ``unwrap``, a
   tuple left with one entry becomes that entry: ``chain(opt, ema)`` after
-  ``opt``); any other :class:`EmaState` becomes ``None``.
+  ``opt``); any other :class:`EmaState` (or BEMA state) becomes ``None``.
   """
   def special(x: Any) -> bool:
-    return isinstance(x, (WithEmaState, EmaState)) or _is_chain(x)
+    return isinstance(x, (WithEmaState, *_AVERAGES)) or _is_chain(x)
 
   def drop(x: Any) -> Any:
     if isinstance(x, WithEmaState):
       return _without_averages(x.inner_state, unwrap)
-    if isinstance(x, EmaState):
+    if isinstance(x, _AVERAGES):
       return None
     if _is_chain(x):
       kept = tuple(_without_averages(c, unwrap) for c in x
-                   if not isinstance(c, EmaState))
+                   if not isinstance(c, _AVERAGES))
       return kept[0] if unwrap and len(kept) == 1 else kept
     return x
 

@@ -204,3 +204,13 @@ def test_no_effect_when_the_checkpoint_has_the_average(tmp_path):
                                   state['params'])[1]}
   _save(tmp_path, state)
   _assert_same(_restore(tmp_path, state, start_average=True), state)
+
+
+def test_bema_starts_late(tmp_path):
+  old = _trained_without_average()
+  _save(tmp_path, {'params': old.params, 'opt_state': old.opt_state})
+  tx = optax.chain(OPT, emax.bema(burn_in=1))
+  like = {'params': _params(), 'opt_state': tx.init(_params())}
+  state = _restore(tmp_path, like, start_average=True)
+  _assert_same(state['opt_state'][0], old.opt_state)
+  _assert_same(state['opt_state'][1], tx.init(old.params)[1])
