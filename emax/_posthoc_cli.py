@@ -205,6 +205,9 @@ def _from_files(parser: argparse.ArgumentParser, args: Any,
         f' checkpoints, but {args.checkpoint_dir} holds safetensors snapshots,'
         ' whose file names give their widths (NAME-STEP-SIGMA.safetensors).'
         ' Leave it out.')
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    parser.error(f'--out {args.out} is a file; give a folder to write the'
+                 ' reconstructions into.')
   if os.path.isdir(args.out) and os.path.samefile(args.out,
                                                   args.checkpoint_dir):
     parser.error('--out is the snapshot folder itself; the outputs would be'

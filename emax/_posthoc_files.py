@@ -202,10 +202,12 @@ def read(directory: Any, targets: list[float], *, target_step: Any,
   order = sorted(used)
   latest = max(order, key=lambda k: (steps[k], -k))
   # Headers first (no arrays): a mismatch fails before anything is read.
-  first, _ = _header(safetensors, files[order[0]].path)
+  first: dict[str, Any] = {}
   metadata = None
   for k in order:
     specs, meta = _header(safetensors, files[k].path)
+    if k == order[0]:
+      first = specs
     _same(specs, first, os.path.basename(files[k].path),
           os.path.basename(files[order[0]].path), where)
     if k == latest:

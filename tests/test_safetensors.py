@@ -431,6 +431,10 @@ def test_cli_errors_name_the_flag(tmp_path, capsys):
   code, _, err = _cli(capsys, tmp_path / 'run', '--sigma-rel', 0.1, 0.1,
                       '--out', tmp_path / 'out', '--name', 'ema')
   assert code == 2 and '--sigma-rel lists [0.1] more than once' in err
+  (tmp_path / 'file').write_text('')
+  code, _, err = _cli(capsys, tmp_path / 'run', '--sigma-rel', 0.1,
+                      '--out', tmp_path / 'file', '--name', 'ema')
+  assert code == 2 and 'is a file; give a folder' in err
   (tmp_path / 'empty').mkdir()
   code, _, err = _cli(capsys, tmp_path / 'empty', '--sigma-rel', 0.1,
                       '--out', tmp_path / 'out', '--name', 'ema')
