@@ -224,7 +224,7 @@ def read(directory: Any, targets: list[float], *, target_step: Any,
   results = []
   for total in sums:
     result = total.result()
-    results.append({key: result[key] for key in first})  # the file's order
+    results.append({key: result[key] for key in first})  # sorted by name
   return Read(results, files[latest], metadata)
 
 
@@ -265,7 +265,7 @@ def from_files(directory: str | os.PathLike[str], target_sigma_rel: Any, *,
 
   Returns:
     ``{tensor name: np.ndarray}`` with the snapshots' names, dtypes and
-    shapes, in the files' order; a list of them, one per target, when
+    shapes, sorted by name; a list of them, one per target, when
     ``target_sigma_rel`` is a sequence. :func:`save_safetensors` writes one
     to a file.
 

@@ -166,7 +166,7 @@ def load_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     path: a ``.safetensors`` file.
 
   Returns:
-    ``{name: np.ndarray}``, in the file's order.
+    ``{name: np.ndarray}``, sorted by name.
 
   Raises:
     ImportError: if safetensors is not installed (the message names the

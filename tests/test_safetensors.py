@@ -162,6 +162,12 @@ def test_load_names_a_missing_or_broken_file(tmp_path):
   (tmp_path / 'bad.safetensors').write_bytes(b'not a safetensors file')
   with pytest.raises(ValueError, match='cannot be read as a safetensors'):
     posthoc.load_safetensors(tmp_path / 'bad.safetensors')
+  # safetensors writes float8 from NumPy but cannot read it back into NumPy.
+  save_file({'q': np.zeros(2, ml_dtypes.float8_e4m3fn)},
+            tmp_path / 'f8.safetensors')
+  with pytest.raises(ValueError, match=r"tensor 'q' has dtype F8_E4M3, which"
+                     ' safetensors cannot read into NumPy'):
+    posthoc.load_safetensors(tmp_path / 'f8.safetensors')
 
 
 # --- post-hoc EMA from snapshot files -----------------------------------------
