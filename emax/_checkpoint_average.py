@@ -86,10 +86,16 @@ def average(directory_or_manager: str | os.PathLike | Any,
       default the single item that a ``CheckpointManager`` saves.
     sharding: where the arrays go. ``None``: host memory; the result is
       NumPy arrays (``jax.device_put`` them where they belong). A
-      ``jax.sharding.Sharding``, or a tree of them shaped like the result:
-      each checkpoint is restored straight into that sharding, summed there,
-      and the result is ``jax.Array``\ s placed so (for models that do not
-      fit in one host's memory).
+      ``jax.sharding.Sharding``, or a tree shaped like the result of
+      shardings or of ``jax.Array``\ s / ``jax.ShapeDtypeStruct``\ s that
+      have one (the params, or ``jax.eval_shape`` of them): each
+      checkpoint's arrays are restored straight into that sharding, each
+      device reading only its own shards, summed there shard by shard, and
+      the result is ``jax.Array``\ s placed so. No host or device holds a
+      whole unsharded array: per device, memory holds about one shard set
+      of the sum and one of the checkpoint being read (see
+      ``docs/scaling.md``). Works across processes (``jax.distributed``)
+      with a sharding over all their devices.
     accumulator_dtype: ``None``, ``jnp.float32`` or ``jnp.float64``: the
       least precise dtype of the running sum (float64 leaves always sum in
       float64). float64 with ``sharding`` needs ``jax_enable_x64``.
@@ -144,7 +150,8 @@ def average(directory_or_manager: str | os.PathLike | Any,
     for step, _, _, selection in plans[1:]:
       _check_same(chosen[0], first, step, selection)
     treedef, keypaths, specs = first
-    shardings = _leaf_shardings(sharding, treedef, keypaths)
+    shardings = _streaming_sum.leaf_shardings(sharding, treedef,
+                                              'the averaged subtree')
     selection_bytes = sum(int(np.prod(shape)) * dtype.itemsize
                           for shape, dtype in specs)
     acc_dtypes = [max(acc_floor, _tree.accumulator_dtype_for(dtype),
@@ -328,22 +335,3 @@ def _check_same(step0: int, selection0: _Selection, step: int,
           f' checkpoint {step0} but shape {spec[0]} and dtype {spec[1]} in'
           f' checkpoint {step}. Average checkpoints of one model.')
 
-
-def _leaf_shardings(sharding: Any, treedef: Any,
-                    keypaths: list[tuple[Any, ...]]
-                    ) -> list[Sharding | None]:
-  if sharding is None:
-    return [None] * len(keypaths)
-  if isinstance(sharding, Sharding):
-    return [sharding] * len(keypaths)
-  try:
-    shardings = treedef.flatten_up_to(sharding)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        'sharding must be None, a jax.sharding.Sharding, or a tree of them'
-        f' shaped like the averaged subtree ({treedef}): {e}') from e
-  bad = [s for s in shardings if not isinstance(s, Sharding)]
-  if bad:
-    raise TypeError(
-        f'sharding must hold jax.sharding.Sharding leaves, got {bad[0]!r}.')
-  return shardings

@@ -7,8 +7,9 @@ mismatch fails before any array is read: each checkpoint's metadata and
 record (:class:`_Checkpoint`), then its ``count``. The weights come from the
 EDM2 solve (:mod:`emax._posthoc_solve`), one set per target; then each
 checkpoint with a weight has its averages alone read (a partial restore),
-debiased (:mod:`emax._restored`) and added into one float64 sum per target
-(:class:`emax._streaming_sum.TreeSum`) before the next one is read.
+debiased (:mod:`emax._restored`) and added into one sum per target
+(:class:`emax._streaming_sum.TreeSum`: float64 on the host, or on the
+devices shard by shard with ``sharding=``) before the next one is read.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+from jax.sharding import Sharding
 
 from emax import _checkpoint_files
 from emax import _checkpoint_record
@@ -25,6 +30,7 @@ from emax import _options
 from emax import _posthoc_solve
 from emax import _restored
 from emax import _stored_tree
+from emax import _streaming_sum
 from emax._streaming_sum import TreeSum
 
 _WHERE = 'emax.posthoc.from_checkpoints'
@@ -35,7 +41,7 @@ def from_checkpoints(directory: Any, target_sigma_rel: Any, *,
                      path: Sequence[str | int] | None = None, like: Any = None,
                      item: str | None = None,
                      progress: Callable[[list[int]], Iterable[int]] | None
-                     = None) -> Any:
+                     = None, sharding: Any = None) -> Any:
   """Post-hoc EMA from the Orbax checkpoints that training wrote.
 
   Each checkpoint step up to ``target_step`` gives one snapshot per
@@ -49,7 +55,8 @@ def from_checkpoints(directory: Any, target_sigma_rel: Any, *,
   into a float64 sum per target, as :func:`emax.posthoc.reconstruct` does. Host
   memory holds one float64 sum per target (8 bytes per param) plus one
   checkpoint's averages, whatever the number of checkpoints; several targets
-  cost one read of the checkpoints.
+  cost one read of the checkpoints. With ``sharding``, the same happens on
+  the devices, shard by shard.
 
   Checkpoints whose average has seen no step (``count`` 0, e.g. saved
   before training) hold no snapshot and are skipped.
@@ -76,12 +83,27 @@ def from_checkpoints(directory: Any, target_sigma_rel: Any, *,
     item: the item of a manager that saves several (``item_names``).
     progress: wraps the list of checkpoint steps read in the summing pass,
       e.g. ``tqdm.tqdm``, to show progress.
+    sharding: ``None`` (the sums in float64 on the host), or where the
+      result goes, for params too large for one host: a
+      ``jax.sharding.Sharding``, or a tree shaped like the result of
+      shardings or of ``jax.Array`` or ``jax.ShapeDtypeStruct`` leaves that
+      have one (the params, or ``jax.eval_shape`` of them), as for
+      :func:`emax.checkpoint.average`. Each checkpoint's averages are then
+      restored straight into that sharding (each device reads its own
+      shards; the averages of several names with a leading, unsharded axis),
+      debiased and summed on the devices shard by shard, in float32
+      (complex64), or float64 (complex128) when ``jax_enable_x64`` is on:
+      no host or device holds a whole unsharded tree. It runs as well under
+      ``jax.distributed``, every process calling it with a sharding over all
+      devices (see ``docs/scaling.md``). Plain averages only: ``like``
+      must not be a state (``pack=True``, ``offload=True``).
 
   Returns:
     The reconstructed params in the params' dtypes (as recorded, or from
-    ``like``; else the stored dtypes), NumPy arrays on the host, in the
-    stored dicts and lists (``like``'s tree types when given); a list of
-    them, one per target, when ``target_sigma_rel`` is a sequence.
+    ``like``; else the stored dtypes), NumPy arrays on the host
+    (``jax.Array`` leaves on ``sharding`` when given), in the stored dicts
+    and lists (``like``'s tree types when given); a list of them, one per
+    target, when ``target_sigma_rel`` is a sequence.
 
   Raises:
     FileNotFoundError: if the directory holds no finished checkpoint or none
@@ -90,7 +112,10 @@ def from_checkpoints(directory: Any, target_sigma_rel: Any, *,
       no average or no width is found (the message says what to save or
       pass), two
       checkpoints hold the same ``count``, or the checkpoints differ in what
-      they hold.
+      they hold; if ``sharding`` is not shaped like the result, or ``like``
+      is a state while ``sharding`` is given.
+    TypeError: if ``sharding`` holds something that is no sharding and has
+      none.
 
   Examples:
     Train with two power-function averages and save them now and then,
@@ -125,7 +150,7 @@ def from_checkpoints(directory: Any, target_sigma_rel: Any, *,
   return reconstruct_checkpoints(
       directory, target_sigma_rel, target_step=target_step,
       sigma_rels=sigma_rels, path=path, like=like, item=item,
-      progress=progress)
+      progress=progress, sharding=sharding)
 
 
 def reconstruct_checkpoints(
@@ -133,7 +158,7 @@ def reconstruct_checkpoints(
     sigma_rels: Any, path: Sequence[str | int] | None, like: Any,
     item: str | None,
     progress: Callable[[list[int]], Iterable[int]] | None,
-    sigma_rels_arg: str = 'sigma_rels=') -> Any:
+    sigma_rels_arg: str = 'sigma_rels=', sharding: Any = None) -> Any:
   """:func:`from_checkpoints`, saying ``sigma_rels_arg`` in messages.
 
   The command line gives the widths as ``--tracked``: its messages name
@@ -159,6 +184,7 @@ def reconstruct_checkpoints(
           sigma_rels=sigma_rels, sigma_rels_arg=sigma_rels_arg))
       checkpoints[-1].same_as(checkpoints[0])
     first = checkpoints[0]
+    targets_at, read_at = _shardings(first, sharding)
     counts = [int(np.asarray(reader.read(c.item_dir, c.stored,
                                          [c.path + ('count',)])[0]))
               for c in checkpoints]
@@ -188,7 +214,11 @@ def reconstruct_checkpoints(
       weights.append(w)
       used |= set(u.tolist())
     latest = max(used, key=lambda k: (steps[k], -k))
-    sums = [TreeSum() for _ in targets]
+    sums: list[Any]
+    if targets_at is None:
+      sums = [TreeSum() for _ in targets]
+    else:  # one sum per leaf and target: leaves are debiased one at a time
+      sums = [[TreeSum(s) for s in targets_at] for _ in targets]
     to_read = sorted({snapshots[k][0] for k in used})
     read_steps = [chosen[i] for i in to_read]
     index_of = {chosen[i]: i for i in to_read}
@@ -197,24 +227,31 @@ def reconstruct_checkpoints(
       i = index_of[step]
       c = checkpoints[i]
       values = reader.read(c.item_dir, c.stored,
-                           [c.path + p for p, _, _ in c.leaves])
+                           [c.path + p for p, _, _ in c.leaves], read_at)
       node = _stored_tree.rebuild(c.node, values)
       del values
       for k in (k for k in sorted(used) if snapshots[k][0] == i):
         j = snapshots[k][1]
-        leaves, treedef = _restored.debiased(
-            node, c.plan, j if c.plan.stacked else None, _WHERE)
-        out_treedef = treedef
+        index = j if c.plan.stacked else None
+        where = f'checkpoint step {step}, average {j}'
+        if targets_at is not None:
+          _add_leaf_by_leaf(node, c.plan, index, sums,
+                            [float(w[k]) for w in weights], k == latest, where)
+          continue
+        leaves, out_treedef = _restored.debiased(node, c.plan, index, _WHERE)
         arrays = [np.asarray(x) for x in leaves]  # on the host
         del leaves
         for total, w in zip(sums, weights):
-          total.add(arrays, float(w[k]), k == latest,
-                    f'checkpoint step {step}, average {j}')
+          total.add(arrays, float(w[k]), k == latest, where)
         del arrays
       del node
       reader.done(c.nbytes)
   plan = first.plan
-  if plan.like_state is not None:
+  if targets_at is not None:
+    results = [plan.shape([s.result([d]) for s, d in zip(leaf_sums,
+                                                         plan.dtypes)])
+               for leaf_sums in sums]
+  elif plan.like_state is not None:
     dtypes = plan.param_dtypes
     results = [jax.tree.unflatten(out_treedef, s.result(dtypes))
                for s in sums]
@@ -257,6 +294,73 @@ class _Checkpoint:
         raise ValueError(
             f'Checkpoints {other.step} and {self.step} differ in {what}:'
             f' {b} against {a}. Reconstruct from the checkpoints of one run.')
+
+
+def _add_leaf_by_leaf(node: dict[str, Any], plan: _restored.Plan,
+                      index: int | None, sums: list[list[TreeSum]],
+                      weights: list[float], latest: bool, where: str) -> None:
+  """Adds average ``index`` of ``node`` into per-leaf sums, leaf by leaf.
+
+  Each leaf is debiased alone (by :func:`emax._restored.debiased`, on a node
+  of that one leaf) and dropped before the next: beyond the sums and the
+  checkpoint's read, the devices hold one leaf's temporaries.
+  """
+  for n, (_, x) in enumerate(_stored_tree.flatten(node['average'])):
+    [y], _ = _restored.debiased({'average': x, 'weight': node['weight']},
+                                plan, index, _WHERE)
+    for leaf_sums, w in zip(sums, weights):
+      leaf_sums[n].add(y, w, latest, where)
+    del y
+
+
+def _shardings(c: _Checkpoint, sharding: Any
+               ) -> tuple[list[Sharding | None] | None,
+                          list[Sharding | None] | None]:
+  """Where each result leaf goes, and where each leaf of ``c.leaves`` is read.
+
+  ``(None, None)`` without ``sharding``: everything is read on the host. The
+  averages of a stacked state (several named averages) are read with a
+  leading axis unsharded; the ``count``, ``weight`` and other scalars on
+  the host.
+  """
+  if sharding is None:
+    return None, None
+  if c.plan.like_state is not None:
+    raise ValueError(
+        f'{_WHERE}: sharding= reads a plain average straight into its'
+        ' sharding, but like= is a state (as pack=True and offload=True'
+        ' averages need): their stored buffers are not laid out like the'
+        ' params. Pass like= a tree shaped like the params (or no like) for'
+        ' a plain average, or sharding=None to reconstruct on the host and'
+        ' jax.device_put the result.')
+  average = [p for p, _, _ in c.leaves if p[0] == 'average']
+  treedef = jax.tree.structure(
+      c.plan.shape([0] * len(average)))  # the result's tree
+  targets = _streaming_sum.leaf_shardings(sharding, treedef,
+                                          'the reconstructed params')
+  where = dict(zip(average, targets))
+  read: list[Sharding | None] = []
+  for p, shape, dtype in c.leaves:
+    s = where.get(p)
+    if s is not None and c.plan.stacked and jnp.issubdtype(dtype, jnp.inexact):
+      s = _with_leading_axis(s, p, shape)
+    read.append(s)
+  return targets, read
+
+
+def _with_leading_axis(s: Sharding, path: tuple[Any, ...],
+                       shape: tuple[int, ...]) -> Sharding:
+  """``s`` for the same array stacked behind a new, unsharded first axis."""
+  if isinstance(s, NamedSharding):
+    return NamedSharding(s.mesh, PartitionSpec(None, *s.spec),
+                         memory_kind=s.memory_kind)
+  if s.is_fully_replicated:
+    return s
+  raise TypeError(
+      f'{_WHERE}: {_stored_tree.keystr(path)} (shape {shape}) stacks several'
+      f' named averages on a first axis, and its target sharding {s} cannot'
+      ' say how to shard that stack. Give a jax.sharding.NamedSharding'
+      ' (its spec gets a leading None) or a replicated sharding.')
 
 
 def _snapshot_widths(plan: _restored.Plan, entry: dict[str, Any] | None,

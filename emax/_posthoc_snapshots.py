@@ -3,8 +3,9 @@
 Each snapshot is a ``(step, sigma_rel, tree_or_loader)`` tuple. The tuples
 are read once into a list and checked, the weights come from the EDM2 solve
 (:mod:`emax._posthoc_solve`), and the snapshots with a weight are loaded one
-at a time and added into a float64 sum (:class:`emax._streaming_sum.TreeSum`)
-before the next one is loaded.
+at a time and added into a sum (:class:`emax._streaming_sum.TreeSum`: float64
+on the host, or on the devices shard by shard with ``sharding=``) before the
+next one is loaded.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ Snapshot = tuple[Any, Any, optax.Params | Callable[[], optax.Params]]
 
 
 def reconstruct(snapshots: Iterable[Snapshot], target_sigma_rel: float,
-                target_step: float | None = None) -> optax.Params:
+                target_step: float | None = None, *,
+                sharding: Any = None) -> optax.Params:
   """Rebuilds the average of another width from snapshots of averages.
 
   Reads ``snapshots`` once into a list, computes the weights with
@@ -42,17 +44,29 @@ def reconstruct(snapshots: Iterable[Snapshot], target_sigma_rel: float,
   ``jax.Array`` in the first snapshot used comes back as a ``jax.Array`` with
   its sharding; other leaves come back as NumPy arrays.
 
+  With ``sharding``, nothing goes through the host: each snapshot's leaves
+  are put on their target sharding (a no-op for arrays already there) and
+  summed on the devices shard by shard, in float32 (complex64), or float64
+  (complex128) when ``jax_enable_x64`` is on; every leaf comes back as a
+  ``jax.Array`` on its target sharding.
+
   Args:
     snapshots: an iterable (a list, a generator...) of ``(step, sigma_rel,
       tree_or_loader)``: the step the snapshot was taken at
       (:attr:`emax.EmaState.count`), the ``sigma_rel`` it was tracked with,
       and its tree of arrays (for example ``emax.ema_params(state)``) or a
       function of no arguments that loads it. Any callable is taken as a
-      loader. Arrays are read on the host, so jax arrays must be fully
-      addressable (single process).
+      loader. Without ``sharding`` arrays are read on the host, so jax
+      arrays must be fully addressable (single process).
     target_sigma_rel: the width to reconstruct.
     target_step: the step to reconstruct at, one of the snapshots' steps;
       the last snapshot's step by default.
+    sharding: ``None`` (the sum in float64 on the host), or where the
+      result goes: a ``jax.sharding.Sharding``, or a tree shaped like the
+      snapshots of shardings or of ``jax.Array`` or ``jax.ShapeDtypeStruct``
+      leaves that have one (the params, or ``jax.eval_shape`` of them), as
+      for :func:`emax.checkpoint.average`. Works under ``jax.distributed``
+      with snapshots of global arrays.
 
   Returns:
     The reconstructed tree, structured like the snapshots.
@@ -60,8 +74,10 @@ def reconstruct(snapshots: Iterable[Snapshot], target_sigma_rel: float,
   Raises:
     ValueError: for anything :func:`emax.posthoc.coefficients` rejects; if
       ``snapshots`` is not an iterable of 3-tuples; if a loader returns
-      ``None``; or if the snapshots' trees differ in structure, shapes or
-      dtypes.
+      ``None``; if the snapshots' trees differ in structure, shapes or
+      dtypes; or if ``sharding`` is not shaped like them.
+    TypeError: if ``sharding`` holds something that is no sharding and has
+      none.
 
   Examples:
     Snapshots given by loaders, from a generator; a width that was tracked
@@ -93,7 +109,7 @@ def reconstruct(snapshots: Iterable[Snapshot], target_sigma_rel: float,
       steps, sigma_rels, target_sigma_rel, target_step,
       ('snapshot steps', 'snapshot sigma_rels'))
   latest = max(used.tolist(), key=lambda k: (steps[k], -k))
-  total = TreeSum()
+  total = TreeSum(sharding)
   for k in used.tolist():
     where = f'snapshot {k} (step {steps[k]:g}, sigma_rel {sigma_rels[k]:g})'
     # The loaded tree lives only inside this call: it is gone before the next

@@ -5,7 +5,9 @@ Checkpoint averaging (:func:`emax.checkpoint.average`) and post-hoc EMA
 running sum and drop it before reading the next: memory holds the sum and
 one tree, whatever the number of trees. :func:`add` adds one leaf, on the
 host (NumPy) or on the devices where it was restored; :class:`TreeSum` sums
-whole trees in float64 on the host.
+whole trees, in float64 on the host or, given target shardings
+(:func:`leaf_shardings`), on the devices shard by shard, so that no host or
+device holds a whole unsharded tree.
 """
 
 from __future__ import annotations
@@ -66,31 +68,92 @@ def finish(total: Any, total_weight: float, dtype: Any) -> Any:
   return total.astype(dtype, copy=False)
 
 
+def leaf_shardings(sharding: Any, treedef: Any,
+                   what: str = 'the result') -> list[Sharding | None]:
+  """One target sharding per leaf of ``treedef`` (None: host memory).
+
+  ``sharding`` is None, one ``jax.sharding.Sharding`` for every leaf, or a
+  tree shaped like ``treedef`` whose leaves are shardings or anything that
+  has one (``jax.Array``, ``jax.ShapeDtypeStruct`` with a sharding): the
+  params themselves, or ``jax.eval_shape`` of them, say where each leaf goes.
+
+  Raises:
+    ValueError: if the tree is not shaped like ``treedef``.
+    TypeError: if a leaf is neither a sharding nor has one.
+  """
+  if sharding is None:
+    return [None] * treedef.num_leaves
+  if isinstance(sharding, Sharding):
+    return [sharding] * treedef.num_leaves
+  try:
+    leaves = treedef.flatten_up_to(sharding)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        'sharding must be None, a jax.sharding.Sharding, or a tree of them'
+        ' (or of jax.Arrays or jax.ShapeDtypeStructs that have one) shaped'
+        f' like {what} ({treedef}): {e}') from e
+  shardings: list[Sharding | None] = []
+  for leaf in leaves:
+    s = leaf if isinstance(leaf, Sharding) else getattr(leaf, 'sharding', None)
+    if not isinstance(s, Sharding):
+      raise TypeError(
+          'sharding must hold jax.sharding.Sharding leaves (or jax.Arrays or'
+          f' jax.ShapeDtypeStructs with a sharding), got {leaf!r}. Build one'
+          ' with jax.sharding.NamedSharding(mesh, PartitionSpec(...)).')
+    shardings.append(s)
+  return shardings
+
+
+def device_sum_dtype(dtype: Any) -> np.dtype:
+  """The dtype of a sum on devices: float32 (complex64), or float64
+  (complex128) when ``jax_enable_x64`` is on."""
+  wide = bool(jax.config.read('jax_enable_x64'))
+  if np.issubdtype(dtype, np.complexfloating):
+    return np.dtype(np.complex128 if wide else np.complex64)
+  return np.dtype(np.float64 if wide else np.float32)
+
+
 class TreeSum:
-  """A running weighted sum of trees: float64 (complex128) NumPy leaves.
+  """A running weighted sum of trees, leaf by leaf.
+
+  Without ``sharding``: float64 (complex128) NumPy leaves on the host, and a
+  leaf that was a ``jax.Array`` in the first tree goes back to its sharding
+  in :meth:`result`. With ``sharding`` (see :func:`leaf_shardings`, shaped
+  like the trees added): every leaf is put on its target sharding (a no-op
+  for one restored there) and summed on the devices, shard by shard, in
+  :func:`device_sum_dtype`.
 
   Every tree added must have the first one's structure, shapes and dtypes.
   Non-float leaves are not summed: :meth:`result` gives those of the tree
   added with ``latest=True``.
   """
 
-  def __init__(self) -> None:
+  def __init__(self, sharding: Any = None) -> None:
+    self.sharding = sharding
     self.treedef: Any = None
     # (path, shape, dtype, sharding or None) per leaf
     self.specs: list[tuple[Any, tuple[int, ...], np.dtype,
                            Sharding | None]] = []
-    self.totals: list[np.ndarray | None] = []
-    self.latest: list[np.ndarray | None] = []  # non-float leaves
+    self.totals: list[Any] = []  # NumPy, or jax.Arrays with a sharding
+    self.latest: list[Any] = []  # non-float leaves
 
   def add(self, tree: Any, weight: float, latest: bool, where: str) -> None:
     """Adds ``weight * tree``; keeps non-float leaves if ``latest``."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    arrays = [np.asarray(leaf) for _, leaf in flat]
+    if self.treedef is None:
+      targets = leaf_shardings(self.sharding, treedef, 'the snapshots')
+    else:
+      targets = [spec[3] for spec in self.specs]
+    if self.sharding is None:
+      arrays = [np.asarray(leaf) for _, leaf in flat]
+    else:  # each leaf where it belongs; never through the host
+      arrays = [jax.device_put(leaf, s) for (_, leaf), s in zip(flat, targets)]
     if self.treedef is None:
       self.treedef = treedef
-      self.specs = [(path, a.shape, a.dtype,
+      self.specs = [(path, a.shape, np.dtype(a.dtype),
+                     s if self.sharding is not None else
                      leaf.sharding if isinstance(leaf, jax.Array) else None)
-                    for (path, leaf), a in zip(flat, arrays)]
+                    for (path, leaf), a, s in zip(flat, arrays, targets)]
       self.totals = [None] * len(arrays)
       self.latest = [None] * len(arrays)
     elif treedef != self.treedef:
@@ -110,8 +173,11 @@ class TreeSum:
         if latest:
           self.latest[j] = a
         continue
-      wide = (np.complex128 if np.issubdtype(dtype, np.complexfloating)
-              else np.float64)
+      if self.sharding is not None:
+        wide = device_sum_dtype(dtype)
+      else:
+        wide = np.dtype(np.complex128 if np.issubdtype(
+            dtype, np.complexfloating) else np.float64)
       self.totals[j] = add(self.totals[j], a, weight, wide)
 
   def result(self, dtypes: Sequence[Any] | None = None) -> Any:
