@@ -433,8 +433,9 @@ def test_reconstruct_rejects_bad_inputs(snapshots, match):
 
 
 def test_public_names():
-  assert posthoc.__all__ == ('coefficients', 'from_checkpoints',
-                             'reconstruct')
+  assert posthoc.__all__ == ('coefficients', 'from_checkpoints', 'from_files',
+                             'load_safetensors', 'reconstruct',
+                             'save_safetensors')
   for name in posthoc.__all__:
     assert getattr(posthoc, name).__doc__
 
