@@ -22,7 +22,8 @@ average matches to the bit:
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
@@ -142,9 +143,15 @@ def _unsharded_type(x: jax.Array) -> bool:
   return spec is None or all(axis is None for axis in spec)
 
 
-def _fewer_arrays(arrays: list[jax.Array]) -> list[jax.Array]:
+Bound = Union[np.float32, None]
+"""What the guard asks of an array's elements: ``None``, finite; a bound,
+a magnitude below it (see :func:`all_finite`)."""
+
+
+def _fewer_arrays(arrays: list[tuple[jax.Array, Bound]]
+                  ) -> list[tuple[jax.Array, Bound]]:
   """The arrays to reduce on one device: the large ones as they are, the
-  small ones of each dtype concatenated into one buffer.
+  small ones of each dtype and bound concatenated into one buffer.
 
   A reduction over a small array compiles on XLA CPU into its own chain of
   loop fusions, and a tree of a thousand small leaves compiled for tens of
@@ -153,28 +160,36 @@ def _fewer_arrays(arrays: list[jax.Array]) -> list[jax.Array]:
   """
   small: dict[Any, list[jax.Array]] = {}
   out = []
-  for x in arrays:
+  for x, bound in arrays:
     if x.size < SMALL_ARRAY and _unsharded_type(x):
-      small.setdefault(x.dtype, []).append(x)
+      small.setdefault((x.dtype, bound), []).append(x)
     else:
-      out.append(x)
+      out.append((x, bound))
   # The barrier keeps the buffer: XLA would otherwise split the sum of a
   # concatenation back into one sum per operand.
-  return out + [lax.optimization_barrier(_tree.concat_raveled(xs))
-                for xs in small.values()]
+  return out + [(lax.optimization_barrier(_tree.concat_raveled(xs)), bound)
+                for (_, bound), xs in small.items()]
 
 
 _ROW = 32
 """Elements per row of the guard's first reduction (see :func:`_finite`)."""
 
 
-def _row_flags(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _good(x: jax.Array, bound: Bound) -> jax.Array:
+  """Elementwise: finite, or (given a bound) of a magnitude below it (NaN
+  compares false)."""
+  return jnp.isfinite(x) if bound is None else jnp.abs(x) < bound
+
+
+def _row_flags(x: jax.Array,
+               bound: Bound = None) -> tuple[jax.Array, jax.Array]:
   """``x`` flattened into rows of 32 and a tail: a flag per row (whether it
-  is free of NaN and Inf) and one for the tail (True when there is none)."""
+  is free of NaN and Inf, or below ``bound`` in magnitude) and one for the
+  tail (True when there is none)."""
   flat = x.reshape(-1)
   n = flat.size // _ROW * _ROW
-  rows = jnp.all(jnp.isfinite(flat[:n].reshape(-1, _ROW)), axis=1)
-  tail = jnp.all(jnp.isfinite(flat[n:])) if n < flat.size else None
+  rows = jnp.all(_good(flat[:n].reshape(-1, _ROW), bound), axis=1)
+  tail = jnp.all(_good(flat[n:], bound)) if n < flat.size else None
   return rows, (jnp.asarray(True) if tail is None else tail)
 
 
@@ -219,7 +234,9 @@ def _sums_finite(arrays: list[jax.Array]) -> jax.Array:
   return lax.cond(fast, lambda: fast, exact)
 
 
-def all_finite(arrays: list[jax.Array]) -> jax.Array:
+def all_finite(arrays: list[jax.Array],
+               unrounded: Sequence[jax.Array | None] | None = None
+               ) -> jax.Array:
   """Whether every array is free of NaN and Inf (a bool scalar).
 
   One exact pass over each array, no branch: ``all(isfinite(x))``, which
@@ -236,6 +253,16 @@ def all_finite(arrays: list[jax.Array]) -> jax.Array:
   writes at full size (a byte per element), and a tree per array compiled
   for minutes on hundreds of large leaves. On several devices see
   :func:`_sums_finite`.
+
+  ``unrounded``: optional, one entry per array, ``None`` or the float32
+  values a 16-bit float array was rounded from
+  (:func:`emax._tree.sum_before_rounding`). On one device the check then
+  reads those, ``|y| < bound`` with the least magnitude that rounds to
+  infinity (:func:`emax._tree.overflow_bound`): exactly whether the
+  rounded array is finite, and the loop computes ``p + u`` itself where a
+  check of the rounded array would read a copy of it written for both
+  passes (the rounding, a ``reduce_precision``, keeps XLA from computing
+  it in both). On several devices the rounded arrays are summed.
   """
   if not arrays:
     return jnp.asarray(True)
@@ -246,11 +273,24 @@ def all_finite(arrays: list[jax.Array]) -> jax.Array:
     # collective but scalar all-reduces. (pack=True packs single-device
     # leaves, decided when the state is built: the same few reductions.)
     return _sums_finite(arrays)
-  arrays = _fewer_arrays(arrays)
+  return _rows_finite(arrays, unrounded)
+
+
+def _rows_finite(arrays: list[jax.Array],
+                 unrounded: Sequence[jax.Array | None] | None) -> jax.Array:
+  """The check on one device (see :func:`all_finite`)."""
+  if unrounded is None:
+    unrounded = [None] * len(arrays)
+  if len(unrounded) != len(arrays):
+    raise ValueError(f'Expected one unrounded entry per array'
+                     f' ({len(arrays)}), got {len(unrounded)}.')
+  checks: list[tuple[jax.Array, Bound]] = [
+      (x, None) if y is None else (y, _tree.overflow_bound(x.dtype))
+      for x, y in zip(arrays, unrounded)]
   ok = jnp.asarray(True)
   flags = []
-  for x in arrays:
-    rows, tail = _row_flags(x)
+  for x, bound in _fewer_arrays(checks):
+    rows, tail = _row_flags(x, bound)
     flags.append(rows)
     ok &= tail
   return ok & jnp.all(lax.optimization_barrier(jnp.concatenate(flags)))

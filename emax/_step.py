@@ -74,9 +74,9 @@ def step(options: _options.StepOptions, state: Any, params: Params,
   state = _state.check_state(state, where)
   _check_finite(finite, where)
   rates = _ordered_rates(options, state.info, where)
-  stored, values = _arrive(state, params, updates, where)
+  stored, values, unrounded = _arrive(state, params, updates, where)
   plan = _plan(options, rates, state.count, named=state.info.names is not None)
-  ok = _guard(options, plan, values, finite)
+  ok = _guard(options, plan, values, unrounded, finite)
   # An average with no weight yet starts from zero on its first step that
   # moves it (step size > 0); until then it keeps the copy it reads as.
   fresh = ((state.weight == 0) & (jnp.asarray(plan.steps) > 0)
@@ -121,10 +121,12 @@ def _ordered_rates(options: _options.StepOptions,
 
 
 def _arrive(state: EmaState, params: Params, updates: Params | None,
-            where: str) -> tuple[Params, Params]:
-  """``(stored, values)``: the averages on the device, and the new params
-  (``params + updates``) arranged like them, after checking ``params`` and
-  ``updates`` against the state (structure, shapes, float kinds)."""
+            where: str) -> tuple[Params, Params, list[jax.Array | None]]:
+  """``(stored, values, unrounded)``: the averages on the device, the new
+  params (``params + updates``) arranged like them, after checking
+  ``params`` and ``updates`` against the state (structure, shapes, float
+  kinds), and what the guard reads for each float value (see
+  :func:`_unrounded`)."""
   _state.require_params(params, where)
   params = _tree.as_arrays(params)
   info = state.info
@@ -137,7 +139,29 @@ def _arrive(state: EmaState, params: Params, updates: Params | None,
   _tree.check_matches(shapes, params, info.param_dtypes)
   if updates is not None:
     _tree.check_updates(params, updates)
-  return stored, _layout.gather(stored, params, updates)
+  values = _layout.gather(stored, params, updates)
+  return stored, values, _unrounded(values, params, updates)
+
+
+def _unrounded(values: Params, params: Params,
+               updates: Params | None) -> list[jax.Array | None]:
+  """For each float value (in :func:`_layout.float_values`' order), the
+  float32 sum ``p + u`` a 16-bit param was rounded from, or ``None``: the
+  guard reads it in its own loop (see :func:`_numerics.all_finite`). A
+  packed buffer is written once anyway: its rounded values are read."""
+  count = len(_layout.float_values(values))
+  if updates is None or isinstance(values, _layout.PackedTree):
+    return [None] * count
+  is_none = lambda x: x is None  # noqa: E731
+  p_leaves, treedef_ = jax.tree.flatten(params, is_leaf=is_none)
+  treedef: Any = treedef_  # flatten_up_to is not in jax's type stubs
+  u_leaves = treedef.flatten_up_to(updates)
+  v_leaves = treedef.flatten_up_to(values)
+  out = [_tree.sum_before_rounding(p, u)
+         for p, u, v in zip(p_leaves, u_leaves, v_leaves)
+         if v is not None and _tree.is_float(v)]
+  assert len(out) == count, (len(out), count)
+  return out
 
 
 # --- 2. The plan ---------------------------------------------------------------
@@ -230,6 +254,7 @@ def _select(mode: Value, averaged: Callable[[], jax.Array],
 
 
 def _guard(options: _options.StepOptions, plan: Plan, values: Params,
+           unrounded: list[jax.Array | None],
            finite: Any) -> jax.Array | None:
   """Whether this step may change the averages; ``None``: nothing checked.
 
@@ -241,15 +266,16 @@ def _guard(options: _options.StepOptions, plan: Plan, values: Params,
   """
   if not options.skip_nonfinite:
     return None
-  check = functools.partial(_all_finite, plan, values, finite)
+  check = functools.partial(_all_finite, plan, values, unrounded, finite)
   if _is_constant(plan.scheduled):
     return None if plan.scheduled == KEEP else check()
   return lax.cond(plan.scheduled != KEEP, check, lambda: jnp.asarray(True))
 
 
-def _all_finite(plan: Plan, values: Params, finite: Any) -> jax.Array:
+def _all_finite(plan: Plan, values: Params, unrounded: list[jax.Array | None],
+                finite: Any) -> jax.Array:
   if finite is None:
-    flag = _numerics.all_finite(_layout.float_values(values))
+    flag = _numerics.all_finite(_layout.float_values(values), unrounded)
   else:
     flag = jnp.asarray(finite, bool).reshape(())
   # A rate counts only on a step that averages: a copy step does not use it
@@ -354,7 +380,7 @@ def reset(state: _state.StateLike, params: Params, *,
   left as they are.
   """
   ema_state = _state.find(state, where)
-  stored, values = _arrive(ema_state, params, None, where)
+  stored, values, _ = _arrive(ema_state, params, None, where)
   new = ema_state._replace(
       average=_offload.place_like(_layout.map_leaves(_copied, stored, values),
                                   ema_state.average),

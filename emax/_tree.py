@@ -262,13 +262,60 @@ def apply_update(p: Any, u: Any) -> Any:
   if p is None:
     return None
   p = jnp.asarray(p)
-  if u is None or jnp.result_type(u) == jax.dtypes.float0 or (
-      not is_float(p) and not jnp.issubdtype(jnp.result_type(u),
-                                             jnp.number)):
+  if not _adds(p, u):
     return p
   dtype = promote(p.dtype, jnp.result_type(u))
   out = (p.astype(dtype) + jnp.asarray(u).astype(dtype)).astype(p.dtype)
   return round_narrow(out)
+
+
+def _adds(p: jax.Array, u: Any) -> bool:
+  """Whether :func:`apply_update` adds ``u`` to ``p`` (or keeps ``p``)."""
+  return not (u is None or jnp.result_type(u) == jax.dtypes.float0 or (
+      not is_float(p) and not jnp.issubdtype(jnp.result_type(u),
+                                             jnp.number)))
+
+
+ROUNDS_TO_INF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+"""The 16-bit float dtypes whose rounding overflows to infinity (IEEE-like:
+round to nearest, ties to even; 8-bit floats may saturate or give NaN)."""
+
+
+def overflow_bound(dtype: Any) -> np.float32:
+  """The least magnitude that rounds to infinity in ``dtype`` (one of
+  :data:`ROUNDS_TO_INF`): halfway between its largest finite value and the
+  next power of two, where ties to even go up (the largest value's last bit
+  is odd). Exact in float32: 65520 for float16, ``(2 - 2**-8) * 2**127``
+  for bfloat16."""
+  info = jnp.finfo(dtype)
+  bound = float(info.max) + 2.0 ** (int(info.maxexp) - int(info.nmant) - 2)
+  return np.float32(bound)
+
+
+def sum_before_rounding(p: Any, u: Any) -> jax.Array | None:
+  """``p + u`` in float32 where :func:`apply_update` rounds it to a 16-bit
+  float param's dtype: the value whose rounding is the new param, so that
+  the new param is finite exactly where ``|sum| < overflow_bound``.
+
+  A 16-bit sum (both in the param's dtype) is the float32 sum rounded once:
+  float32 carries at least twice the 16-bit significand plus two bits, so
+  rounding the sum of two 16-bit numbers to float32 first and then to 16
+  bits gives the correctly rounded 16-bit sum (double rounding is innocuous
+  for addition at that precision). ``None`` for other leaves (float32 and
+  wider params, no update, or a sum in float64, whose conversion to 16 bits
+  may go through float32).
+  """
+  if p is None or u is None:
+    return None
+  p = jnp.asarray(p)
+  if p.dtype not in ROUNDS_TO_INF or not _adds(p, u):
+    return None
+  u = jnp.asarray(u)
+  dtype = promote(p.dtype, u.dtype)
+  if dtype not in (*ROUNDS_TO_INF, jnp.dtype(jnp.float32)):
+    return None
+  f32 = jnp.float32  # the operands as apply_update casts them, then widened
+  return p.astype(dtype).astype(f32) + u.astype(dtype).astype(f32)
 
 
 def round_narrow(x: jax.Array) -> jax.Array:
