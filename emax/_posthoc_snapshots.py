@@ -101,6 +101,17 @@ def reconstruct(snapshots: Iterable[Snapshot], target_sigma_rel: float,
     >>> out = emax.posthoc.reconstruct(snapshots, 0.08, target_step=500)
     >>> out['w'].dtype, round(float(out['w']), 3)
     (dtype('float32'), 1.742)
+
+    Summed on the devices instead (float32 there), into a sharding:
+
+    >>> import jax
+    >>> from jax.sharding import NamedSharding, PartitionSpec
+    >>> mesh = jax.make_mesh((jax.device_count(),), ('data',))
+    >>> replicated = NamedSharding(mesh, PartitionSpec())
+    >>> out = emax.posthoc.reconstruct(snapshots, 0.08, target_step=500,
+    ...                                sharding=replicated)
+    >>> out['w'].sharding == replicated, round(float(out['w']), 3)
+    (True, 1.742)
   """
   entries = _entries(snapshots)
   steps = _column(entries, 0, 'step')
