@@ -39,7 +39,10 @@ weights solve ``A x = b`` with ``A`` the inner products among snapshots and
 Solving happens in float64 NumPy on the host; summing the snapshots streams,
 one at a time, into float64 host accumulators (see :func:`reconstruct`):
 memory is the sum (8 bytes per param) plus one loaded snapshot, whatever the
-number of snapshots.
+number of snapshots. With ``sharding=`` (:func:`reconstruct`,
+:func:`from_checkpoints`) each snapshot is read into that sharding and summed
+on the devices, shard by shard, in float32 (float64 with ``jax_enable_x64``),
+so that no host or device holds a whole unsharded tree.
 
 The snapshots come from memory (:func:`reconstruct`), from Orbax checkpoints
 (:func:`from_checkpoints`) or from safetensors files that any framework saved
