@@ -28,6 +28,7 @@ from emax import _checkpoint_files
 from emax import _checkpoint_record
 from emax import _options
 from emax import _posthoc_solve
+from emax import _restore_plan
 from emax import _restored
 from emax import _stored_tree
 from emax import _streaming_sum
@@ -275,7 +276,7 @@ class _Checkpoint:
     where = f'{_WHERE} (checkpoint step {step})'
     self.path, self.node = _restored.pick(
         _restored.found_states(self.stored), path, self.stored, where)
-    self.plan = _restored.Plan(self.node, self.path, like=like,
+    self.plan = _restore_plan.Plan(self.node, self.path, like=like,
                                recorded=recorded, where=where)
     self.widths = _snapshot_widths(
         self.plan, _checkpoint_record.entry_at(recorded, self.path),
@@ -296,7 +297,7 @@ class _Checkpoint:
             f' {b} against {a}. Reconstruct from the checkpoints of one run.')
 
 
-def _add_leaf_by_leaf(node: dict[str, Any], plan: _restored.Plan,
+def _add_leaf_by_leaf(node: dict[str, Any], plan: _restore_plan.Plan,
                       index: int | None, sums: list[list[TreeSum]],
                       weights: list[float], latest: bool, where: str) -> None:
   """Adds average ``index`` of ``node`` into per-leaf sums, leaf by leaf.
@@ -363,7 +364,7 @@ def _with_leading_axis(s: Sharding, path: tuple[Any, ...],
       ' (its spec gets a leading None) or a replicated sharding.')
 
 
-def _snapshot_widths(plan: _restored.Plan, entry: dict[str, Any] | None,
+def _snapshot_widths(plan: _restore_plan.Plan, entry: dict[str, Any] | None,
                      sigma_rels: Any, where: str,
                      arg: str) -> list[float | None]:
   """The width of each average of one checkpoint (None: not a snapshot)."""
