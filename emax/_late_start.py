@@ -78,29 +78,44 @@ _AVERAGES = (EmaState, BemaState)
 """The states of an averaging transformation: what a chain's tuple loses."""
 
 
+def _is_average(node: Any) -> bool:
+  return isinstance(node, _AVERAGES)
+
+
+def _averages_only(node: Any) -> bool:
+  """Whether ``node`` is the state of an average and nothing else: an
+  average's state, or a wrapper of one that adds no array of its own
+  (``optax.masked(emax.ema(...))``'s ``MaskedState``)."""
+  if _is_average(node):
+    return True
+  inside = jax.tree.leaves(node, is_leaf=_is_average)
+  return bool(inside) and all(_is_average(x) for x in inside)
+
+
 def _is_chain(node: Any) -> bool:
-  return type(node) is tuple and any(isinstance(c, _AVERAGES) for c in node)
+  return type(node) is tuple and any(_averages_only(c) for c in node)
 
 
 def _without_averages(tree: Any, unwrap: bool) -> Any:
   """``tree`` as the optimizer without its averages keeps it.
 
   A :class:`WithEmaState` becomes its ``inner_state``; an
-  :class:`EmaState` in a chain's tuple leaves the tuple (with ``unwrap``, a
+  :class:`EmaState` in a chain's tuple (alone, or in a wrapper that adds no
+  array, as ``optax.masked``'s) leaves the tuple (with ``unwrap``, a
   tuple left with one entry becomes that entry: ``chain(opt, ema)`` after
   ``opt``); any other :class:`EmaState` (or BEMA state) becomes ``None``.
   """
   def special(x: Any) -> bool:
-    return isinstance(x, (WithEmaState, *_AVERAGES)) or _is_chain(x)
+    return isinstance(x, WithEmaState) or _is_average(x) or _is_chain(x)
 
   def drop(x: Any) -> Any:
     if isinstance(x, WithEmaState):
       return _without_averages(x.inner_state, unwrap)
-    if isinstance(x, _AVERAGES):
+    if _is_average(x):
       return None
     if _is_chain(x):
       kept = tuple(_without_averages(c, unwrap) for c in x
-                   if not isinstance(c, _AVERAGES))
+                   if not _averages_only(c))
       return kept[0] if unwrap and len(kept) == 1 else kept
     return x
 

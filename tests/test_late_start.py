@@ -110,15 +110,20 @@ def test_train_state_resumes_with_an_average(tmp_path, debias):
 
 @pytest.mark.parametrize('options', [
     {}, {'names': True}, {'pack': True}, {'offload': True},
-    {'mask': {'w': True, 'b': False}}, {'accumulator_dtype': jnp.float64}])
+    {'mask': {'w': True, 'b': False}}, {'accumulator_dtype': jnp.float64},
+    {'optax_masked': {'w': True, 'b': False}}])
 def test_chain_state_starts_as_init_would(tmp_path, options):
   old = _trained_without_average()
   _save(tmp_path, {'params': old.params, 'opt_state': old.opt_state})
   decay = {'fast': 0.5, 'slow': 0.9} if options.pop('names', False) else DECAY
+  optax_mask = options.pop('optax_masked', None)
   if options.get('accumulator_dtype') is jnp.float64:
     pytest.importorskip('jax').config.update('jax_enable_x64', True)
   try:
-    tx = optax.chain(OPT, emax.ema(decay, **options))
+    average = emax.ema(decay, **options)
+    if optax_mask is not None:  # the mask given by optax instead of mask=
+      average = optax.masked(average, optax_mask)
+    tx = optax.chain(OPT, average)
     like = {'params': _params(), 'opt_state': tx.init(_params())}
     state = _restore(tmp_path, like, start_average=True)
     _assert_same(state['params'], old.params)
