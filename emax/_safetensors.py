@@ -43,9 +43,10 @@ def flat_arrays(tree: Any, where: str) -> dict[str, np.ndarray]:
 
   The names are those of ``flax.traverse_util.flatten_dict(tree, sep='.')``
   for nested dicts; list and tuple entries are named by index, attributes
-  (dataclasses, named tuples, equinox modules) by name. ``None`` is no leaf.
-  Each array is copied to the host and made C-contiguous (safetensors writes
-  the bytes of a dense row-major array).
+  (dataclasses, named tuples, equinox modules) by name; a Flax NNX
+  ``Variable`` by its place, as ``nnx.to_pure_dict`` names it (no
+  ``.value``). ``None`` is no leaf. Each array is copied to the host and made
+  C-contiguous (safetensors writes the bytes of a dense row-major array).
 
   Raises:
     ValueError: if the tree is a single array (no name to give it), or two
@@ -54,7 +55,8 @@ def flat_arrays(tree: Any, where: str) -> dict[str, np.ndarray]:
   """
   names: dict[str, tuple[Any, ...]] = {}
   arrays: dict[str, np.ndarray] = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+  leaves = jax.tree_util.tree_flatten_with_path(_tree.unwrap_variables(tree))
+  for path, leaf in leaves[0]:
     keys = tuple(_stored_tree.stored_key(k) for k in path)
     if not keys:
       raise ValueError(
@@ -66,6 +68,12 @@ def flat_arrays(tree: Any, where: str) -> dict[str, np.ndarray]:
           f'{where}: the leaves at {_stored_tree.keystr(names[name])} and'
           f' {_stored_tree.keystr(keys)} would both be named {name!r} (names'
           " are the keys joined with '.'). Rename a key that holds a '.'.")
+    if jax.dtypes.issubdtype(getattr(leaf, 'dtype', None),
+                             jax.dtypes.prng_key):
+      raise TypeError(
+          f'{where}: the leaf {name!r} is a PRNG key array, which safetensors'
+          ' cannot store. Drop it from the tree, or store its bits:'
+          ' jax.random.key_data(key).')
     array = np.asarray(leaf)
     if not (array.dtype.kind in 'biu' or _tree.is_float(array.dtype)):
       raise TypeError(

@@ -120,6 +120,26 @@ def test_names_are_those_of_flax_flatten_dict(tmp_path):
   assert_bitwise(back, tree)
 
 
+def test_nnx_state_names_are_those_of_its_pure_dict(tmp_path):
+  """An ``nnx.State`` of Variables is named as ``nnx.to_pure_dict`` and
+  flax's ``flatten_dict`` name it: no ``.value`` added to each name."""
+  nnx = pytest.importorskip('flax.nnx')
+  model = nnx.Linear(2, 3, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  posthoc.save_safetensors(state, tmp_path / 'm.safetensors')
+  loaded = posthoc.load_safetensors(tmp_path / 'm.safetensors')
+  want = flax.traverse_util.flatten_dict(nnx.to_pure_dict(state), sep='.')
+  assert sorted(loaded) == sorted(want) == ['bias', 'kernel']
+  assert_bitwise(loaded, {k: np.asarray(x) for k, x in want.items()})
+
+
+def test_a_prng_key_leaf_is_named_in_the_error(tmp_path):
+  with pytest.raises(TypeError, match=r"leaf 'rng' is a PRNG key.*key_data"):
+    posthoc.save_safetensors({'w': np.ones(1), 'rng': jax.random.key(0)},
+                             tmp_path / 'x.safetensors')
+  assert os.listdir(tmp_path) == []
+
+
 def test_export_of_an_emax_average_is_the_average_bit_for_bit(tmp_path):
   params = {'w': jnp.zeros((3, 2), jnp.bfloat16), 'b': [jnp.zeros(2)]}
   state = emax.init(params, names=('fast', 'slow'))
