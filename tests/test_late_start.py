@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import emax
 import emax.checkpoint
 from emax.flax import EmaTrainState
+from helpers import assert_bitwise
 
 DECAY = 0.75
 OPT = optax.sgd(0.1, momentum=0.9)
@@ -60,13 +61,6 @@ def _restore(path, like, **kw):
     return emax.checkpoint.restore(manager, like, **kw)
 
 
-def _assert_same(got, want):
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    assert np.asarray(a).dtype == np.asarray(b).dtype
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
 @pytest.mark.parametrize('debias', [False, True])
 def test_train_state_resumes_with_an_average(tmp_path, debias):
   old = _trained_without_average()
@@ -78,16 +72,16 @@ def test_train_state_resumes_with_an_average(tmp_path, debias):
   state = _restore(tmp_path, like, start_average=True)
 
   assert type(state) is EmaTrainState and int(state.step) == 2
-  _assert_same(state.params, old.params)
-  _assert_same(state.batch_stats, old.batch_stats)
-  _assert_same(state.opt_state.inner_state, old.opt_state)
+  assert_bitwise(state.params, old.params)
+  assert_bitwise(state.batch_stats, old.batch_stats)
+  assert_bitwise(state.opt_state.inner_state, old.opt_state)
   ema = state.opt_state.ema_state
   assert int(ema.count) == 0 and int(ema.skipped) == 0
   assert float(ema.weight) == (0.0 if debias else 1.0)
   assert float(ema.step_size) == 0.0
   # Read now, the averages are the restored params and batch_stats.
-  _assert_same(state.ema_params, old.params)
-  _assert_same(state.batch_stats_ema.average, {'mean': np.full(3, 5.0,
+  assert_bitwise(state.ema_params, old.params)
+  assert_bitwise(state.batch_stats_ema.average, {'mean': np.full(3, 5.0,
                                                                np.float32)})
 
   # One more step moves the average by the float64 rule from the restored
@@ -105,7 +99,7 @@ def test_train_state_resumes_with_an_average(tmp_path, debias):
                                rtol=2e-7)
   # The optimizer goes on from its restored moments: the same step as the
   # run without an average takes.
-  _assert_same(nxt.params, old.apply_gradients(grads=grads).params)
+  assert_bitwise(nxt.params, old.apply_gradients(grads=grads).params)
 
 
 @pytest.mark.parametrize('options', [
@@ -126,11 +120,11 @@ def test_chain_state_starts_as_init_would(tmp_path, options):
     tx = optax.chain(OPT, average)
     like = {'params': _params(), 'opt_state': tx.init(_params())}
     state = _restore(tmp_path, like, start_average=True)
-    _assert_same(state['params'], old.params)
-    _assert_same(state['opt_state'][0], old.opt_state)
+    assert_bitwise(state['params'], old.params)
+    assert_bitwise(state['opt_state'][0], old.opt_state)
     # The average is emax.init of the restored params, bit for bit (same
     # layout, dtypes, host memory for offload).
-    _assert_same(state['opt_state'][1], tx.init(old.params)[1])
+    assert_bitwise(state['opt_state'][1], tx.init(old.params)[1])
     assert (jax.tree.structure(state['opt_state'][1])
             == jax.tree.structure(like['opt_state'][1]))
     if options.get('offload'):
@@ -149,7 +143,7 @@ def test_opt_alone_and_chain_of_one_both_place(tmp_path):
   for name, saved in (('alone', old.opt_state), ('one', (old.opt_state,))):
     _save(tmp_path / name, {'params': old.params, 'opt_state': saved})
     state = _restore(tmp_path / name, like, start_average=True)
-    _assert_same(state['opt_state'][0], old.opt_state)
+    assert_bitwise(state['opt_state'][0], old.opt_state)
 
 
 def test_sharded_like_restores_sharded(tmp_path):
@@ -208,7 +202,7 @@ def test_no_effect_when_the_checkpoint_has_the_average(tmp_path):
            'opt_state': tx.update(_grads(_params(), 0), state['opt_state'],
                                   state['params'])[1]}
   _save(tmp_path, state)
-  _assert_same(_restore(tmp_path, state, start_average=True), state)
+  assert_bitwise(_restore(tmp_path, state, start_average=True), state)
 
 
 def test_bema_starts_late(tmp_path):
@@ -217,5 +211,5 @@ def test_bema_starts_late(tmp_path):
   tx = optax.chain(OPT, emax.bema(burn_in=1))
   like = {'params': _params(), 'opt_state': tx.init(_params())}
   state = _restore(tmp_path, like, start_average=True)
-  _assert_same(state['opt_state'][0], old.opt_state)
-  _assert_same(state['opt_state'][1], tx.init(old.params)[1])
+  assert_bitwise(state['opt_state'][0], old.opt_state)
+  assert_bitwise(state['opt_state'][1], tx.init(old.params)[1])
