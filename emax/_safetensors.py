@@ -125,6 +125,8 @@ def save_safetensors(tree: Any, path: str | os.PathLike[str], *,
   Raises:
     ImportError: if safetensors is not installed (the message names the
       ``safetensors`` extra).
+    FileNotFoundError: if the folder of ``path`` does not exist.
+    IsADirectoryError: if ``path`` is a folder.
     ValueError: if ``tree`` is a single array, or two leaves get the same
       name.
     TypeError: if a leaf is not an array of numbers or bools, or
@@ -147,8 +149,8 @@ def save_safetensors(tree: Any, path: str | os.PathLike[str], *,
   where = 'emax.posthoc.save_safetensors'
   metadata = _metadata(metadata, where)
   safetensors = module()
+  path = _destination(path, where)
   arrays = flat_arrays(tree, where)
-  path = os.fspath(path)
   partial = f'{path}.partial'
   try:
     safetensors.numpy.save_file(arrays, partial, metadata=metadata)
@@ -158,6 +160,21 @@ def save_safetensors(tree: Any, path: str | os.PathLike[str], *,
   finally:  # nothing left under the temporary name, whatever happened
     if os.path.exists(partial):
       os.remove(partial)
+
+
+def _destination(path: str | os.PathLike[str], where: str) -> str:
+  """``path`` as a str, checked before any array is copied to the host."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    raise IsADirectoryError(
+        f'{where}: {path} is a folder; give the path of the file to write,'
+        ' e.g. os.path.join(folder, "ema.safetensors").')
+  folder = os.path.dirname(path) or os.curdir
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(
+        f'{where}: the folder {folder} of {path} does not exist; create it'
+        ' first (os.makedirs(folder, exist_ok=True)).')
+  return path
 
 
 def load_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:

@@ -170,6 +170,17 @@ def test_save_refuses_what_safetensors_cannot_hold(tmp_path, tree, error,
   assert os.listdir(tmp_path) == []  # no partial file left behind
 
 
+def test_save_names_a_missing_folder_or_a_folder_path(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r'the folder .*none of .*'
+                     r'does not exist; create it'):
+    posthoc.save_safetensors({'a': np.ones(1)},
+                             tmp_path / 'none' / 'x.safetensors')
+  with pytest.raises(IsADirectoryError, match='is a folder; give the path'):
+    posthoc.save_safetensors({'a': np.ones(1)}, tmp_path)
+  assert os.listdir(tmp_path) == []
+  assert not os.path.exists(f'{tmp_path}.partial')
+
+
 def test_save_refuses_metadata_that_is_not_text(tmp_path):
   with pytest.raises(TypeError, match='metadata must map str to str'):
     posthoc.save_safetensors({'a': np.ones(1)}, tmp_path / 'x.safetensors',
