@@ -208,12 +208,18 @@ def free_port() -> int:
 
 
 def launch(num_processes: int = 2, devices: int = 4, steps: int = 4, *,
-           out: str, timeout: float = 180.0) -> list[str]:
+           out: str, timeout: float = 180.0,
+           script: str | os.PathLike | None = None) -> list[str]:
   """Starts the workers on localhost, waits, and returns their result files.
 
   The workers write their results, logs and the checkpoint under ``out`` (a
   checkpoint there from an earlier run is removed first); nothing goes to the
   system's temporary folder.
+
+  ``script`` is the worker to start, this file by default; another script
+  gets the same arguments (``--process-id``, ``--num-processes``,
+  ``--coordinator``, ``--devices``, ``--steps``, ``--out``, ``--timeout``),
+  and ``XLA_FLAGS`` and ``JAX_PLATFORMS`` that give it ``devices`` CPUs.
 
   Raises:
     RuntimeError: if a worker fails or the job outlives ``timeout`` seconds;
@@ -231,7 +237,8 @@ def launch(num_processes: int = 2, devices: int = 4, steps: int = 4, *,
     for i in range(num_processes):
       log = open(os.path.join(out, f'process_{i}.log'), 'w')
       logs.append(log)
-      cmd = [sys.executable, os.path.abspath(__file__), '--process-id', str(i),
+      cmd = [sys.executable, os.path.abspath(script or __file__),
+             '--process-id', str(i),
              '--num-processes', str(num_processes), '--coordinator',
              coordinator, '--devices', str(devices), '--steps', str(steps),
              '--out', out, '--timeout', str(int(timeout))]

@@ -419,10 +419,8 @@ def _example():
 
 
 def test_two_processes_reconstruct_sharded_and_save_it(tmp_path):
-  example = _example()
-  example.__file__ = str(HERE)  # its launcher starts this file's worker
-  files = example.launch(num_processes=2, devices=4, steps=1,
-                         out=str(tmp_path), timeout=120)
+  files = _example().launch(num_processes=2, devices=4, steps=1,
+                            out=str(tmp_path), timeout=120, script=HERE)
   first, second = (dict(np.load(f)) for f in files)
   saved = tmp_path / 'result' / '0' / 'default'
   assert sorted(p.name for p in saved.glob('ocdbt.process_*')) == [
