@@ -15,21 +15,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterable, Sequence
 import json
-import math
 import os
-import re
 import sys
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import Mesh
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec
 
 from emax import _checkpoint_files
 from emax import _checkpoint_record
 from emax import _posthoc_checkpoints
+from emax import _posthoc_cli_sharding
 from emax import _posthoc_files
 from emax import _safetensors
 
@@ -69,9 +64,10 @@ is REGEX=SPEC: REGEX must match a param's path in full, its keys joined by
 '/' (dense/kernel for params['dense']['kernel'], layers/0/w for
 params['layers'][0]['w']); the first rule that matches a param gives its
 spec; params no rule matches are replicated; a rule that matches none is an
-error that lists the paths. SPEC lists one entry per leading dimension: a mesh axis, several
-joined by '+' (data+model), or None (or nothing) for an unsharded one:
-'data,None' is PartitionSpec('data', None); an empty SPEC replicates.
+error that lists the paths. SPEC lists one entry per leading dimension: a
+mesh axis, several joined by '+' (data+model), or None (or nothing) for an
+unsharded one: 'data,None' is PartitionSpec('data', None); an empty SPEC
+replicates.
 
 On several hosts, run the same command in every process with --distributed:
 jax.distributed.initialize() then detects the coordinator, the number of
@@ -121,146 +117,6 @@ def _out_dirs(out: str, sigma_rels: list[float]) -> list[str]:
   """One folder per width, named by the width as given (``repr`` of a float
   tells any two floats apart)."""
   return [os.path.join(out, f'sigma_rel_{s!r}') for s in sigma_rels]
-
-
-def _parse_mesh(value: str) -> dict[str, int]:
-  """``--mesh AXIS=SIZE[,AXIS=SIZE...]``: ``{axis: size}``, in order."""
-  axes: dict[str, int] = {}
-  for entry in value.split(','):
-    name, _, size = entry.strip().partition('=')
-    name = name.strip()
-    if not (name.isidentifier() and size.strip().isdigit()
-            and int(size) > 0) or name in axes:
-      raise argparse.ArgumentTypeError(
-          f'--mesh takes AXIS=SIZE entries joined by commas, each axis once'
-          f' and each size a positive integer, e.g. --mesh data=2,model=4;'
-          f' got {value!r}.')
-    axes[name] = int(size)
-  return axes
-
-
-class _Rule(NamedTuple):
-  """One ``--shard REGEX=SPEC``: per dimension, its mesh axes or None."""
-  text: str
-  pattern: re.Pattern[str]
-  spec: tuple[tuple[str, ...] | None, ...]
-
-  def partition_spec(self) -> PartitionSpec:
-    return PartitionSpec(*(None if a is None else a[0] if len(a) == 1 else a
-                           for a in self.spec))
-
-
-def _parse_shard(value: str) -> _Rule:
-  """``--shard REGEX=SPEC``, e.g. ``'.*kernel=data,model'``."""
-  regex, equals, spec = value.rpartition('=')
-  if not equals or not regex:
-    raise argparse.ArgumentTypeError(
-        f'--shard takes REGEX=SPEC, e.g. --shard \'.*kernel=data,model\','
-        f' got {value!r}.')
-  try:
-    pattern = re.compile(regex)
-  except re.error as e:
-    raise argparse.ArgumentTypeError(
-        f'--shard {value!r}: {regex!r} is no regular expression ({e}).'
-    ) from None
-  dims: list[tuple[str, ...] | None] = []
-  for entry in (spec.split(',') if spec.strip() else []):
-    entry = entry.strip()
-    if entry in ('', 'None'):
-      dims.append(None)
-      continue
-    names = tuple(a.strip() for a in entry.split('+'))
-    if not all(a.isidentifier() for a in names):
-      raise argparse.ArgumentTypeError(
-          f'--shard {value!r}: SPEC lists one entry per dimension, each a'
-          ' mesh axis, axes joined by + (data+model), or None; got'
-          f' {entry!r}.')
-    dims.append(names)
-  return _Rule(value, pattern, tuple(dims))
-
-
-def _check_axes(rules: list[_Rule], mesh: dict[str, int]) -> None:
-  """Every axis a rule names is one of ``--mesh``'s, once per rule."""
-  for rule in rules:
-    named = [a for axes in rule.spec if axes for a in axes]
-    unknown = sorted(set(named) - set(mesh))
-    if unknown:
-      raise ValueError(f'--shard {rule.text!r} names {unknown}, which --mesh'
-                       f' does not have; its axes are {list(mesh)}.')
-    twice = sorted({a for a in named if named.count(a) > 1})
-    if twice:
-      raise ValueError(f'--shard {rule.text!r} uses {twice} for two'
-                       ' dimensions; a mesh axis can split one only.')
-
-
-def _make_mesh(axes: dict[str, int]) -> Mesh:
-  """The ``--mesh`` over all devices (of every process)."""
-  count = jax.device_count()
-  if math.prod(axes.values()) != count:
-    given = ','.join(f'{a}={n}' for a, n in axes.items())
-    raise ValueError(
-        f'--mesh {given} lays out {math.prod(axes.values())} devices, but'
-        f' there are {count} (jax.device_count(), over all processes).'
-        f' Give sizes that multiply to {count}, e.g. --mesh data={count}.')
-  return jax.make_mesh(tuple(axes.values()), tuple(axes),
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
-
-
-def _leaf_sharding(mesh: Mesh, rule: _Rule | None, path: str,
-                   shape: tuple[int, ...]) -> NamedSharding:
-  """The sharding ``rule`` gives the leaf at ``path`` (replicated: None)."""
-  if rule is None:
-    return NamedSharding(mesh, PartitionSpec())
-  if len(rule.spec) > len(shape):
-    raise ValueError(
-        f'--shard {rule.text!r} matches {path} (shape {shape}) but gives'
-        f' {len(rule.spec)} dimensions, {rule.partition_spec()}, and it has'
-        f' {len(shape)}. Give at most {len(shape)}, or a regex that leaves'
-        ' it out.')
-  for d, axes in enumerate(rule.spec):
-    ways = math.prod(mesh.shape[a] for a in axes or ())
-    if shape[d] % ways:
-      raise ValueError(
-          f'--shard {rule.text!r} splits dimension {d} of {path} (shape'
-          f' {shape}) {ways} ways (over {"+".join(axes or ())}), and'
-          f' {shape[d]} is not divisible by {ways}. Choose axes whose sizes'
-          ' divide it, or None for that dimension.')
-  return NamedSharding(mesh, rule.partition_spec())
-
-
-def _sharding_tree(mesh: Mesh, rules: list[_Rule], args: Any,
-                   tracked: Any) -> Any:
-  """A ``NamedSharding`` per leaf of the reconstructed params, from the
-  ``--shard`` rules and each leaf's stored path and shape.
-
-  Reads the metadata of the first checkpoint alone (no array), as the
-  reconstruction does: every checkpoint it reads must hold the same leaves.
-  """
-  _, found = _checkpoint_files.finished_steps(args.checkpoint_dir,
-                                              'python -m emax.posthoc')
-  first = min(found)
-  with _checkpoint_files.Reader() as reader:
-    c = _posthoc_checkpoints._Checkpoint(  # pylint: disable=protected-access
-        reader, first, found[first], item=args.item, path=args.path,
-        like=None, sigma_rels=tracked, sigma_rels_arg='--tracked')
-  paths, shapes = [], []
-  for p, shape, dtype in c.leaves:
-    if p[0] == 'average':  # several named averages: stacked on a first axis
-      stacked = c.plan.stacked and jnp.issubdtype(dtype, jnp.inexact)
-      paths.append('/'.join(str(k) for k in p[1:]))
-      shapes.append(shape[1:] if stacked else shape)
-  unused = [r.text for r in rules
-            if not any(r.pattern.fullmatch(p) for p in paths)]
-  if unused:
-    shown = ', '.join(f'{p} {s}' for p, s in zip(paths, shapes))
-    raise ValueError(
-        f'--shard {", ".join(map(repr, unused))} matches no param; the'
-        f' params are (path shape): {shown}. A REGEX must match a whole'
-        " path, e.g. '.*kernel'.")
-  return c.plan.shape([
-      _leaf_sharding(mesh, next((r for r in rules if r.pattern.fullmatch(p)),
-                                None), p, shape)
-      for p, shape in zip(paths, shapes)])
 
 
 def _print_progress(what: str) -> Callable[[list[Any]], Iterable[Any]]:
@@ -317,12 +173,13 @@ def _parser() -> argparse.ArgumentParser:
                       help='no progress bar')
   sharded = parser.add_argument_group(
       'sharded (Orbax checkpoints; see above)')
-  sharded.add_argument('--mesh', type=_parse_mesh, metavar='AXIS=SIZE,...',
+  sharded.add_argument('--mesh', type=_posthoc_cli_sharding.parse_mesh,
+                       metavar='AXIS=SIZE,...',
                        help='read, sum and save sharded over a mesh of all'
                        ' devices (sizes multiply to their number), e.g.'
                        ' data=2,model=4')
-  sharded.add_argument('--shard', type=_parse_shard, nargs='+',
-                       action='extend', metavar='REGEX=SPEC',
+  sharded.add_argument('--shard', type=_posthoc_cli_sharding.parse_shard,
+                       nargs='+', action='extend', metavar='REGEX=SPEC',
                        help="how params are split, e.g. '.*kernel=data,model'"
                        " '.*bias=model' (first match wins; default:"
                        ' replicated)')
@@ -359,7 +216,7 @@ def _check_sharded_flags(parser: argparse.ArgumentParser, args: Any) -> None:
                  ' jax.distributed: add --distributed.')
   if args.mesh is not None:
     try:
-      _check_axes(args.shard or [], args.mesh)
+      _posthoc_cli_sharding.check_axes(args.shard or [], args.mesh)
     except ValueError as e:
       parser.error(str(e))
 
@@ -431,8 +288,10 @@ def _reconstruct_and_save(parser: argparse.ArgumentParser, args: Any,
   try:
     sharding = None
     if args.mesh is not None:
-      sharding = _sharding_tree(_make_mesh(args.mesh), args.shard or [],
-                                args, tracked)
+      sharding = _posthoc_cli_sharding.sharding_tree(
+          _posthoc_cli_sharding.make_mesh(args.mesh), args.shard or [],
+          args.checkpoint_dir, item=args.item, path=args.path,
+          sigma_rels=tracked)
     results = _posthoc_checkpoints.reconstruct_checkpoints(
         args.checkpoint_dir, sigma_rels, target_step=args.step,
         sigma_rels=tracked, path=args.path, like=None, item=args.item,
