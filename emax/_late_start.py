@@ -52,7 +52,8 @@ def check(stored: Any, target: Any, step: int, start_average: bool) -> bool:
   none); raises where the checkpoint and ``target`` disagree on averages."""
   if stored is None:
     return False
-  in_like = bool(_state.all_states(target))
+  # Averages held as emax states, or as their fields (an nnx.State).
+  in_like = [list(p) for p, _ in _restored.found_states(_as_stored(target))]
   in_checkpoint = [list(p) for p, _ in _restored.found_states(stored)]
   where = f'emax.checkpoint.restore (step {step})'
   if in_checkpoint and not in_like:
@@ -65,6 +66,18 @@ def check(stored: Any, target: Any, step: int, start_average: bool) -> bool:
         f'manager, steps=[{step}]) and the average with'
         ' emax.checkpoint.read_average.')
   if in_like and not in_checkpoint:
+    if not _state.all_states(target):
+      raise ValueError(
+          f'{where}: like holds an emax average (at {in_like}) as plain'
+          ' arrays, as an nnx.State holds an optimizer\'s state, and the'
+          f' checkpoint holds none. {OPTION} starts the averages of optax'
+          ' states (emax.WithEmaState, a chain). With Flax NNX, restore the'
+          ' checkpoint into the model and old = nnx.Optimizer(model, opt,'
+          ' wrt=...), built with the opt the run trained with; then build'
+          ' new = nnx.Optimizer(model, emax.with_ema(opt, decay), wrt=...),'
+          ' whose average starts from the restored params, and give it the'
+          ' restored state: new.opt_state = new.opt_state._replace('
+          'inner_state=old.opt_state); new.step.value = old.step.value.')
     if not start_average:
       raise ValueError(
           f'{where}: like holds an emax average but the checkpoint holds'
@@ -72,6 +85,21 @@ def check(stored: Any, target: Any, step: int, start_average: bool) -> bool:
           f' from the restored params, pass {OPTION}.')
     return True
   return False
+
+
+def _as_stored(tree: Any) -> Any:
+  """``tree`` as nested dicts keyed as a checkpoint stores it (no arrays
+  copied), for :func:`emax._restored.found_states`."""
+  out: dict[Any, Any] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    keys = [_stored_tree.stored_key(k) for k in path]
+    if not keys:
+      return leaf
+    node = out
+    for key in keys[:-1]:
+      node = node.setdefault(key, {})
+    node[keys[-1]] = leaf
+  return out
 
 
 _AVERAGES = (EmaState, BemaState)

@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import emax
 import emax.checkpoint
+import emax.nnx
 from emax.flax import EmaTrainState
 from helpers import assert_bitwise
 
@@ -213,3 +214,55 @@ def test_bema_starts_late(tmp_path):
   state = _restore(tmp_path, like, start_average=True)
   assert_bitwise(state['opt_state'][0], old.opt_state)
   assert_bitwise(state['opt_state'][1], tx.init(old.params)[1])
+
+
+def test_nnx_state_is_refused_with_the_nnx_recipe(tmp_path):
+  """An nnx.State keeps the optimizer's state as Variables, not as emax
+  states: start_average cannot place it, and the error shows the NNX way,
+  which this test follows."""
+  nnx = pytest.importorskip('flax.nnx')
+  model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(model, OPT, wrt=nnx.Param)
+  grads = nnx.grad(lambda m: m(jnp.ones((1, 2))).sum())(model)
+  opt.update(model, grads)
+  _save(tmp_path, nnx.state({'model': model, 'optimizer': opt}))
+
+  model2 = nnx.Linear(2, 3, rngs=nnx.Rngs(1))
+  new = nnx.Optimizer(model2, emax.with_ema(OPT, DECAY), wrt=nnx.Param)
+  like = nnx.state({'model': model2, 'optimizer': new})
+  for option in (False, True):
+    with pytest.raises(ValueError, match=r"(?s)opt_state.*nnx\.Optimizer\("
+                       r".*_replace\(inner_state="):
+      _restore(tmp_path, like, start_average=option)
+
+  # The way the message gives: restore with the optimizer trained with, then
+  # a new nnx.Optimizer around it whose average starts from those params.
+  plain = nnx.Optimizer(model2, OPT, wrt=nnx.Param)
+  nnx.update({'model': model2, 'optimizer': plain}, _restore(
+      tmp_path, nnx.state({'model': model2, 'optimizer': plain})))
+  new = nnx.Optimizer(model2, emax.with_ema(OPT, DECAY), wrt=nnx.Param)
+  new.opt_state = new.opt_state._replace(inner_state=plain.opt_state)
+  new.step.value = plain.step.value
+  assert int(new.step.value) == 1
+  assert_bitwise(nnx.as_pure(new.opt_state.inner_state),
+                 nnx.as_pure(opt.opt_state))
+  assert_bitwise(emax.nnx.ema_params(new), nnx.as_pure(nnx.state(model)))
+
+
+def test_nnx_state_with_its_average_restores_as_before(tmp_path):
+  """An nnx.State holds its average as plain fields: not taken for a state
+  without one."""
+  nnx = pytest.importorskip('flax.nnx')
+  model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(model, emax.with_ema(OPT, DECAY), wrt=nnx.Param)
+  grads = nnx.grad(lambda m: m(jnp.ones((1, 2))).sum())(model)
+  opt.update(model, grads)
+  saved = nnx.state({'model': model, 'optimizer': opt})
+  _save(tmp_path, saved)
+  model2 = nnx.Linear(2, 3, rngs=nnx.Rngs(1))
+  opt2 = nnx.Optimizer(model2, emax.with_ema(OPT, DECAY), wrt=nnx.Param)
+  for option in (False, True):
+    restored = _restore(tmp_path, nnx.state({'model': model2,
+                                             'optimizer': opt2}),
+                        start_average=option)
+    assert_bitwise(nnx.to_pure_dict(restored), nnx.to_pure_dict(saved))
