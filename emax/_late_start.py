@@ -196,7 +196,9 @@ def _field(tree: Any, name: str, step: int) -> Any:
       f'emax.checkpoint.restore (step {step}): {OPTION} starts each average'
       f' from the restored {name!r} (an attribute or key at the top of the'
       f' state, as in a TrainState or {{"params": ..., "opt_state": ...}}),'
-      f' but like ({type(tree).__name__}) has no {name!r}.')
+      f' but like ({type(tree).__name__}) has no {name!r}. Keep the params'
+      f' under {name!r} at the top of the state, in the checkpoint and in'
+      ' like alike.')
 
 
 def _started(abstract: EmaState, params: Any) -> EmaState:
@@ -217,6 +219,11 @@ def restore(item_dir: Any, stored: Any, target: Any, step: int,
   counter = itertools.count()
   indices = jax.tree.unflatten(treedef, [next(counter) for _ in leaves])
   placed = _placed(stored, indices, step)
+  is_state = lambda x: isinstance(x, EmaState)  # noqa: E731
+  averages = [  # (an average's indices, those of the params it starts from)
+      (node, _field(indices, _params_for(path), step))
+      for path, node in jax.tree_util.tree_flatten_with_path(
+          indices, is_leaf=is_state)[0] if is_state(node)]
   values = reader.read(item_dir, stored, [p for p, _ in placed],
                        [getattr(leaves[i], 'sharding', None)
                         for _, i in placed])
@@ -230,15 +237,8 @@ def restore(item_dir: Any, stored: Any, target: Any, step: int,
           f' {tuple(want.shape)} in like.')
     out[i] = value.astype(want.dtype) if value.dtype != want.dtype else value
 
-  def restored(subtree: Any) -> Any:
-    return jax.tree.map(lambda i: out[i], subtree)
-
-  is_state = lambda x: isinstance(x, EmaState)  # noqa: E731
-  for path, node in jax.tree_util.tree_flatten_with_path(
-      indices, is_leaf=is_state)[0]:
-    if not is_state(node):
-      continue
-    params = restored(_field(indices, _params_for(path), step))
+  for node, params_at in averages:
+    params = jax.tree.map(lambda i: out[i], params_at)
     abstract = jax.tree.map(lambda i: leaves[i], node)
     started = _started(abstract, params)
     for i, x in zip(jax.tree.leaves(node), jax.tree.leaves(started)):

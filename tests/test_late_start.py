@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import emax
 import emax.checkpoint
 import emax.nnx
+from emax import _checkpoint_files
 from emax.flax import EmaTrainState
 from helpers import assert_bitwise
 
@@ -266,3 +267,18 @@ def test_nnx_state_with_its_average_restores_as_before(tmp_path):
                                              'optimizer': opt2}),
                         start_average=option)
     assert_bitwise(nnx.to_pure_dict(restored), nnx.to_pure_dict(saved))
+
+
+def test_like_without_params_is_refused_before_any_array_is_read(
+    tmp_path, monkeypatch):
+  old = _trained_without_average()
+  _save(tmp_path, {'model': old.params, 'opt_state': old.opt_state})
+  tx = emax.with_ema(OPT, DECAY)
+  like = {'model': _params(), 'opt_state': tx.init(_params())}
+
+  def no_read(*args, **kwargs):
+    raise AssertionError('an array was read before the check')
+  monkeypatch.setattr(_checkpoint_files.Reader, 'read', no_read)
+  with pytest.raises(ValueError, match=r"restored 'params'.*like \(dict\)"
+                     r" has no 'params'"):
+    _restore(tmp_path, like, start_average=True)
