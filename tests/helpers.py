@@ -59,3 +59,15 @@ def load_example(name):
     sys.modules[module_name] = module  # dataclasses (flax Modules) look it up
     spec.loader.exec_module(module)
   return sys.modules[module_name]
+
+
+def run_cli(capsys, *argv):
+  """Runs ``python -m emax.posthoc ARGV --quiet`` in-process: (exit code,
+  stdout, stderr)."""
+  from emax import posthoc  # pylint: disable=g-import-not-at-top
+  try:
+    code = posthoc.main([str(a) for a in argv] + ['--quiet'])
+  except SystemExit as e:
+    code = e.code
+  out, err = capsys.readouterr()
+  return code, out, err

@@ -18,6 +18,7 @@ import emax
 import emax.checkpoint
 from emax import posthoc
 from emax import _checkpoint_files
+from helpers import run_cli
 import reference_posthoc as ref
 
 EVERY_100 = (np.repeat(np.arange(100, 1201, 100), 2), [0.05, 0.10] * 12)
@@ -815,21 +816,12 @@ def test_from_checkpoints_takes_a_0d_array_as_one_target(saved_run):
 # --- the command line ----------------------------------------------------------
 
 
-def _cli(capsys, *argv):
-  """Runs ``python -m emax.posthoc`` in-process: (exit code, stdout, stderr)."""
-  try:
-    code = posthoc.main([str(a) for a in argv] + ['--quiet'])
-  except SystemExit as e:
-    code = e.code
-  out, err = capsys.readouterr()
-  return code, out, err
-
-
 def test_cli_takes_relative_paths_and_writes_readable_checkpoints(
     saved_run, tmp_path, monkeypatch, capsys, caplog):
   shutil.copytree(saved_run[0], tmp_path / 'run')
   monkeypatch.chdir(tmp_path)
-  code, out, err = _cli(capsys, 'run', '--sigma-rel', 0.08, '--out', 'rebuilt')
+  code, out, err = run_cli(capsys, 'run', '--sigma-rel', 0.08, '--out',
+                           'rebuilt')
   assert code == 0, err
   assert 'sigma_rel 0.08: wrote rebuilt/sigma_rel_0.08/120' in out
   # The documented way to read it back: absolute path, StandardRestore(),
@@ -845,39 +837,39 @@ def test_cli_takes_relative_paths_and_writes_readable_checkpoints(
 
 def test_cli_gives_distinct_widths_distinct_folders(saved_run, tmp_path,
                                                     capsys):
-  code, out, err = _cli(capsys, saved_run[0], '--sigma-rel', 0.1, 0.1000001,
-                        '--out', tmp_path)
+  code, out, err = run_cli(capsys, saved_run[0], '--sigma-rel', 0.1, 0.1000001,
+                           '--out', tmp_path)
   assert code == 0, err
   for width in ('0.1', '0.1000001'):
     assert f'sigma_rel {width}: wrote {tmp_path}/sigma_rel_{width}/120' in out
     with ocp.CheckpointManager(tmp_path / f'sigma_rel_{width}') as manager:
       assert manager.metadata(120).custom_metadata['posthoc'][
           'sigma_rel'] == float(width)
-  code, _, err = _cli(capsys, saved_run[0], '--sigma-rel', 0.1, 0.1,
-                      '--out', tmp_path / 'again')
+  code, _, err = run_cli(capsys, saved_run[0], '--sigma-rel', 0.1, 0.1,
+                         '--out', tmp_path / 'again')
   assert code == 2 and '--sigma-rel lists [0.1] more than once' in err
 
 
 def test_cli_errors_name_the_flag(tmp_path, capsys):
   params = _small_params()
   _train_and_save(tmp_path / 'plain', steps=40, params=params, plain=True)
-  code, _, err = _cli(capsys, tmp_path / 'plain', '--sigma-rel', 0.08,
-                      '--out', tmp_path / 'out', '--tracked', 's05=abc')
+  code, _, err = run_cli(capsys, tmp_path / 'plain', '--sigma-rel', 0.08,
+                         '--out', tmp_path / 'out', '--tracked', 's05=abc')
   assert code == 2 and "--tracked takes numbers, got 'abc'" in err
   # Plain Orbax saves record neither widths nor names.
-  code, _, err = _cli(capsys, tmp_path / 'plain', '--sigma-rel', 0.08,
-                      '--out', tmp_path / 'out')
+  code, _, err = run_cli(capsys, tmp_path / 'plain', '--sigma-rel', 0.08,
+                         '--out', tmp_path / 'out')
   assert code == 1
   assert 'or give them here with --tracked one per average' in err
   assert 'with sigma_rels=' not in err
-  code, _, err = _cli(capsys, tmp_path / 'plain', '--sigma-rel', 0.08,
-                      '--out', tmp_path / 'out', '--tracked', 's05=0.05',
-                      's10=0.10')
+  code, _, err = run_cli(capsys, tmp_path / 'plain', '--sigma-rel', 0.08,
+                         '--out', tmp_path / 'out', '--tracked', 's05=0.05',
+                         's10=0.10')
   assert code == 1
   assert ('--tracked gives widths by name, but the names of the 2 averages'
           in err)
-  code, _, err = _cli(capsys, tmp_path / 'plain', '--sigma-rel', 0.08,
-                      '--out', tmp_path / 'out', '--tracked', 0.05, 0.10)
+  code, _, err = run_cli(capsys, tmp_path / 'plain', '--sigma-rel', 0.08,
+                         '--out', tmp_path / 'out', '--tracked', 0.05, 0.10)
   assert code == 0, err
 
 

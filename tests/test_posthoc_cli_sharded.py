@@ -32,6 +32,7 @@ import emax.checkpoint
 import emax.posthoc
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from helpers import run_cli  # noqa: E402
 # The run of sharded params and its EDM2 reference, shared with the tests of
 # the Python API.
 from test_sharded_checkpoints import (
@@ -44,17 +45,6 @@ ROOT = HERE.parents[1]
 RULES = ['w1=data,model', 'w2=model,data', 'b=model', 'e=,data']
 MESH = 'data=2,model=4'
 TARGETS = (0.08, 0.2)
-
-
-def _cli(capsys, *argv, quiet=True):
-  """Runs the command in-process: (exit code, stdout, stderr)."""
-  try:
-    code = emax.posthoc.main([str(a) for a in argv]
-                             + (['--quiet'] if quiet else []))
-  except SystemExit as e:
-    code = e.code
-  out, err = capsys.readouterr()
-  return code, out, err
 
 
 def _restore(out_dir, target_sigma_rel, step, target=None):
@@ -122,9 +112,9 @@ def test_each_leaf_restores_with_its_rule_s_sharding_within_the_bound(
 def test_first_rule_wins_and_unmatched_leaves_are_replicated(
     run, tmp_path, capsys):
   directory = run[0]
-  code, out, err = _cli(capsys, directory, '--sigma-rel', 0.08, '--out',
-                        tmp_path, '--mesh', 'data=2,model=4', '--shard',
-                        'w1=model,data', '--shard', 'w.=data+model')
+  code, out, err = run_cli(capsys, directory, '--sigma-rel', 0.08, '--out',
+                           tmp_path, '--mesh', 'data=2,model=4', '--shard',
+                           'w1=model,data', '--shard', 'w.=data+model')
   assert code == 0, err
   assert f'sigma_rel 0.08: wrote {tmp_path}/sigma_rel_0.08/40' in out
   saved = _restore(tmp_path, 0.08, 40)
@@ -196,8 +186,8 @@ ERRORS = [  # (flags, exit code, what stderr says)
 @pytest.mark.parametrize('flags, code, message', ERRORS)
 def test_errors_say_what_to_give(run, tmp_path, capsys, flags, code,
                                  message):
-  got, out, err = _cli(capsys, run[0], '--sigma-rel', 0.08, '--out',
-                       tmp_path, *flags)
+  got, out, err = run_cli(capsys, run[0], '--sigma-rel', 0.08, '--out',
+                          tmp_path, *flags)
   assert (got, out) == (code, ''), err
   for part in (message,) if isinstance(message, str) else message:
     assert part in ' '.join(err.split()), err
@@ -206,9 +196,9 @@ def test_errors_say_what_to_give(run, tmp_path, capsys, flags, code,
 
 def test_a_dimension_the_mesh_does_not_divide_is_named(tmp_path, capsys):
   _small_run(tmp_path / 'run', (6, 4))
-  code, _, err = _cli(capsys, tmp_path / 'run', '--sigma-rel', 0.08,
-                      '--out', tmp_path / 'out', '--mesh', 'data=4,model=2',
-                      '--shard', 'k=data')
+  code, _, err = run_cli(capsys, tmp_path / 'run', '--sigma-rel', 0.08,
+                         '--out', tmp_path / 'out', '--mesh', 'data=4,model=2',
+                         '--shard', 'k=data')
   assert code == 1
   assert ("--shard 'k=data' splits dimension 0 of k (shape (6, 4)) 4 ways"
           ' (over data), and 6 is not divisible by 4. Choose axes whose'
@@ -220,8 +210,8 @@ def test_sharded_flags_refuse_safetensors_snapshots(tmp_path, capsys):
   pytest.importorskip('safetensors')
   emax.posthoc.save_safetensors({'w': np.zeros(2, np.float32)},
                                 tmp_path / 'ema-0000010-0.050.safetensors')
-  code, _, err = _cli(capsys, tmp_path, '--sigma-rel', 0.05, '--out',
-                      tmp_path / 'out', '--mesh', 'data=8', '--distributed')
+  code, _, err = run_cli(capsys, tmp_path, '--sigma-rel', 0.05, '--out',
+                         tmp_path / 'out', '--mesh', 'data=8', '--distributed')
   assert code == 2
   assert '--mesh, --distributed read Orbax checkpoints' in err
 

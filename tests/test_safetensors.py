@@ -26,6 +26,7 @@ from emax import _safetensors
 from emax import posthoc
 from helpers import assert_bitwise
 from helpers import child_env
+from helpers import run_cli
 import reference_posthoc as ref
 
 
@@ -383,8 +384,8 @@ def test_a_folder_with_orbax_steps_and_snapshot_files_is_refused(tmp_path,
   with pytest.raises(ValueError, match=r'holds both Orbax checkpoint steps'
                      r' \(1000\) and safetensors files'):
     posthoc.from_files(tmp_path / 'run', 0.08)
-  code, _, err = _cli(capsys, tmp_path / 'run', '--sigma-rel', 0.08, '--out',
-                      tmp_path / 'out')
+  code, _, err = run_cli(capsys, tmp_path / 'run', '--sigma-rel', 0.08, '--out',
+                         tmp_path / 'out')
   assert code == 1 and 'holds both Orbax checkpoint steps' in err
 
 
@@ -416,23 +417,13 @@ def test_sigma_text_matches_edm2_and_tells_widths_apart():
 # --- the command line -----------------------------------------------------------
 
 
-def _cli(capsys, *argv):
-  """Runs ``python -m emax.posthoc`` in-process: (exit code, stdout, stderr)."""
-  try:
-    code = posthoc.main([str(a) for a in argv] + ['--quiet'])
-  except SystemExit as e:
-    code = e.code
-  out, err = capsys.readouterr()
-  return code, out, err
-
-
 def test_cli_writes_one_file_per_width(tmp_path, capsys):
   _save_run(tmp_path / 'run')
   # The metadata a torch save_model writes is carried over.
   path = tmp_path / 'run' / 'ema-0000400-0.050.safetensors'
   save_file(_snapshot(400, 0.05), path, metadata={'format': 'pt'})
-  code, out, err = _cli(capsys, tmp_path / 'run', '--sigma-rel', 0.08, 0.1234,
-                        '--out', tmp_path / 'out')
+  code, out, err = run_cli(capsys, tmp_path / 'run', '--sigma-rel', 0.08,
+                           0.1234, '--out', tmp_path / 'out')
   assert code == 0, err
   names = ['ema-0000400-0.080.safetensors', 'ema-0000400-0.1234.safetensors']
   assert sorted(os.listdir(tmp_path / 'out')) == names
@@ -444,37 +435,37 @@ def test_cli_writes_one_file_per_width(tmp_path, capsys):
     assert f.metadata()['format'] == 'pt'
     assert '"sigma_rel": 0.08' in f.metadata()['emax.posthoc']
   # --step, and outputs are never overwritten.
-  code, out, err = _cli(capsys, tmp_path / 'run', '--sigma-rel', 0.08,
-                        '--step', 200, '--out', tmp_path / 'out')
+  code, out, err = run_cli(capsys, tmp_path / 'run', '--sigma-rel', 0.08,
+                           '--step', 200, '--out', tmp_path / 'out')
   assert code == 0, err and 'ema-0000200-0.080.safetensors' in out
-  code, _, err = _cli(capsys, tmp_path / 'run', '--sigma-rel', 0.08,
-                      '--out', tmp_path / 'out')
+  code, _, err = run_cli(capsys, tmp_path / 'run', '--sigma-rel', 0.08,
+                         '--out', tmp_path / 'out')
   assert code == 1 and 'already exists; remove it or choose another' in err
 
 
 def test_cli_errors_name_the_flag(tmp_path, capsys):
   _save_run(tmp_path / 'run')
   _save_run(tmp_path / 'run', name='other', steps=[100])
-  code, _, err = _cli(capsys, tmp_path / 'run', '--sigma-rel', 0.08,
-                      '--out', tmp_path / 'out')
+  code, _, err = run_cli(capsys, tmp_path / 'run', '--sigma-rel', 0.08,
+                         '--out', tmp_path / 'out')
   assert code == 1 and "pass --name one of them" in err
-  code, _, err = _cli(capsys, tmp_path / 'run', '--sigma-rel', 0.08,
-                      '--out', tmp_path / 'out', '--name', 'ema',
-                      '--tracked', 0.05, 0.1)
+  code, _, err = run_cli(capsys, tmp_path / 'run', '--sigma-rel', 0.08,
+                         '--out', tmp_path / 'out', '--name', 'ema',
+                         '--tracked', 0.05, 0.1)
   assert code == 2 and '--tracked reads Orbax checkpoints' in err
-  code, _, err = _cli(capsys, tmp_path / 'run', '--sigma-rel', 0.08,
-                      '--out', tmp_path / 'run', '--name', 'ema')
+  code, _, err = run_cli(capsys, tmp_path / 'run', '--sigma-rel', 0.08,
+                         '--out', tmp_path / 'run', '--name', 'ema')
   assert code == 2 and '--out is the snapshot folder itself' in err
-  code, _, err = _cli(capsys, tmp_path / 'run', '--sigma-rel', 0.1, 0.1,
-                      '--out', tmp_path / 'out', '--name', 'ema')
+  code, _, err = run_cli(capsys, tmp_path / 'run', '--sigma-rel', 0.1, 0.1,
+                         '--out', tmp_path / 'out', '--name', 'ema')
   assert code == 2 and '--sigma-rel lists [0.1] more than once' in err
   (tmp_path / 'file').write_text('')
-  code, _, err = _cli(capsys, tmp_path / 'run', '--sigma-rel', 0.1,
-                      '--out', tmp_path / 'file', '--name', 'ema')
+  code, _, err = run_cli(capsys, tmp_path / 'run', '--sigma-rel', 0.1,
+                         '--out', tmp_path / 'file', '--name', 'ema')
   assert code == 2 and 'is a file; give a folder' in err
   (tmp_path / 'empty').mkdir()
-  code, _, err = _cli(capsys, tmp_path / 'empty', '--sigma-rel', 0.1,
-                      '--out', tmp_path / 'out', '--name', 'ema')
+  code, _, err = run_cli(capsys, tmp_path / 'empty', '--sigma-rel', 0.1,
+                         '--out', tmp_path / 'out', '--name', 'ema')
   assert code == 2 and '--name picks among safetensors snapshot files' in err
 
 
