@@ -27,7 +27,10 @@ from emax import _state
 from emax import _step
 from emax._state import EmaState
 
-FIELD = 'EmaTrainState.batch_stats_ema'
+STATE_FIELD = 'batch_stats_ema'
+"""The field of ``emax.flax.EmaTrainState`` that holds their average."""
+
+FIELD = f'EmaTrainState.{STATE_FIELD}'
 
 
 POLICIES = ('average', 'copy')

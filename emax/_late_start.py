@@ -18,9 +18,9 @@ import itertools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from emax import _batch_stats
 from emax import _checkpoint_files
 from emax import _restored
 from emax import _state
@@ -32,8 +32,6 @@ from emax._transform import WithEmaState
 
 OPTION = 'start_average=True'
 
-_BATCH_STATS_AVERAGE = 'batch_stats_ema'
-"""The field of :class:`emax.flax.EmaTrainState` that averages batch_stats."""
 
 
 def stored_tree(manager: _checkpoint_files.Manager, step: int,
@@ -111,11 +109,15 @@ def _is_average(node: Any) -> bool:
 
 
 def _averages_only(node: Any) -> bool:
-  """Whether ``node`` is the state of an average and nothing else: an
-  average's state, or a wrapper of one that adds no array of its own
-  (``optax.masked(emax.ema(...))``'s ``MaskedState``)."""
+  """Whether ``node`` is the state of an averaging transformation: an
+  average's state, or a wrapper of one (``optax.masked(emax.ema(...))``'s
+  ``MaskedState``, ``optax.inject_hyperparams(emax.ema)``'s state, whose
+  own arrays start as ``like`` holds them)."""
   if _is_average(node):
     return True
+  inner = getattr(node, 'inner_state', None)
+  if inner is not None and not isinstance(node, WithEmaState):
+    return _averages_only(inner)  # optax.inject_hyperparams(emax.ema)
   inside = jax.tree.leaves(node, is_leaf=_is_average)
   return bool(inside) and all(_is_average(x) for x in inside)
 
@@ -184,7 +186,7 @@ def _placed(stored: Any, indices: Any, step: int
 def _params_for(path: tuple[Any, ...]) -> str:
   """Where the params of the average at ``path`` (a like path) are."""
   first = _stored_tree.stored_key(path[0]) if path else None
-  return 'batch_stats' if first == _BATCH_STATS_AVERAGE else 'params'
+  return 'batch_stats' if first == _batch_stats.STATE_FIELD else 'params'
 
 
 def _field(tree: Any, name: str, step: int) -> Any:
@@ -206,15 +208,19 @@ def _started(abstract: EmaState, params: Any) -> EmaState:
   zeros = jax.tree.map(  # host memory kinds too (offload=True)
       lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding),
       abstract)
-  state = _step.reset(zeros, params, where='emax.checkpoint.restore')
-  return state._replace(
-      weight=jnp.full_like(state.weight, 0.0 if abstract.info.debias else 1.0),
-      step_size=jnp.zeros_like(state.step_size))
+  copied = _step.reset(zeros, params, where='emax.checkpoint.restore')
+  return _state.fresh(copied.average, abstract.info, abstract.weight.shape)
 
 
-def restore(item_dir: Any, stored: Any, target: Any, step: int,
+def restore(item_dir: Any, stored: Any, like: Any, target: Any, step: int,
             reader: _checkpoint_files.Reader) -> Any:
-  """The checkpoint's arrays in ``target``'s places, averages started."""
+  """The checkpoint's arrays in ``target``'s places, averages started.
+
+  ``target`` is :func:`emax.checkpoint.abstract_state` of ``like``. What
+  neither the checkpoint nor an average's start gives (the arrays of a
+  wrapper around an average, as ``optax.inject_hyperparams``'s) is
+  ``like``'s own value.
+  """
   leaves, treedef = jax.tree.flatten(target)
   counter = itertools.count()
   indices = jax.tree.unflatten(treedef, [next(counter) for _ in leaves])
@@ -243,5 +249,18 @@ def restore(item_dir: Any, stored: Any, target: Any, step: int,
     started = _started(abstract, params)
     for i, x in zip(jax.tree.leaves(node), jax.tree.leaves(started)):
       out[i] = x
+  left = [i for i, x in enumerate(out) if x is None]
+  if left:
+    given = jax.tree.leaves(like)
+    for i in left:
+      if isinstance(given[i], jax.ShapeDtypeStruct):
+        path = jax.tree_util.tree_flatten_with_path(target)[0][i][0]
+        raise ValueError(
+            f'emax.checkpoint.restore (step {step}): {OPTION} starts'
+            f' {jax.tree_util.keystr(path)}, which belongs to the state around'
+            ' an average and is not in the checkpoint, from like; like is'
+            ' abstract there. Pass the freshly built state as like, not its'
+            ' abstract_state or jax.eval_shape.')
+      out[i] = given[i]
   return jax.tree.unflatten(treedef, out)
 

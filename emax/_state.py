@@ -245,14 +245,23 @@ def init(params: Params, *, names: Sequence[str] | None = None,
   if offload:
     average = _offload.to_host(average)
   shape = () if count is None else (count,)
+  info = StateInfo(tuple(p.dtype for p in jax.tree.leaves(params)), names,
+                   debias)
+  return fresh(average, info, shape)
+
+
+def fresh(average: Params, info: StateInfo,
+          shape: tuple[int, ...]) -> EmaState:
+  """A state of no step yet around ``average`` (stored as the params): a
+  copy of weight one, or weight zero with ``info.debias``; ``shape`` is
+  ``()`` or ``(number of names,)``."""
   return EmaState(
       count=jnp.zeros([], jnp.int32),
       average=average,
-      weight=jnp.full(shape, 0.0 if debias else 1.0, jnp.float32),
+      weight=jnp.full(shape, 0.0 if info.debias else 1.0, jnp.float32),
       step_size=jnp.zeros(shape, jnp.float32),
       skipped=jnp.zeros([], jnp.int32),
-      info=StateInfo(tuple(p.dtype for p in jax.tree.leaves(params)), names,
-                     debias),
+      info=info,
   )
 
 

@@ -165,15 +165,16 @@ def restore(manager: _checkpoint_files.Manager, like: Params,
   ocp = _checkpoint_files.orbax()
   step = _checkpoint_files.restorable_step(manager, step)
   start_average = _options.check_bool(start_average, 'start_average')
+  abstract = abstract_state(like)
   with _checkpoint_files.Reader() as reader:
     item_dir, stored = _late_start.stored_tree(manager, step, reader)
-    if _late_start.check(stored, abstract_state(like), step, start_average):
-      return _late_start.restore(item_dir, stored, abstract_state(like), step,
+    if _late_start.check(stored, abstract, step, start_average):
+      return _late_start.restore(item_dir, stored, like, abstract, step,
                                  reader)
   target = _checkpoint_record.in_recorded_order(
       _checkpoint_record.recorded(
           _checkpoint_files.manager_custom_metadata(manager, step)),
-      abstract_state(like), f'emax.checkpoint.restore (step {step})')
+      abstract, f'emax.checkpoint.restore (step {step})')
   return manager.restore(step, args=ocp.args.StandardRestore(target))
 
 

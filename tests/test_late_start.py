@@ -282,3 +282,19 @@ def test_like_without_params_is_refused_before_any_array_is_read(
   with pytest.raises(ValueError, match=r"restored 'params'.*like \(dict\)"
                      r" has no 'params'"):
     _restore(tmp_path, like, start_average=True)
+
+
+@pytest.mark.standard_promotion  # optax's inject_hyperparams, mixed dtypes
+def test_inject_hyperparams_around_the_average(tmp_path):
+  """The wrapper's own arrays (count, hyperparams) start as like's."""
+  old = _trained_without_average()
+  _save(tmp_path, {'params': old.params, 'opt_state': old.opt_state})
+  tx = optax.chain(OPT, optax.inject_hyperparams(emax.ema)(decay=DECAY))
+  like = {'params': _params(), 'opt_state': tx.init(_params())}
+  state = _restore(tmp_path, like, start_average=True)
+  assert_bitwise(state['opt_state'][0], old.opt_state)
+  assert_bitwise(state['opt_state'][1], tx.init(old.params)[1])
+  abstract = emax.checkpoint.abstract_state(like)
+  with pytest.raises(ValueError,
+                     match=r'\[1\]\.count.*Pass the freshly built'):
+    _restore(tmp_path, abstract, start_average=True)
