@@ -207,14 +207,9 @@ def reconstruct_checkpoints(
                  if w is not None]
     steps = np.array([s[2] for s in snapshots], np.float64)
     widths = np.array([s[3] for s in snapshots], np.float64)
-    weights, used = [], set()
-    for target in targets:
-      w, u = _posthoc_solve.solve(
-          steps, widths, target, float(counts[-1]),
-          ('snapshot steps (EmaState.count)', 'snapshot sigma_rels'))
-      weights.append(w)
-      used |= set(u.tolist())
-    latest = max(used, key=lambda k: (steps[k], -k))
+    weights, used, latest = _posthoc_solve.solve_targets(
+        steps, widths, targets, float(counts[-1]),
+        ('snapshot steps (EmaState.count)', 'snapshot sigma_rels'))
     sums: list[Any]
     if targets_at is None:
       sums = [TreeSum() for _ in targets]
@@ -231,7 +226,7 @@ def reconstruct_checkpoints(
                            [c.path + p for p, _, _ in c.leaves], read_at)
       node = _stored_tree.rebuild(c.node, values)
       del values
-      for k in (k for k in sorted(used) if snapshots[k][0] == i):
+      for k in (k for k in used if snapshots[k][0] == i):
         j = snapshots[k][1]
         index = j if c.plan.stacked else None
         where = f'checkpoint step {step}, average {j}'

@@ -193,14 +193,9 @@ def read(directory: Any, targets: list[float], *, target_step: Any,
                                      sys.maxsize)
   steps = np.array([f.step for f in files], np.float64)
   sigma_rels = np.array([f.sigma_rel for f in files], np.float64)
-  weights, used = [], set()
-  for target in targets:
-    w, u = _posthoc_solve.solve(steps, sigma_rels, target, target_step,
-                                ('snapshot steps', 'snapshot sigma_rels'))
-    weights.append(w)
-    used |= set(u.tolist())
-  order = sorted(used)
-  latest = max(order, key=lambda k: (steps[k], -k))
+  weights, order, latest = _posthoc_solve.solve_targets(
+      steps, sigma_rels, targets, target_step,
+      ('snapshot steps', 'snapshot sigma_rels'))
   # Headers first (no arrays): a mismatch fails before anything is read.
   first: dict[str, Any] = {}
   metadata = None

@@ -116,12 +116,11 @@ def reconstruct(snapshots: Iterable[Snapshot], target_sigma_rel: float,
   entries = _entries(snapshots)
   steps = _column(entries, 0, 'step')
   sigma_rels = _column(entries, 1, 'sigma_rel')
-  weights, used = _posthoc_solve.solve(
-      steps, sigma_rels, target_sigma_rel, target_step,
+  [weights], used, latest = _posthoc_solve.solve_targets(
+      steps, sigma_rels, [target_sigma_rel], target_step,
       ('snapshot steps', 'snapshot sigma_rels'))
-  latest = max(used.tolist(), key=lambda k: (steps[k], -k))
   total = TreeSum(sharding)
-  for k in used.tolist():
+  for k in used:
     where = f'snapshot {k} (step {steps[k]:g}, sigma_rel {sigma_rels[k]:g})'
     # The loaded tree lives only inside this call: it is gone before the next
     # loader runs.

@@ -9,7 +9,7 @@ NumPy on the host, and scales the weights to sum to one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -124,6 +124,32 @@ def solve(steps: np.ndarray, sigma_rels: np.ndarray, target_sigma_rel: Any,
   weights = np.zeros(steps.shape, np.float64)
   weights[used] = x / total
   return weights, used
+
+
+class Solved(NamedTuple):
+  """The weights of several targets over one set of snapshots."""
+  weights: list[np.ndarray]  # one per target, an entry per snapshot
+  used: list[int]  # the snapshots that any target weights, in order
+  latest: int  # the latest of them, the first given at its step
+
+
+def solve_targets(steps: np.ndarray, sigma_rels: np.ndarray,
+                  targets: list[float], target_step: Any,
+                  names: tuple[str, str]) -> Solved:
+  """:func:`solve` for each width in ``targets``, and what they use.
+
+  The snapshots of any target are read once for all of them; the latest
+  used (largest step, the first given of those at that step) gives the
+  non-float leaves, as :func:`emax.update` keeps a non-float param's latest
+  value.
+  """
+  weights, used = [], set()
+  for target in targets:
+    w, u = solve(steps, sigma_rels, target, target_step, names)
+    weights.append(w)
+    used |= set(u.tolist())
+  order = sorted(used)
+  return Solved(weights, order, max(order, key=lambda k: (steps[k], -k)))
 
 
 def targets(target_sigma_rel: Any) -> tuple[list[float], bool]:

@@ -18,6 +18,7 @@ import emax
 import emax.checkpoint
 from emax import posthoc
 from emax import _checkpoint_files
+from emax import _posthoc_solve
 from helpers import run_cli
 import reference_posthoc as ref
 
@@ -401,6 +402,22 @@ def test_coefficients_reject_bad_inputs(args, kwargs, match):
 def test_duplicates_after_the_target_step_are_ignored():
   got = posthoc.coefficients([100, 200, 200], [0.1, 0.1, 0.1], 0.05, 100)
   np.testing.assert_array_equal(got, [1.0, 0.0, 0.0])
+
+
+def test_several_targets_use_the_union_and_date_by_the_first_latest():
+  steps = np.array([200., 100., 200., 300.])
+  sigma_rels = np.array([0.05, 0.1, 0.1, 0.1])
+  solved = _posthoc_solve.solve_targets(steps, sigma_rels, [0.08, 0.12], 200,
+                                        ('steps', 'sigma_rels'))
+  assert solved.used == [0, 1, 2]  # the one after step 200 is not read
+  assert solved.latest == 0  # step 200, and given before snapshot 2
+  for weights, target in zip(solved.weights, (0.08, 0.12)):
+    np.testing.assert_array_equal(
+        weights, posthoc.coefficients(steps, sigma_rels, target, 200))
+  # reconstruct takes the counters of that snapshot.
+  snapshots = [(s, w, {'w': np.float32(k), 'n': np.int32(k)})
+               for k, (s, w) in enumerate(zip(steps, sigma_rels))]
+  assert posthoc.reconstruct(snapshots, 0.08, 200)['n'] == 0
 
 
 BAD_SNAPSHOTS = [
