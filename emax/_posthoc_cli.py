@@ -41,14 +41,15 @@ default) from the snapshots in DIR, which holds either
   OUT_DIR/sigma_rel_<S>/<STEP>/, a CheckpointManager directory; restore with
       ocp.CheckpointManager(os.path.abspath("OUT_DIR/sigma_rel_<S>")).restore(
           STEP, args=ocp.args.StandardRestore())
-  (<S>: the width as Python writes it, 0.1 for 0.10; ocp: orbax.checkpoint)
+  (<S>: the width with three decimals as EDM2 writes it, 0.100, or more if
+  needed to tell it apart, 0.1234; ocp: orbax.checkpoint)
 
 - or one safetensors file per snapshot, NAME-STEP-SIGMA.safetensors (EDM2's
   naming: STEP the steps the average had seen, an integer; SIGMA its
   sigma_rel, e.g. ema-0020000-0.050.safetensors), saved by any framework
   (safetensors.torch.save_file(ema.state_dict(), ...)); writes, for each
   width, OUT_DIR/NAME-STEP-<S>.safetensors with the same tensor names and
-  dtypes (<S>: the width with three decimals, 0.100, or more if needed).
+  dtypes (<S> as above).
   Needs safetensors: pip install "emax[safetensors]".
 
 Params too large for one host (Orbax checkpoints only): --mesh lays the
@@ -114,9 +115,10 @@ def _distinct(sigma_rels: list[float]) -> list[float]:
 
 
 def _out_dirs(out: str, sigma_rels: list[float]) -> list[str]:
-  """One folder per width, named by the width as given (``repr`` of a float
-  tells any two floats apart)."""
-  return [os.path.join(out, f'sigma_rel_{s!r}') for s in sigma_rels]
+  """One folder per width, ``sigma_rel_<S>``, ``<S>`` as the safetensors
+  outputs name it (distinct floats get distinct folders)."""
+  return [os.path.join(out, f'sigma_rel_{_posthoc_files.sigma_text(s)}')
+          for s in sigma_rels]
 
 
 def _print_progress(what: str) -> Callable[[list[Any]], Iterable[Any]]:

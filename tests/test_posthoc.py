@@ -840,12 +840,13 @@ def test_cli_takes_relative_paths_and_writes_readable_checkpoints(
   code, out, err = run_cli(capsys, 'run', '--sigma-rel', 0.08, '--out',
                            'rebuilt')
   assert code == 0, err
-  assert 'sigma_rel 0.08: wrote rebuilt/sigma_rel_0.08/120' in out
+  # The folder names the width as the safetensors outputs do (EDM2's 0.080).
+  assert 'sigma_rel 0.08: wrote rebuilt/sigma_rel_0.080/120' in out
   # The documented way to read it back: absolute path, StandardRestore(),
   # and Orbax logs nothing about items it could not restore.
   with caplog.at_level('INFO'):
     with ocp.CheckpointManager(
-        os.path.abspath('rebuilt/sigma_rel_0.08')) as manager:
+        os.path.abspath('rebuilt/sigma_rel_0.080')) as manager:
       restored = manager.restore(120, args=ocp.args.StandardRestore())
   assert 'could not be restored' not in caplog.text
   _assert_same(jax.tree.map(np.asarray, restored),
@@ -857,9 +858,9 @@ def test_cli_gives_distinct_widths_distinct_folders(saved_run, tmp_path,
   code, out, err = run_cli(capsys, saved_run[0], '--sigma-rel', 0.1, 0.1000001,
                            '--out', tmp_path)
   assert code == 0, err
-  for width in ('0.1', '0.1000001'):
-    assert f'sigma_rel {width}: wrote {tmp_path}/sigma_rel_{width}/120' in out
-    with ocp.CheckpointManager(tmp_path / f'sigma_rel_{width}') as manager:
+  for width, text in (('0.1', '0.100'), ('0.1000001', '0.1000001')):
+    assert f'sigma_rel {width}: wrote {tmp_path}/sigma_rel_{text}/120' in out
+    with ocp.CheckpointManager(tmp_path / f'sigma_rel_{text}') as manager:
       assert manager.metadata(120).custom_metadata['posthoc'][
           'sigma_rel'] == float(width)
   code, _, err = run_cli(capsys, saved_run[0], '--sigma-rel', 0.1, 0.1,

@@ -50,7 +50,7 @@ TARGETS = (0.08, 0.2)
 def _restore(out_dir, target_sigma_rel, step, target=None):
   """One output of the command, as docs/posthoc.md restores it."""
   path = os.path.abspath(
-      os.path.join(out_dir, f'sigma_rel_{target_sigma_rel!r}'))
+      os.path.join(out_dir, f'sigma_rel_{target_sigma_rel:.3f}'))
   with ocp.CheckpointManager(path) as manager:
     return manager.restore(step, args=ocp.args.StandardRestore(target))
 
@@ -116,7 +116,7 @@ def test_first_rule_wins_and_unmatched_leaves_are_replicated(
                            tmp_path, '--mesh', 'data=2,model=4', '--shard',
                            'w1=model,data', '--shard', 'w.=data+model')
   assert code == 0, err
-  assert f'sigma_rel 0.08: wrote {tmp_path}/sigma_rel_0.08/40' in out
+  assert f'sigma_rel 0.08: wrote {tmp_path}/sigma_rel_0.080/40' in out
   saved = _restore(tmp_path, 0.08, 40)
   mesh = _mesh()
   want = {'w1': P('model', 'data'), 'w2': P(('data', 'model')), 'b': P(),
@@ -267,7 +267,7 @@ def test_two_processes_run_the_command_under_jax_distributed(
                     timeout=60, script=HERE)
   shardings = _shardings(_mesh())
   for target in TARGETS:
-    saved = tmp_path / 'sharded' / f'sigma_rel_{target!r}' / '40' / 'default'
+    saved = tmp_path / 'sharded' / f'sigma_rel_{target:.3f}' / '40' / 'default'
     assert sorted(p.name for p in saved.glob('ocdbt.process_*')) == [
         'ocdbt.process_0', 'ocdbt.process_1']  # each wrote its own shards
     got = _restore(tmp_path / 'sharded', target, 40,
@@ -278,7 +278,8 @@ def test_two_processes_run_the_command_under_jax_distributed(
       np.testing.assert_array_equal(np.asarray(got[k]),
                                     np.asarray(one_process[k]))
   logs = [(tmp_path / f'process_{i}.log').read_text() for i in (0, 1)]
-  assert f'sigma_rel 0.2: wrote {tmp_path}/sharded/sigma_rel_0.2/40' in logs[0]
+  assert (f'sigma_rel 0.2: wrote {tmp_path}/sharded/sigma_rel_0.200/40'
+          in logs[0])
   progress = ('ckpt', 'checkpoint 1/')  # tqdm's bar, or the plain lines
   assert any(p in logs[0] for p in progress), logs[0]
   assert not any(p in logs[1] for p in progress + ('wrote',)), logs[1]
