@@ -27,6 +27,7 @@ from jax.sharding import Sharding
 from emax import _checkpoint_files
 from emax import _checkpoint_record
 from emax import _options
+from emax import _posthoc_files
 from emax import _posthoc_solve
 from emax import _restore_plan
 from emax import _restored
@@ -113,7 +114,7 @@ def from_checkpoints(directory: Any, target_sigma_rel: Any, *,
       no average or no width is found (the message says what to save or
       pass), two
       checkpoints hold the same ``count``, or the checkpoints differ in what
-      they hold; if ``sharding`` is not shaped like the result, or ``like``
+      they hold; if the folder also holds ``.safetensors`` snapshot files; if ``sharding`` is not shaped like the result, or ``like``
       is a state while ``sharding`` is given.
     TypeError: if ``sharding`` holds something that is no sharding and has
       none.
@@ -168,6 +169,7 @@ def reconstruct_checkpoints(
   _checkpoint_files.orbax()
   targets, single = _posthoc_solve.targets(target_sigma_rel)
   root, found = _checkpoint_files.finished_steps(directory, _WHERE)
+  _posthoc_files.refuse_mixed(root, root.iterdir(), _WHERE)
   if target_step is None:
     target_step = max(found)
   elif _options.check_int(target_step, 'target_step', 0) not in found:

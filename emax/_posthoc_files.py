@@ -69,6 +69,27 @@ def holds_snapshots(directory: Any) -> bool:
     return any(e.name.endswith(SUFFIX) and e.is_file() for e in entries)
 
 
+def refuse_mixed(root: Any, entries: Iterable[Any], where: str) -> None:
+  """Refuses a folder that holds both Orbax checkpoint steps and snapshot
+  files: whichever way it were read, the other snapshots would be ignored.
+
+  ``entries`` are the folder's entries, ``os.DirEntry`` or paths (``name``,
+  ``is_file()``, ``is_dir()``).
+  """
+  entries = list(entries)
+  files = sorted(e.name for e in entries
+                 if e.name.endswith(SUFFIX) and e.is_file())
+  if not files:  # the usual case: no folder is asked whether it is one
+    return
+  steps = sorted((e.name for e in entries
+                  if e.name.isdigit() and e.is_dir()), key=int)
+  if steps:
+    raise ValueError(
+        f'{where}: {root} holds both Orbax checkpoint steps ({_some(steps)})'
+        f' and safetensors files ({_some(files)}). Keep the snapshots of one'
+        ' run, saved one way, in a folder of their own.')
+
+
 def snapshot_files(directory: Any, name: str | None, where: str,
                    name_arg: str = 'name=') -> list[SnapshotFile]:
   """The snapshots of ``name`` in ``directory``, by step, then width.
@@ -85,13 +106,8 @@ def snapshot_files(directory: Any, name: str | None, where: str,
         f'No snapshot directory {root}: it does not exist.')
   with os.scandir(root) as it:
     entries = sorted(it, key=lambda e: e.name)
+  refuse_mixed(root, entries, where)
   named = [e for e in entries if e.name.endswith(SUFFIX) and e.is_file()]
-  steps = [e.name for e in entries if e.is_dir() and e.name.isdigit()]
-  if named and steps:
-    raise ValueError(
-        f'{where}: {root} holds both Orbax checkpoint steps ({_some(steps)})'
-        f' and safetensors files ({_some([e.name for e in named])}). Keep'
-        ' the snapshots of one run, saved one way, in a folder of their own.')
   bad = [e.name for e in named if not _FILE_NAME.fullmatch(e.name)]
   if bad:
     raise ValueError(

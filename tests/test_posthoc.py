@@ -822,6 +822,17 @@ def test_an_incomplete_checkpoint_is_named(saved_run, tmp_path):
     posthoc.from_checkpoints(directory, 0.08)
 
 
+def test_from_checkpoints_refuses_a_folder_with_snapshot_files_too(
+    saved_run, tmp_path):
+  shutil.copytree(saved_run[0], tmp_path / 'run')
+  posthoc.save_safetensors({'w': np.zeros(2, np.float32)},
+                           tmp_path / 'run' / 'ema-0000100-0.050.safetensors')
+  with pytest.raises(ValueError, match=r'emax.posthoc.from_checkpoints: .*'
+                     r' holds both Orbax checkpoint steps \(20, 40, 60, 80,'
+                     r' 100 and 1 more\) and safetensors files \(ema-0000100'):
+    posthoc.from_checkpoints(tmp_path / 'run', 0.08)
+
+
 def test_from_checkpoints_takes_a_0d_array_as_one_target(saved_run):
   directory = saved_run[0]
   _assert_same(posthoc.from_checkpoints(directory, np.asarray(0.08)),
