@@ -257,8 +257,42 @@ def end_to_end():
         got = np.asarray(out.average[n])
         if not np.array_equal(got.view(np.uint32), want.view(np.uint32)):
           bad.append((pdtype.name, udtype.name, float(a), float(b), n))
+  bad += _mixed_tree_cases()
   assert not bad, bad[:10]
   return len(PAIRS)
+
+
+def _mixed_tree_cases():
+  """A tree of every kind of leaf (None, int, float32, bf16, float16; a
+  mask leaving a bf16 leaf out): the sums line up with their leaves, and
+  the step is skipped exactly when a new param inside the mask is not
+  finite (or rounds to Inf)."""
+  params = {'a': np.ones(40, BF16), 'i': np.arange(3, dtype=np.int32),
+            'n': None, 'f': np.ones(5, F32), 'h': np.ones(33, F16),
+            'out': np.ones(7, BF16)}
+  mask = {'a': True, 'i': True, 'n': True, 'f': True, 'h': True,
+          'out': False}
+  zeros = {k: None if v is None else np.zeros_like(v)
+           for k, v in params.items()}
+  bad = []
+  for tx, masked in ((emax.ema(0.5), False),
+                    (emax.ema(0.5, mask=mask), True)):
+    state = tx.init(params)
+    update = jax.jit(lambda u, s, p, tx=tx: tx.update(u, s, p)[1])
+    for leaf, dtype in (('a', BF16), ('f', F32), ('h', F16), ('out', BF16)):
+      for a, b in ((np.inf, 0.0), (np.nan, 0.0), (60000.0, 5520.0),
+                   (60000.0, 5504.0), (3e38, 3e38), (3e38, -3e38)):
+        p = dict(params, **{leaf: params[leaf].copy()})
+        u = dict(zeros, **{leaf: zeros[leaf].copy()})
+        with np.errstate(over='ignore'):
+          p[leaf][3], u[leaf][3] = a, b
+        new = new_params(p[leaf], u[leaf])
+        inside = not (masked and leaf == 'out')
+        skip = inside and not np.isfinite(new).all()
+        out = update(u, state, p)
+        if int(emax.get_ema_state(out).skipped) != int(skip):
+          bad.append(('mixed', leaf, a, b, dtype.name))
+  return bad
 
 
 def test_a_jitted_standalone_tx_update_end_to_end_on_one_device():
