@@ -262,6 +262,12 @@ def _from_checkpoints(parser: argparse.ArgumentParser, args: Any,
                       sigma_rels: list[float]) -> int:
   """Orbax checkpoints in, one Orbax checkpoint per width out."""
   _checkpoint_files.orbax()  # the ImportError that names the extra, first
+  try:
+    _, found = _checkpoint_files.finished_steps(args.checkpoint_dir,
+                                                parser.prog)
+  except FileNotFoundError as e:
+    parser.exit(1, f'{parser.prog}: error: {_no_snapshots(args, e)}\n')
+  step = max(found) if args.step is None else args.step
   outs = _out_dirs(args.out, sigma_rels)
   try:
     tracked = _parse_tracked(args.tracked)
@@ -272,17 +278,39 @@ def _from_checkpoints(parser: argparse.ArgumentParser, args: Any,
     parser.error(f'{", ".join(taken)} already exist{"s" * (len(taken) == 1)};'
                  ' remove them or choose another --out.')
   if not args.distributed:
-    return _reconstruct_and_save(parser, args, sigma_rels, outs, tracked)
+    return _reconstruct_and_save(parser, args, step, sigma_rels, outs,
+                                 tracked)
   _initialize(parser, args)
   try:
-    return _reconstruct_and_save(parser, args, sigma_rels, outs, tracked)
+    return _reconstruct_and_save(parser, args, step, sigma_rels, outs,
+                                 tracked)
   finally:
     jax.distributed.shutdown()
 
 
+def _no_snapshots(args: Any, error: FileNotFoundError) -> str:
+  """Why DIR holds nothing to read, naming both kinds of snapshot folder."""
+  text = str(error)
+  if not os.path.isdir(args.checkpoint_dir):
+    return text
+  text += (' DIR must hold either the checkpoints of an'
+           ' orbax.checkpoint.CheckpointManager, or one safetensors file per'
+           f' snapshot named {_posthoc_files.PATTERN} (e.g.'
+           f' {_posthoc_files.EXAMPLE}).')
+  pickles = sorted(n for n in os.listdir(args.checkpoint_dir)
+                   if n.endswith('.pkl'))
+  if pickles:
+    text += (f' It holds .pkl files ({", ".join(pickles[:3])}'
+             f'{", ..." if len(pickles) > 3 else ""}): EDM2 pickles its'
+             ' snapshots, which this command does not read; convert them to'
+             ' safetensors files first, as docs/pytorch.md shows (Converting'
+             ' EDM2 snapshots), and pass that folder.')
+  return text
+
+
 def _reconstruct_and_save(parser: argparse.ArgumentParser, args: Any,
-                          sigma_rels: list[float], outs: list[str],
-                          tracked: Any) -> int:
+                          step: int, sigma_rels: list[float],
+                          outs: list[str], tracked: Any) -> int:
   """Reads the checkpoints (on the host, or sharded over ``--mesh``) and
   saves one checkpoint per width (every process its own shards)."""
   ocp = _checkpoint_files.orbax()
@@ -295,16 +323,12 @@ def _reconstruct_and_save(parser: argparse.ArgumentParser, args: Any,
           args.checkpoint_dir, item=args.item, path=args.path,
           sigma_rels=tracked)
     results = _posthoc_checkpoints.reconstruct_checkpoints(
-        args.checkpoint_dir, sigma_rels, target_step=args.step,
+        args.checkpoint_dir, sigma_rels, target_step=step,
         sigma_rels=tracked, path=args.path, like=None, item=args.item,
         progress=_progress_bar(args.quiet or not lead, 'checkpoint', 'ckpt'),
         sigma_rels_arg='--tracked', sharding=sharding)
   except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
     parser.exit(1, f'{parser.prog}: error: {e}\n')
-  step = args.step
-  if step is None:  # from_checkpoints found them: the latest
-    step = max(_checkpoint_files.finished_steps(
-        args.checkpoint_dir, parser.prog)[1])
   for sigma_rel, out, params in zip(sigma_rels, outs, results):
     with ocp.CheckpointManager(os.path.abspath(out)) as manager:
       _checkpoint_record.save(

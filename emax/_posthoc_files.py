@@ -30,7 +30,7 @@ SUFFIX = '.safetensors'
 PATTERN = f'NAME-STEP-SIGMA{SUFFIX}'
 _FILE_NAME = re.compile(
     r'(?P<name>.+)-(?P<step>\d+)-(?P<sigma>\d+\.\d+)' + re.escape(SUFFIX))
-_EXAMPLE = ('ema-0001000-0.050.safetensors: the snapshot after 1000 steps of'
+EXAMPLE = ('ema-0001000-0.050.safetensors: the snapshot after 1000 steps of'
             ' the average of sigma_rel 0.05')
 
 FlatArrays = dict[str, np.ndarray]
@@ -113,7 +113,7 @@ def snapshot_files(directory: Any, name: str | None, where: str,
     raise ValueError(
         f'{where}: {root} holds safetensors files not named {PATTERN}'
         f' (STEP an integer, SIGMA the sigma_rel with a decimal point):'
-        f' {_some(bad)}. Rename them, e.g. {_EXAMPLE}, or move them out.')
+        f' {_some(bad)}. Rename them, e.g. {EXAMPLE}, or move them out.')
   files = []
   for e in named:
     m = _FILE_NAME.fullmatch(e.name)
@@ -124,7 +124,7 @@ def snapshot_files(directory: Any, name: str | None, where: str,
     raise FileNotFoundError(
         f'{where}: no {PATTERN} file in {root}; it holds'
         f' {_some([e.name for e in entries]) or "nothing"}. Save one'
-        f' snapshot per file, e.g. {_EXAMPLE}.')
+        f' snapshot per file, e.g. {EXAMPLE}.')
   names = sorted({f.name for f in files})
   if name is None and len(names) > 1:
     raise ValueError(

@@ -221,10 +221,11 @@ def test_distributed_outside_a_cluster_says_which_flags_to_give(tmp_path):
          if not k.startswith(('JAX_COORDINATOR', 'SLURM_', 'OMPI_',
                               'KUBERNETES_', 'TPU_'))}
   env['JAX_PLATFORMS'] = 'cpu'
+  _small_run(tmp_path / 'run', (2,))  # checkpoints are found before it fails
   result = subprocess.run(
-      [sys.executable, '-m', 'emax.posthoc', str(tmp_path), '--sigma-rel',
-       '0.08', '--out', str(tmp_path / 'out'), '--mesh', 'data=1',
-       '--distributed'], cwd=ROOT, env=env, capture_output=True, text=True,
+      [sys.executable, '-m', 'emax.posthoc', str(tmp_path / 'run'),
+       '--sigma-rel', '0.08', '--out', str(tmp_path / 'out'), '--mesh',
+       'data=1', '--distributed'], cwd=ROOT, env=env, capture_output=True, text=True,
       timeout=120, check=False)
   assert result.returncode == 1, result.stderr
   assert ('--distributed: jax.distributed.initialize() failed'

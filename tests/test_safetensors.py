@@ -469,6 +469,61 @@ def test_cli_errors_name_the_flag(tmp_path, capsys):
   assert code == 2 and '--name picks among safetensors snapshot files' in err
 
 
+def test_cli_on_a_folder_of_neither_kind_names_both(tmp_path, capsys):
+  (tmp_path / 'empty').mkdir()
+  code, _, err = run_cli(capsys, tmp_path / 'empty', '--sigma-rel', 0.1,
+                         '--out', tmp_path / 'out')
+  err = ' '.join(err.split())
+  assert code == 1 and 'No finished checkpoint in' in err, err
+  assert ('DIR must hold either the checkpoints of an'
+          ' orbax.checkpoint.CheckpointManager, or one safetensors file per'
+          ' snapshot named NAME-STEP-SIGMA.safetensors (e.g.'
+          ' ema-0001000-0.050.safetensors') in err
+  assert '.pkl' not in err
+  # EDM2's own snapshots are pickles: convert them first.
+  edm2 = tmp_path / 'edm2'
+  edm2.mkdir()
+  for name in ('edm2-img512-xs-0134217-0.050.pkl',
+               'edm2-img512-xs-0134217-0.100.pkl'):
+    (edm2 / name).write_bytes(b'')
+  code, _, err = run_cli(capsys, edm2, '--sigma-rel', 0.1, '--out',
+                         tmp_path / 'out')
+  err = ' '.join(err.split())
+  assert code == 1 and 'NAME-STEP-SIGMA.safetensors' in err, err
+  assert ('It holds .pkl files (edm2-img512-xs-0134217-0.050.pkl,'
+          ' edm2-img512-xs-0134217-0.100.pkl): EDM2 pickles its snapshots,'
+          ' which this command does not read; convert them to safetensors'
+          ' files first, as docs/pytorch.md shows') in err
+  assert not (tmp_path / 'out').exists()
+
+
+def test_edm2_kimg_names_as_docs_posthoc_md_says():
+  """STEP is used as written: EDM2's kimg, rounded down, moves the weights
+  by what the docs say; the step in batches of 1024 gives EDM2's weights.
+  """
+  def edm2(nimg, sigma_rels, target):  # EDM2's own solve, in images
+    return ref.solve_posthoc_coefficients(nimg, sigma_rels, nimg[-1],
+                                          target)
+  for interval, count, target, most, total in (
+      (8 << 20, 256, 0.03, 2e-5, 1.3e-4),  # an img512 run: 2 Gi images
+      (8 << 20, 256, 0.15, 2e-5, 1.3e-4),
+      (1 << 20, 32, 0.03, 5.1e-4, 1.6e-3)):
+    nimg = np.repeat(np.arange(1, count + 1) * interval, 2)
+    sigma_rels = np.tile([0.05, 0.10], count)
+    kimg = nimg // 1000
+    np.testing.assert_array_equal((kimg * 1000 + 999) // 1024 * 1024, nimg)
+    want = edm2(nimg, sigma_rels, target)
+    got = posthoc.coefficients(kimg, sigma_rels, target)
+    assert np.abs(got - want).max() < most
+    assert np.abs(got - want).sum() < total
+    # As docs/pytorch.md converts: the same weights but for the rounding of
+    # a solve of up to 512 snapshots (far below the kimg error above).
+    batches = (kimg * 1000 + 999) // 1024
+    np.testing.assert_allclose(
+        posthoc.coefficients(batches, sigma_rels, target), want, rtol=0,
+        atol=1e-9)
+
+
 def test_python_dash_m_runs_and_a_missing_safetensors_names_the_extra(
     tmp_path):
   _save_run(tmp_path / 'run', steps=[100, 200])
