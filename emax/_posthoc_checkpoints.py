@@ -4,7 +4,7 @@ Each checkpoint up to the target step gives one snapshot per power-function
 average in it, at the step its ``count`` says, of the width its record (or
 ``sigma_rels``) says. Everything but the arrays is read first, so that a
 mismatch fails before any array is read: each checkpoint's metadata and
-record (:class:`_Checkpoint`), then its ``count``. The weights come from the
+record (:class:`Checkpoint`), then its ``count``. The weights come from the
 EDM2 solve (:mod:`emax._posthoc_solve`), one set per target; then each
 checkpoint with a weight has its averages alone read (a partial restore),
 debiased (:mod:`emax._restored`) and added into one sum per target
@@ -15,7 +15,7 @@ devices shard by shard with ``sharding=``) before the next one is read.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -180,9 +180,9 @@ def reconstruct_checkpoints(
   chosen = sorted(s for s in found if s <= target_step)
   with _checkpoint_files.Reader() as reader:
     # Metadata first (no arrays): a mismatch fails before anything is read.
-    checkpoints: list[_Checkpoint] = []
+    checkpoints: list[Checkpoint] = []
     for step in chosen:
-      checkpoints.append(_Checkpoint(
+      checkpoints.append(Checkpoint(
           reader, step, found[step], item=item, path=path, like=like,
           sigma_rels=sigma_rels, sigma_rels_arg=sigma_rels_arg))
       checkpoints[-1].same_as(checkpoints[0])
@@ -258,7 +258,15 @@ def reconstruct_checkpoints(
   return results[0] if single else results
 
 
-class _Checkpoint:
+class ResultLeaf(NamedTuple):
+  """One leaf of the rebuilt params, as a checkpoint stores it."""
+  stored: tuple[Any, ...]  # its path in the stored state, from 'average'
+  path: tuple[Any, ...]  # its path in the params
+  shape: tuple[int, ...]  # its shape in the result
+  stacked: bool  # stored behind a first axis, one entry per named average
+
+
+class Checkpoint:
   """What one checkpoint holds: where its average is and how to read it."""
 
   def __init__(self, reader: _checkpoint_files.Reader, step: int,
@@ -282,7 +290,21 @@ class _Checkpoint:
                    for p, m in _stored_tree.flatten(self.node)]
     self.nbytes = sum(int(np.prod(s)) * d.itemsize for _, s, d in self.leaves)
 
-  def same_as(self, other: _Checkpoint) -> None:
+  def result_leaves(self) -> list[ResultLeaf]:
+    """The leaves of the rebuilt params, in order, from the stored average.
+
+    With several named averages (a stacked state), float leaves are stored
+    behind a first axis, one entry per average; the result drops it.
+    """
+    out = []
+    for p, shape, dtype in self.leaves:
+      if p[0] == 'average':
+        stacked = self.plan.stacked and jnp.issubdtype(dtype, jnp.inexact)
+        out.append(ResultLeaf(p, p[1:], shape[1:] if stacked else shape,
+                              stacked))
+    return out
+
+  def same_as(self, other: Checkpoint) -> None:
     for what, a, b in (('where the average sits', self.path, other.path),
                        ('the names', self.plan.names, other.plan.names),
                        ('the sigma_rels', self.widths, other.widths),
@@ -311,7 +333,7 @@ def _add_leaf_by_leaf(node: dict[str, Any], plan: _restore_plan.Plan,
     del y
 
 
-def _shardings(c: _Checkpoint, sharding: Any
+def _shardings(c: Checkpoint, sharding: Any
                ) -> tuple[list[Sharding | None] | None,
                           list[Sharding | None] | None]:
   """Where each result leaf goes, and where each leaf of ``c.leaves`` is read.
@@ -331,16 +353,16 @@ def _shardings(c: _Checkpoint, sharding: Any
         ' params. Pass like= a tree shaped like the params (or no like) for'
         ' a plain average, or sharding=None to reconstruct on the host and'
         ' jax.device_put the result.')
-  average = [p for p, _, _ in c.leaves if p[0] == 'average']
+  leaves = c.result_leaves()
   treedef = jax.tree.structure(
-      c.plan.shape([0] * len(average)))  # the result's tree
+      c.plan.shape([0] * len(leaves)))  # the result's tree
   targets = _streaming_sum.leaf_shardings(sharding, treedef,
                                           'the reconstructed params')
-  where = dict(zip(average, targets))
+  where = {leaf.stored: (leaf, s) for leaf, s in zip(leaves, targets)}
   read: list[Sharding | None] = []
-  for p, shape, dtype in c.leaves:
-    s = where.get(p)
-    if s is not None and c.plan.stacked and jnp.issubdtype(dtype, jnp.inexact):
+  for p, shape, _ in c.leaves:
+    leaf, s = where.get(p, (None, None))
+    if s is not None and leaf is not None and leaf.stacked:
       s = _with_leading_axis(s, p, shape)
     read.append(s)
   return targets, read

@@ -15,7 +15,6 @@ import re
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
@@ -144,15 +143,12 @@ def sharding_tree(mesh: Mesh, rules: list[Rule], directory: Any, *,
                                               'python -m emax.posthoc')
   first = min(found)
   with _checkpoint_files.Reader() as reader:
-    c = _posthoc_checkpoints._Checkpoint(  # pylint: disable=protected-access
+    c = _posthoc_checkpoints.Checkpoint(
         reader, first, found[first], item=item, path=path, like=None,
         sigma_rels=sigma_rels, sigma_rels_arg='--tracked')
-  paths, shapes = [], []
-  for p, shape, dtype in c.leaves:
-    if p[0] == 'average':  # several named averages: stacked on a first axis
-      stacked = c.plan.stacked and jnp.issubdtype(dtype, jnp.inexact)
-      paths.append('/'.join(str(k) for k in p[1:]))
-      shapes.append(shape[1:] if stacked else shape)
+  leaves = c.result_leaves()
+  paths = ['/'.join(str(k) for k in leaf.path) for leaf in leaves]
+  shapes = [leaf.shape for leaf in leaves]
   unused = [r.text for r in rules
             if not any(r.pattern.fullmatch(p) for p in paths)]
   if unused:

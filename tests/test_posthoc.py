@@ -18,6 +18,7 @@ import emax
 import emax.checkpoint
 from emax import posthoc
 from emax import _checkpoint_files
+from emax import _posthoc_checkpoints
 from emax import _posthoc_solve
 from helpers import run_cli
 import reference_posthoc as ref
@@ -820,6 +821,21 @@ def test_an_incomplete_checkpoint_is_named(saved_run, tmp_path):
       r'Checkpoint step 40 \(.*40\) is incomplete: its _CHECKPOINT_METADATA'
       ' cannot be read')):
     posthoc.from_checkpoints(directory, 0.08)
+
+
+def test_result_leaves_drop_the_axis_of_several_averages(saved_run):
+  _, found = _checkpoint_files.finished_steps(saved_run[0], 'test')
+  with _checkpoint_files.Reader() as reader:
+    c = _posthoc_checkpoints.Checkpoint(
+        reader, 20, found[20], item=None, path=None, like=None,
+        sigma_rels=None, sigma_rels_arg='sigma_rels=')
+  stored = {p: shape for p, shape, _ in c.leaves}
+  # Two named averages: float leaves are stored stacked, the int one not.
+  assert [(leaf.path, stored[leaf.stored], leaf.shape, leaf.stacked)
+          for leaf in c.result_leaves()] == [
+              (('a',), (2, 16, 8), (16, 8), True),
+              (('b', 0), (2, 5), (5,), True),
+              (('n',), (), (), False)]
 
 
 def test_from_checkpoints_refuses_a_folder_with_snapshot_files_too(
