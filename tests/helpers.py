@@ -71,3 +71,17 @@ def run_cli(capsys, *argv):
     code = e.code
   out, err = capsys.readouterr()
   return code, out, err
+
+
+def worker_args(argv=None):
+  """The arguments ``examples/multiprocess.py``'s ``launch`` gives a worker
+  script (``script=``): ``--process-id``, ``--num-processes``, ``--devices``,
+  ``--steps``, ``--timeout``, ``--coordinator`` and ``--out``."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser()
+  for flag in ('--process-id', '--num-processes', '--devices', '--steps',
+               '--timeout'):
+    parser.add_argument(flag, type=int)
+  parser.add_argument('--coordinator')
+  parser.add_argument('--out')
+  return parser.parse_args(argv)

@@ -11,8 +11,6 @@ examples/multiprocess.py starting this file as its workers).
 Run as a script (``--process-id ...``), this file is one such worker.
 """
 
-import argparse
-import importlib.util
 import os
 import pathlib
 import shutil
@@ -32,14 +30,15 @@ import emax.checkpoint
 import emax.posthoc
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from helpers import load_example  # noqa: E402
 from helpers import run_cli  # noqa: E402
+from helpers import worker_args  # noqa: E402
 # The run of sharded params and its EDM2 reference, shared with the tests of
 # the Python API.
 from test_sharded_checkpoints import (
     DECAYS, SHAPES, U, _edm2, _mesh, _shardings, _train_and_save)
 
 HERE = pathlib.Path(__file__)
-EXAMPLE = HERE.parents[1] / 'examples' / 'multiprocess.py'
 ROOT = HERE.parents[1]
 # SPECS as --shard rules: an empty entry is None; one rule for two leaves.
 RULES = ['w1=data,model', 'w2=model,data', 'b=model', 'e=,data']
@@ -225,8 +224,8 @@ def test_distributed_outside_a_cluster_says_which_flags_to_give(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'emax.posthoc', str(tmp_path / 'run'),
        '--sigma-rel', '0.08', '--out', str(tmp_path / 'out'), '--mesh',
-       'data=1', '--distributed'], cwd=ROOT, env=env, capture_output=True, text=True,
-      timeout=120, check=False)
+       'data=1', '--distributed'], cwd=ROOT, env=env, capture_output=True,
+      text=True, timeout=120, check=False)
   assert result.returncode == 1, result.stderr
   assert ('--distributed: jax.distributed.initialize() failed'
           ' (coordinator_address should be defined.). Outside a cluster it'
@@ -237,13 +236,6 @@ def test_distributed_outside_a_cluster_says_which_flags_to_give(tmp_path):
 
 
 # --- two processes -----------------------------------------------------------
-
-
-def _example():
-  spec = importlib.util.spec_from_file_location('emax_multiprocess', EXAMPLE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def worker(args):
@@ -264,8 +256,9 @@ def test_two_processes_run_the_command_under_jax_distributed(
     run, sharded, tmp_path):
   directory = run[0]
   shutil.copytree(directory, tmp_path / 'run')
-  _example().launch(num_processes=2, devices=4, out=str(tmp_path),
-                    timeout=60, script=HERE)
+  load_example('multiprocess').launch(num_processes=2, devices=4,
+                                      out=str(tmp_path), timeout=60,
+                                      script=HERE)
   shardings = _shardings(_mesh())
   for target in TARGETS:
     saved = tmp_path / 'sharded' / f'sigma_rel_{target:.3f}' / '40' / 'default'
@@ -287,10 +280,4 @@ def test_two_processes_run_the_command_under_jax_distributed(
 
 
 if __name__ == '__main__':
-  parser = argparse.ArgumentParser()
-  for flag in ('--process-id', '--num-processes', '--devices', '--steps',
-               '--timeout'):
-    parser.add_argument(flag, type=int)
-  parser.add_argument('--coordinator')
-  parser.add_argument('--out')
-  sys.exit(worker(parser.parse_args()))
+  sys.exit(worker(worker_args()))

@@ -12,10 +12,8 @@ starting this file as its workers).
 Run as a script (``--process-id ...``), this file is one such worker.
 """
 
-import argparse
 import collections
 import gc
-import importlib.util
 import math
 import os
 import pathlib
@@ -37,10 +35,11 @@ from emax import _checkpoint_files
 from emax import _streaming_sum
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from helpers import load_example  # noqa: E402
+from helpers import worker_args  # noqa: E402
 import reference_posthoc  # noqa: E402  pylint: disable=g-import-not-at-top
 
 HERE = pathlib.Path(__file__)
-EXAMPLE = HERE.parents[1] / 'examples' / 'multiprocess.py'
 U = 2.0 ** -24  # float32 unit roundoff
 SPECS = {'w1': P('data', 'model'), 'w2': P('model', 'data'),
          'b': P('model'), 'e': P(None, 'data')}
@@ -380,7 +379,7 @@ def worker(args):
       coordinator_address=args.coordinator, num_processes=args.num_processes,
       process_id=args.process_id, initialization_timeout=args.timeout)
   try:
-    example = _example()
+    example = load_example('multiprocess')
     mesh = example.make_mesh(args.num_processes)
     directory = os.path.join(args.out, 'checkpoint')
     params, _ = _train_and_save(directory, mesh, steps=40, snapshots=False)
@@ -411,16 +410,10 @@ def worker(args):
     jax.distributed.shutdown()
 
 
-def _example():
-  spec = importlib.util.spec_from_file_location('emax_multiprocess', EXAMPLE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_two_processes_reconstruct_sharded_and_save_it(tmp_path):
-  files = _example().launch(num_processes=2, devices=4, steps=1,
-                            out=str(tmp_path), timeout=120, script=HERE)
+  files = load_example('multiprocess').launch(
+      num_processes=2, devices=4, steps=1, out=str(tmp_path), timeout=120,
+      script=HERE)
   first, second = (dict(np.load(f)) for f in files)
   saved = tmp_path / 'result' / '0' / 'default'
   assert sorted(p.name for p in saved.glob('ocdbt.process_*')) == [
@@ -437,10 +430,4 @@ def test_two_processes_reconstruct_sharded_and_save_it(tmp_path):
 
 
 if __name__ == '__main__':
-  parser = argparse.ArgumentParser()
-  for flag in ('--process-id', '--num-processes', '--devices', '--steps',
-               '--timeout'):
-    parser.add_argument(flag, type=int)
-  parser.add_argument('--coordinator')
-  parser.add_argument('--out')
-  worker(parser.parse_args())
+  worker(worker_args())
