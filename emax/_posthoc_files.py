@@ -60,13 +60,18 @@ def file_name(like: SnapshotFile, sigma_rel: float) -> str:
   return f'{like.name}-{like.step_text}-{sigma_text(sigma_rel)}{SUFFIX}'
 
 
+def _files(entries: Iterable[Any]) -> list[Any]:
+  """The ``.safetensors`` files among a folder's entries."""
+  return [e for e in entries if e.name.endswith(SUFFIX) and e.is_file()]
+
+
 def holds_snapshots(directory: Any) -> bool:
   """Whether ``directory`` is a folder holding a ``.safetensors`` file."""
   if not isinstance(directory, (str, os.PathLike)) or not os.path.isdir(
       directory):
     return False
   with os.scandir(os.fspath(directory)) as entries:
-    return any(e.name.endswith(SUFFIX) and e.is_file() for e in entries)
+    return bool(_files(entries))
 
 
 def refuse_mixed(root: Any, entries: Iterable[Any], where: str) -> None:
@@ -77,8 +82,7 @@ def refuse_mixed(root: Any, entries: Iterable[Any], where: str) -> None:
   ``is_file()``, ``is_dir()``).
   """
   entries = list(entries)
-  files = sorted(e.name for e in entries
-                 if e.name.endswith(SUFFIX) and e.is_file())
+  files = sorted(e.name for e in _files(entries))
   if not files:  # the usual case: no folder is asked whether it is one
     return
   steps = sorted((e.name for e in entries
@@ -107,7 +111,7 @@ def snapshot_files(directory: Any, name: str | None, where: str,
   with os.scandir(root) as it:
     entries = sorted(it, key=lambda e: e.name)
   refuse_mixed(root, entries, where)
-  named = [e for e in entries if e.name.endswith(SUFFIX) and e.is_file()]
+  named = _files(entries)
   bad = [e.name for e in named if not _FILE_NAME.fullmatch(e.name)]
   if bad:
     raise ValueError(
