@@ -81,7 +81,7 @@ def test_cli_on_the_example_checkpoints(example_run, tmp_path):
   want = emax.posthoc.from_checkpoints(checkpoints, [0.08, 0.15],
                                        target_step=target)
   for sigma_rel, expected in zip(('0.08', '0.15'), want):
-    written = tmp_path / f'sigma_rel_{sigma_rel}'
+    written = tmp_path / f'sigma_rel_{float(sigma_rel):.3f}'
     assert f'sigma_rel {sigma_rel}: wrote {written}/{target}' in done.stdout
     with ocp.CheckpointManager(written) as manager:
       assert list(manager.all_steps()) == [target]
