@@ -88,7 +88,8 @@ def average(directory_or_manager: str | os.PathLike | Any,
       NumPy arrays (``jax.device_put`` them where they belong). A
       ``jax.sharding.Sharding``, or a tree shaped like the result of
       shardings or of ``jax.Array``\ s / ``jax.ShapeDtypeStruct``\ s that
-      have one (the params, or ``jax.eval_shape`` of them): each
+      have one (the params, or
+      ``emax.checkpoint.abstract_state`` of them): each
       checkpoint's arrays are restored straight into that sharding, each
       device reading only its own shards, summed there shard by shard, and
       the result is ``jax.Array``\ s placed so. No host or device holds a
@@ -113,8 +114,9 @@ def average(directory_or_manager: str | os.PathLike | Any,
     TypeError: if a selected leaf is not floating-point, or an argument has
       the wrong type.
     ValueError: for bad ``weights`` (wrong length, negative, not finite, all
-      zero), a bad ``last``, repeated steps, or checkpoints whose selections
-      differ in structure, shape or dtype.
+      zero), a bad ``last``, repeated steps, checkpoints whose selections
+      differ in structure, shape or dtype, or a ``sharding`` not shaped like
+      the result or that cannot hold a leaf (named), before any array is read.
 
   Examples:
     >>> import tempfile, numpy as np, orbax.checkpoint as ocp
@@ -150,8 +152,10 @@ def average(directory_or_manager: str | os.PathLike | Any,
     for step, _, _, selection in plans[1:]:
       _check_same(chosen[0], first, step, selection)
     treedef, keypaths, specs = first
-    shardings = _streaming_sum.leaf_shardings(sharding, treedef,
-                                              'the averaged subtree')
+    shardings = _streaming_sum.leaf_shardings(
+        sharding, treedef, 'the averaged subtree',
+        [(_stored_tree.keystr(k), shape) for k, (shape, _) in zip(keypaths,
+                                                                  specs)])
     selection_bytes = sum(int(np.prod(shape)) * dtype.itemsize
                           for shape, dtype in specs)
     acc_dtypes = [max(acc_floor, _tree.accumulator_dtype_for(dtype),

@@ -89,7 +89,8 @@ def from_checkpoints(directory: Any, target_sigma_rel: Any, *,
       result goes, for params too large for one host: a
       ``jax.sharding.Sharding``, or a tree shaped like the result of
       shardings or of ``jax.Array`` or ``jax.ShapeDtypeStruct`` leaves that
-      have one (the params, or ``jax.eval_shape`` of them), as for
+      have one (the params, or
+      ``emax.checkpoint.abstract_state`` of them), as for
       :func:`emax.checkpoint.average`. Each checkpoint's averages are then
       restored straight into that sharding (each device reads its own
       shards; the averages of several names with a leading, unsharded axis),
@@ -114,10 +115,11 @@ def from_checkpoints(directory: Any, target_sigma_rel: Any, *,
       no average or no width is found (the message says what to save or
       pass), two
       checkpoints hold the same ``count``, or the checkpoints differ in what
-      they hold; if the folder also holds ``.safetensors`` snapshot files; if ``sharding`` is not shaped like the result, or ``like``
-      is a state while ``sharding`` is given.
+      they hold; if the folder also holds ``.safetensors`` snapshot files;
+      if ``sharding`` is not shaped like the result or cannot hold a leaf
+      (named), or ``like`` is a state while ``sharding`` is given.
     TypeError: if ``sharding`` holds something that is no sharding and has
-      none.
+      none, or a sharding over an ``AbstractMesh``.
 
   Examples:
     Train with two power-function averages and save them now and then,
@@ -356,8 +358,9 @@ def _shardings(c: Checkpoint, sharding: Any
   leaves = c.result_leaves()
   treedef = jax.tree.structure(
       c.plan.shape([0] * len(leaves)))  # the result's tree
-  targets = _streaming_sum.leaf_shardings(sharding, treedef,
-                                          'the reconstructed params')
+  targets = _streaming_sum.leaf_shardings(
+      sharding, treedef, 'the reconstructed params',
+      [(_stored_tree.keystr(leaf.path), leaf.shape) for leaf in leaves])
   where = {leaf.stored: (leaf, s) for leaf, s in zip(leaves, targets)}
   read: list[Sharding | None] = []
   for p, shape, _ in c.leaves:

@@ -64,7 +64,8 @@ def reconstruct(snapshots: Iterable[Snapshot], target_sigma_rel: float,
     sharding: ``None`` (the sum in float64 on the host), or where the
       result goes: a ``jax.sharding.Sharding``, or a tree shaped like the
       snapshots of shardings or of ``jax.Array`` or ``jax.ShapeDtypeStruct``
-      leaves that have one (the params, or ``jax.eval_shape`` of them), as
+      leaves that have one (the params, or
+      ``emax.checkpoint.abstract_state`` of them), as
       for :func:`emax.checkpoint.average`. Works under ``jax.distributed``
       with snapshots of global arrays.
 
@@ -75,9 +76,10 @@ def reconstruct(snapshots: Iterable[Snapshot], target_sigma_rel: float,
     ValueError: for anything :func:`emax.posthoc.coefficients` rejects; if
       ``snapshots`` is not an iterable of 3-tuples; if a loader returns
       ``None``; if the snapshots' trees differ in structure, shapes or
-      dtypes; or if ``sharding`` is not shaped like them.
+      dtypes; or if ``sharding`` is not shaped like them or cannot hold a
+      leaf (named).
     TypeError: if ``sharding`` holds something that is no sharding and has
-      none.
+      none, or a sharding over an ``AbstractMesh``.
 
   Examples:
     Snapshots given by loaders, from a generator; a width that was tracked

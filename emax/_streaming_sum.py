@@ -18,6 +18,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import AbstractMesh
+from jax.sharding import NamedSharding
 from jax.sharding import Sharding
 
 from emax import _tree
@@ -68,39 +70,73 @@ def finish(total: Any, total_weight: float, dtype: Any) -> Any:
   return total.astype(dtype, copy=False)
 
 
-def leaf_shardings(sharding: Any, treedef: Any,
-                   what: str = 'the result') -> list[Sharding | None]:
+def leaf_shardings(sharding: Any, treedef: Any, what: str = 'the result',
+                   leaves: Sequence[tuple[str, tuple[int, ...]]] | None = None
+                   ) -> list[Sharding | None]:
   """One target sharding per leaf of ``treedef`` (None: host memory).
 
   ``sharding`` is None, one ``jax.sharding.Sharding`` for every leaf, or a
   tree shaped like ``treedef`` whose leaves are shardings or anything that
   has one (``jax.Array``, ``jax.ShapeDtypeStruct`` with a sharding): the
-  params themselves, or ``jax.eval_shape`` of them, say where each leaf goes.
+  params themselves, or :func:`emax.checkpoint.abstract_state` of them, say
+  where each leaf goes. Where ``treedef`` has None (a leaf outside an
+  average's mask), the tree may hold anything.
+
+  ``leaves``: ``(name, shape)`` per leaf; each sharding is checked to fit
+  its leaf's shape, naming the leaf if it does not.
 
   Raises:
-    ValueError: if the tree is not shaped like ``treedef``.
-    TypeError: if a leaf is neither a sharding nor has one.
+    ValueError: if the tree is not shaped like ``treedef``, or a sharding
+      cannot hold its leaf (a spec longer than its rank, or a dimension its
+      mesh axes do not divide).
+    TypeError: if a leaf is neither a sharding nor has one, or its sharding
+      is over an ``AbstractMesh`` (as ``jax.eval_shape`` gives).
   """
   if sharding is None:
     return [None] * treedef.num_leaves
   if isinstance(sharding, Sharding):
-    return [sharding] * treedef.num_leaves
-  try:
-    leaves = treedef.flatten_up_to(sharding)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        'sharding must be None, a jax.sharding.Sharding, or a tree of them'
-        ' (or of jax.Arrays or jax.ShapeDtypeStructs that have one) shaped'
-        f' like {what} ({treedef}): {e}') from e
+    entries = [sharding] * treedef.num_leaves
+  else:
+    # None in the result is a leaf here: the params hold an array there.
+    full = jax.tree.unflatten(treedef, [True] * treedef.num_leaves)
+    positions: Any = jax.tree.structure(full,
+                                        is_leaf=lambda x: x is None)
+    try:
+      entries = positions.flatten_up_to(sharding)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          'sharding must be None, a jax.sharding.Sharding, or a tree of them'
+          ' (or of jax.Arrays or jax.ShapeDtypeStructs that have one) shaped'
+          f' like {what} ({treedef}): {e}') from e
+    entries = [e for e, kept in zip(
+        entries, jax.tree.leaves(full, is_leaf=lambda x: x is None)) if kept]
   shardings: list[Sharding | None] = []
-  for leaf in leaves:
+  for leaf in entries:
     s = leaf if isinstance(leaf, Sharding) else getattr(leaf, 'sharding', None)
     if not isinstance(s, Sharding):
       raise TypeError(
           'sharding must hold jax.sharding.Sharding leaves (or jax.Arrays or'
           f' jax.ShapeDtypeStructs with a sharding), got {leaf!r}. Build one'
           ' with jax.sharding.NamedSharding(mesh, PartitionSpec(...)).')
+    if isinstance(s, NamedSharding) and isinstance(s.mesh, AbstractMesh):
+      raise TypeError(
+          f'sharding holds {s}, over an AbstractMesh (jax.eval_shape gives'
+          ' those), which says no devices to read onto. Pass the params'
+          ' themselves, emax.checkpoint.abstract_state(params), or'
+          ' NamedSharding(mesh, spec) with a concrete jax.sharding.Mesh.')
     shardings.append(s)
+  for (name, shape), target in zip(leaves or (), shardings):
+    try:
+      if isinstance(target, NamedSharding) and len(target.spec) > len(shape):
+        raise ValueError(f'its spec {target.spec} has more dimensions')
+      if target is not None:
+        target.shard_shape(tuple(shape))
+    except ValueError as e:
+      raise ValueError(
+          f'The sharding {target} cannot hold {name} (shape {tuple(shape)}):'
+          f' {e}.'
+          ' Give that leaf a spec of at most its rank whose mesh axes divide'
+          ' its dimensions (PartitionSpec() replicates it).') from None
   return shardings
 
 
@@ -141,7 +177,9 @@ class TreeSum:
     """Adds ``weight * tree``; keeps non-float leaves if ``latest``."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     if self.treedef is None:
-      targets = leaf_shardings(self.sharding, treedef, 'the snapshots')
+      targets = leaf_shardings(
+          self.sharding, treedef, 'the snapshots',
+          [(jax.tree_util.keystr(path), np.shape(leaf)) for path, leaf in flat])
     else:
       targets = [spec[3] for spec in self.specs]
     if self.sharding is None:

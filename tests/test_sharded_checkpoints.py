@@ -369,6 +369,62 @@ def test_sharding_errors_say_what_to_pass(run):
         directory, 0.08, sharding=jax.tree.map(lambda _: 'x', params))
 
 
+
+def test_the_params_say_where_a_masked_average_goes(tmp_path):
+  """Leaves outside the mask come back None; the params hold arrays there."""
+  mesh = _mesh()
+  params = {'w': jax.device_put(jnp.zeros((8, 4)), NamedSharding(mesh, P('data'))),
+            'b': jax.device_put(jnp.zeros(4), NamedSharding(mesh, P()))}
+  tx = emax.with_ema(optax.identity(), DECAYS, mask={'w': True, 'b': False})
+  opt_state = tx.init(params)
+  update = jax.jit(tx.update)
+  with ocp.CheckpointManager(tmp_path) as manager:
+    for t in range(1, 4):
+      updates, opt_state = update(jax.tree.map(jnp.ones_like, params),
+                                  opt_state, params)
+      params = optax.apply_updates(params, updates)
+      emax.checkpoint.save(manager, t, {'params': params,
+                                        'opt_state': opt_state},
+                           sigma_rels=DECAYS)
+  host = emax.posthoc.from_checkpoints(tmp_path, 0.08)
+  got = emax.posthoc.from_checkpoints(tmp_path, 0.08, sharding=params)
+  assert host['b'] is None and got['b'] is None
+  assert got['w'].sharding.is_equivalent_to(params['w'].sharding, 2)
+  np.testing.assert_allclose(np.asarray(got['w']), host['w'], rtol=8 * U)
+  snapshots = [(t, 0.1, {'w': np.full((8, 4), t, np.float32), 'b': None})
+               for t in (1, 2)]
+  got = emax.posthoc.reconstruct(snapshots, 0.1, sharding=params)
+  assert got['b'] is None
+  assert got['w'].sharding.is_equivalent_to(params['w'].sharding, 2)
+
+
+def test_a_sharding_that_cannot_hold_a_leaf_is_named_before_reading(
+    soup, monkeypatch):
+  directory, _ = soup
+  monkeypatch.setattr(_checkpoint_files.Reader, 'read', None)  # never read
+  one = NamedSharding(_mesh(), P('data', 'model'))
+  with pytest.raises(ValueError, match=r"\['b'\] \(shape \(128,\)\)"):
+    emax.checkpoint.average(directory, sharding=one)
+  with pytest.raises(ValueError, match=r"\['b'\] \(shape \(128,\)\)"):
+    emax.checkpoint.average(directory, sharding={**_shardings(_mesh()),
+                                                 'b': one})
+
+
+def test_shardings_over_an_abstract_mesh_are_refused_with_the_fix(soup):
+  directory, _ = soup
+  mesh = jax.make_mesh((2, 4), ('data', 'model'),
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  params = {k: jax.device_put(np.zeros(s, np.float32),
+                              NamedSharding(mesh, SPECS[k]))
+            for k, s in SHAPES.items()}
+  abstract = jax.eval_shape(lambda p: p, params)  # over an AbstractMesh
+  with pytest.raises(TypeError, match='abstract_state'):
+    emax.checkpoint.average(directory, sharding=abstract)
+  got = emax.checkpoint.average(
+      directory, sharding=emax.checkpoint.abstract_state(params))
+  assert got['w1'].sharding.is_equivalent_to(params['w1'].sharding, 2)
+
+
 # --- two processes -----------------------------------------------------------
 
 
