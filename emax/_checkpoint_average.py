@@ -154,8 +154,8 @@ def average(directory_or_manager: str | os.PathLike | Any,
     treedef, keypaths, specs = first
     shardings = _streaming_sum.leaf_shardings(
         sharding, treedef, 'the averaged subtree',
-        [(_stored_tree.keystr(k), shape) for k, (shape, _) in zip(keypaths,
-                                                                  specs)])
+        [(_stored_tree.keystr(k), shape, dtype)
+         for k, (shape, dtype) in zip(keypaths, specs)])
     selection_bytes = sum(int(np.prod(shape)) * dtype.itemsize
                           for shape, dtype in specs)
     acc_dtypes = [max(acc_floor, _tree.accumulator_dtype_for(dtype),

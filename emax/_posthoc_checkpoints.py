@@ -356,11 +356,13 @@ def _shardings(c: Checkpoint, sharding: Any
         ' a plain average, or sharding=None to reconstruct on the host and'
         ' jax.device_put the result.')
   leaves = c.result_leaves()
+  stored_dtype = {p: dtype for p, _, dtype in c.leaves}
   treedef = jax.tree.structure(
       c.plan.shape([0] * len(leaves)))  # the result's tree
   targets = _streaming_sum.leaf_shardings(
       sharding, treedef, 'the reconstructed params',
-      [(_stored_tree.keystr(leaf.path), leaf.shape) for leaf in leaves])
+      [(_stored_tree.keystr(leaf.path), leaf.shape, stored_dtype[leaf.stored])
+       for leaf in leaves])
   where = {leaf.stored: (leaf, s) for leaf, s in zip(leaves, targets)}
   read: list[Sharding | None] = []
   for p, shape, _ in c.leaves:

@@ -71,8 +71,8 @@ def finish(total: Any, total_weight: float, dtype: Any) -> Any:
 
 
 def leaf_shardings(sharding: Any, treedef: Any, what: str = 'the result',
-                   leaves: Sequence[tuple[str, tuple[int, ...]]] | None = None
-                   ) -> list[Sharding | None]:
+                   leaves: Sequence[tuple[str, tuple[int, ...], Any]]
+                   | None = None) -> list[Sharding | None]:
   """One target sharding per leaf of ``treedef`` (None: host memory).
 
   ``sharding`` is None, one ``jax.sharding.Sharding`` for every leaf, or a
@@ -82,13 +82,15 @@ def leaf_shardings(sharding: Any, treedef: Any, what: str = 'the result',
   where each leaf goes. Where ``treedef`` has None (a leaf outside an
   average's mask), the tree may hold anything.
 
-  ``leaves``: ``(name, shape)`` per leaf; each sharding is checked to fit
-  its leaf's shape, naming the leaf if it does not.
+  ``leaves``: ``(name, shape, dtype or None)`` per leaf; each sharding is
+  checked to fit its leaf's shape, and a 64-bit float leaf to have
+  ``jax_enable_x64`` on (without it, devices hold it in 32 bits).
 
   Raises:
     ValueError: if the tree is not shaped like ``treedef``, or a sharding
       cannot hold its leaf (a spec longer than its rank, or a dimension its
-      mesh axes do not divide).
+      mesh axes do not divide), or a float64 (complex128) leaf would go on
+      devices with ``jax_enable_x64`` off.
     TypeError: if a leaf is neither a sharding nor has one, or its sharding
       is over an ``AbstractMesh`` (as ``jax.eval_shape`` gives).
   """
@@ -125,7 +127,14 @@ def leaf_shardings(sharding: Any, treedef: Any, what: str = 'the result',
           ' themselves, emax.checkpoint.abstract_state(params), or'
           ' NamedSharding(mesh, spec) with a concrete jax.sharding.Mesh.')
     shardings.append(s)
-  for (name, shape), target in zip(leaves or (), shardings):
+  for (name, shape, dtype), target in zip(leaves or (), shardings):
+    if (target is not None and dtype is not None
+        and _tree.is_float(np.dtype(dtype))
+        and device_sum_dtype(dtype).itemsize < np.dtype(dtype).itemsize):
+      raise ValueError(
+          f'{name} is {np.dtype(dtype)}, which devices hold in 32 bits while'
+          ' jax_enable_x64 is off. Call jax.config.update("jax_enable_x64",'
+          ' True) first, or pass sharding=None to sum on the host in float64.')
     try:
       if isinstance(target, NamedSharding) and len(target.spec) > len(shape):
         raise ValueError(f'its spec {target.spec} has more dimensions')
@@ -179,7 +188,8 @@ class TreeSum:
     if self.treedef is None:
       targets = leaf_shardings(
           self.sharding, treedef, 'the snapshots',
-          [(jax.tree_util.keystr(path), np.shape(leaf)) for path, leaf in flat])
+          [(jax.tree_util.keystr(path), np.shape(leaf),
+            getattr(leaf, 'dtype', None)) for path, leaf in flat])
     else:
       targets = [spec[3] for spec in self.specs]
     if self.sharding is None:

@@ -425,6 +425,25 @@ def test_shardings_over_an_abstract_mesh_are_refused_with_the_fix(soup):
   assert got['w1'].sharding.is_equivalent_to(params['w1'].sharding, 2)
 
 
+
+def test_float64_leaves_on_devices_need_x64(tmp_path):
+  with ocp.CheckpointManager(tmp_path) as manager:
+    for step in (1, 2):
+      manager.save(step, args=ocp.args.StandardSave(
+          {'params': {'w': np.full(8, step + 2.0 ** -40, np.float64)}}))
+  one = NamedSharding(_mesh(), P('data'))
+  with pytest.raises(ValueError, match=r"\['params'\]\['w'\].*jax_enable_x64"):
+    emax.checkpoint.average(tmp_path, sharding=one)
+  with pytest.raises(ValueError, match=r"\['w'\].*jax_enable_x64"):
+    emax.posthoc.reconstruct(
+        [(1, 0.1, {'w': np.ones(8)}), (2, 0.1, {'w': np.ones(8)})], 0.1,
+        sharding=one)
+  with jax.enable_x64(True):
+    got = emax.checkpoint.average(tmp_path, sharding=one)
+  assert got['w'].dtype == np.float64
+  assert np.asarray(got['w'])[0] == 1.5 + 2.0 ** -40
+
+
 # --- two processes -----------------------------------------------------------
 
 
