@@ -134,7 +134,8 @@ def leaf_shardings(sharding: Any, treedef: Any, what: str = 'the result',
       raise ValueError(
           f'{name} is {np.dtype(dtype)}, which devices hold in 32 bits while'
           ' jax_enable_x64 is off. Call jax.config.update("jax_enable_x64",'
-          ' True) first, or pass sharding=None to sum on the host in float64.')
+          ' True) first (JAX_ENABLE_X64=1 for the command line), or sum on'
+          ' the host in float64: sharding=None (no --mesh).')
     try:
       if isinstance(target, NamedSharding) and len(target.spec) > len(shape):
         raise ValueError(f'its spec {target.spec} has more dimensions')
