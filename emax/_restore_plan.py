@@ -99,16 +99,17 @@ class Plan:
     self.dtypes: list[np.dtype | None] = [None] * len(stored)
     if record is not None:
       self.dtypes = record.dtypes(stored)
+    # Where each of like's leaves is stored (None: outside a mask).
+    self._stored_count = len(stored)
+    self.order: list[int | None] = list(range(len(stored)))
     if params_like is not None:
-      leaves, treedef = jax.tree.flatten(params_like)
-      if len(leaves) != len(stored):
-        raise ValueError(
-            f'{where}: like has {len(leaves)} leaves but the average at'
-            f' {list(path)} has {len(stored)}. Pass the params the average'
-            ' was made of (or their jax.eval_shape), or the abstract state.')
+      flat, treedef = jax.tree_util.tree_flatten_with_path(params_like)
+      self.order = _order(flat, stored, path, where)
       if record is None:
-        self.dtypes = [np.dtype(getattr(x, 'dtype', np.asarray(x).dtype))
-                       for x in leaves]
+        for (_, x), j in zip(flat, self.order):
+          if j is not None:
+            self.dtypes[j] = np.dtype(getattr(x, 'dtype',
+                                              np.asarray(x).dtype))
       self.treedef = treedef
 
   def index(self, name: str | int | None,
@@ -160,10 +161,24 @@ class Plan:
     return None if index is None or names is None else names[index]
 
   def shape(self, leaves: Sequence[Any]) -> Params:
-    """``leaves`` (stored order) as the params: ``like``'s tree or stored."""
+    """``leaves`` (stored order) as the params: ``like``'s tree or stored.
+
+    In ``like``'s tree each leaf goes to its own path (a named tuple or a
+    dataclass stores its fields by sorted name, and flattens in field
+    order); a leaf outside the average's mask is ``None``.
+    """
     if self.treedef is not None:
-      return jax.tree.unflatten(self.treedef, leaves)
+      return jax.tree.unflatten(
+          self.treedef, [None if j is None else leaves[j] for j in self.order])
     return _stored_tree.rebuild(self._average, leaves)
+
+  def stored_order(self, values: Sequence[Any]) -> list[Any]:
+    """One value per leaf of :meth:`shape`'s tree (``None`` leaves left
+    out), in stored order."""
+    out: list[Any] = [None] * self._stored_count
+    for j, value in zip([j for j in self.order if j is not None], values):
+      out[j] = value
+    return out
 
 
 class _Record:
@@ -252,3 +267,28 @@ def _like_parts(like: Any, path: tuple[Any, ...], where: str
   raise ValueError(
       f'{where}: like holds {len(states)} averages, at'
       f' {[list(p) for p, _ in states]}, none at {list(path)}.')
+
+
+def _order(flat: list[tuple[Any, Any]], stored: list[tuple[tuple[Any, ...],
+                                                          Any]],
+           path: tuple[Any, ...], where: str) -> list[int | None]:
+  """For each leaf of ``like`` (``flat``), the index of its stored leaf.
+
+  By path where every stored leaf has one in ``like`` (leaves of ``like``
+  not stored are outside the average's mask: ``None``); else by position,
+  where the counts agree.
+  """
+  def key(keys: Any) -> tuple[str, ...]:
+    return tuple(str(k) for k in keys)
+
+  at = {key(p): j for j, (p, _) in enumerate(stored)}
+  keys = [key(_stored_tree.stored_key(k) for k in p) for p, _ in flat]
+  if set(at) <= set(keys) and len(set(keys)) == len(keys):
+    return [at.get(k) for k in keys]
+  if len(flat) == len(stored):
+    return list(range(len(stored)))
+  raise ValueError(
+      f'{where}: like has {len(flat)} leaves but the average at'
+      f' {list(path)} has {len(stored)}, at other paths. Pass the params the'
+      ' average was made of (or their emax.checkpoint.abstract_state), or'
+      ' the abstract state.')

@@ -506,3 +506,71 @@ def test_two_processes_reconstruct_sharded_and_save_it(tmp_path):
 
 if __name__ == '__main__':
   worker(worker_args())
+
+
+class _FieldsNotSorted(collections.namedtuple('_FieldsNotSorted',
+                                              ['zeta', 'alpha'])):
+  """Params whose fields flatten in another order than Orbax stores them
+  (by sorted name)."""
+
+
+@pytest.mark.parametrize('with_sharding', [False, True])
+def test_like_whose_fields_are_not_in_sorted_order(tmp_path, with_sharding):
+  """Each field gets its own average back, not its neighbour's."""
+  mesh = _mesh()
+  params = _FieldsNotSorted(
+      jax.device_put(jnp.zeros((8, 4)), NamedSharding(mesh, P('data'))),
+      jax.device_put(jnp.zeros((4, 8)), NamedSharding(mesh, P(None, 'model'))))
+  decays = {'a': emax.power_function_decay(sigma_rel=0.05),
+            'b': emax.power_function_decay(sigma_rel=0.10)}
+  tx = emax.with_ema(optax.sgd(1.0), decays)
+  state = tx.init(params)
+  history = []
+  with ocp.CheckpointManager(tmp_path) as manager:
+    for t in range(1, 4):
+      updates = _FieldsNotSorted(-jnp.ones((8, 4)), -2 * jnp.ones((4, 8)))
+      updates, state = tx.update(updates, state, params)
+      params = optax.apply_updates(params, updates)
+      history.append(params)
+      emax.checkpoint.save(manager, t, {'params': params, 'opt_state': state},
+                           sigma_rels=decays)
+  kw = {'sharding': params} if with_sharding else {}
+  got = emax.posthoc.from_checkpoints(tmp_path, 0.08, like=params, **kw)
+  assert type(got) is _FieldsNotSorted
+  assert got.zeta.shape == (8, 4) and got.alpha.shape == (4, 8)
+  # alpha moves twice as fast as zeta in every step: so does its average.
+  np.testing.assert_allclose(np.asarray(got.alpha),
+                             2 * np.asarray(got.zeta)[0, 0], rtol=1e-6)
+  if with_sharding:
+    assert got.zeta.sharding.spec == P('data')
+    assert got.alpha.sharding.spec == P(None, 'model')
+  with ocp.CheckpointManager(tmp_path) as manager:
+    restored = manager.restore(3, args=ocp.args.StandardRestore())
+  read = emax.checkpoint.read_average(restored, name=1, like=params)
+  want = emax.ema_params(state, 'b')
+  assert read.zeta.shape == (8, 4)
+  np.testing.assert_array_equal(np.asarray(read.zeta), np.asarray(want.zeta))
+  np.testing.assert_array_equal(np.asarray(read.alpha), np.asarray(want.alpha))
+
+
+def test_masked_average_read_with_the_params_as_like(tmp_path):
+  """like= the whole params of a masked average: leaves outside the mask
+  come back None, the others under their own names."""
+  params = {'frozen': jnp.ones((4,)), 'lora': jnp.zeros((2, 3))}
+  decays = {'s05': emax.power_function_decay(sigma_rel=0.05)}
+  tx = emax.with_ema(optax.sgd(1.0), decays,
+                     mask={'frozen': False, 'lora': True})
+  state = tx.init(params)
+  with ocp.CheckpointManager(tmp_path) as manager:
+    for t in range(1, 3):
+      grads = {'frozen': jnp.zeros((4,)), 'lora': -jnp.ones((2, 3))}
+      updates, state = tx.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+      emax.checkpoint.save(manager, t, {'params': params, 'opt_state': state},
+                           sigma_rels=decays)
+  got = emax.posthoc.from_checkpoints(tmp_path, 0.05, like=params)
+  assert got['frozen'] is None and got['lora'].shape == (2, 3)
+  np.testing.assert_allclose(
+      np.asarray(got['lora']),
+      np.asarray(emax.ema_params(state, 's05', params=params)['lora']),
+      rtol=1e-6)
