@@ -83,14 +83,15 @@ def leaf_shardings(sharding: Any, treedef: Any, what: str = 'the result',
   average's mask), the tree may hold anything.
 
   ``leaves``: ``(name, shape, dtype or None)`` per leaf; each sharding is
-  checked to fit its leaf's shape, and a 64-bit float leaf to have
-  ``jax_enable_x64`` on (without it, devices hold it in 32 bits).
+  checked to fit its leaf's shape, and a 64-bit leaf (float64, int64,
+  complex128) to have ``jax_enable_x64`` on (without it, devices hold it in
+  32 bits).
 
   Raises:
     ValueError: if the tree is not shaped like ``treedef``, or a sharding
       cannot hold its leaf (a spec longer than its rank, or a dimension its
-      mesh axes do not divide), or a float64 (complex128) leaf would go on
-      devices with ``jax_enable_x64`` off.
+      mesh axes do not divide), or a 64-bit leaf would go on devices with
+      ``jax_enable_x64`` off.
     TypeError: if a leaf is neither a sharding nor has one, or its sharding
       is over an ``AbstractMesh`` (as ``jax.eval_shape`` gives).
   """
@@ -129,13 +130,14 @@ def leaf_shardings(sharding: Any, treedef: Any, what: str = 'the result',
     shardings.append(s)
   for (name, shape, dtype), target in zip(leaves or (), shardings):
     if (target is not None and dtype is not None
-        and _tree.is_float(np.dtype(dtype))
-        and device_sum_dtype(dtype).itemsize < np.dtype(dtype).itemsize):
+        and jax.dtypes.canonicalize_dtype(dtype).itemsize
+        < np.dtype(dtype).itemsize):
       raise ValueError(
           f'{name} is {np.dtype(dtype)}, which devices hold in 32 bits while'
           ' jax_enable_x64 is off. Call jax.config.update("jax_enable_x64",'
-          ' True) first (JAX_ENABLE_X64=1 for the command line), or sum on'
-          ' the host in float64: sharding=None (no --mesh).')
+          ' True) first (JAX_ENABLE_X64=1 for the command line), or read on'
+          ' the host with its dtype kept (floats summed in float64):'
+          ' sharding=None (no --mesh).')
     try:
       if isinstance(target, NamedSharding) and len(target.spec) > len(shape):
         raise ValueError(f'its spec {target.spec} has more dimensions')

@@ -438,6 +438,11 @@ def test_float64_leaves_on_devices_need_x64(tmp_path):
     emax.posthoc.reconstruct(
         [(1, 0.1, {'w': np.ones(8)}), (2, 0.1, {'w': np.ones(8)})], 0.1,
         sharding=one)
+  # An int64 leaf (the latest snapshot's, not summed) would come back int32.
+  with pytest.raises(ValueError, match=r"\['n'\] is int64.*jax_enable_x64"):
+    emax.posthoc.reconstruct(
+        [(s, 0.1, {'w': np.ones(8, np.float32), 'n': np.full(8, s, np.int64)})
+         for s in (1, 2)], 0.1, sharding=one)
   with jax.enable_x64(True):
     got = emax.checkpoint.average(tmp_path, sharding=one)
   assert got['w'].dtype == np.float64
