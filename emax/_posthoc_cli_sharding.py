@@ -155,8 +155,9 @@ def sharding_tree(mesh: Mesh, rules: list[Rule], directory: Any, *,
     shown = ', '.join(f'{p} {s}' for p, s in zip(paths, shapes))
     raise ValueError(
         f'--shard {", ".join(map(repr, unused))} matches no param; the'
-        f' params are (path shape): {shown}. A REGEX must match a whole'
-        " path, e.g. '.*kernel'.")
+        f' averaged params are (path shape): {shown}. A REGEX must match a'
+        " whole path, e.g. '.*kernel'; params outside the average's mask"
+        ' (mask=) are not averaged, so not rebuilt or sharded here.')
   return c.plan.shape([
       _leaf_sharding(mesh, next((r for r in rules if r.pattern.fullmatch(p)),
                                 None), p, shape)

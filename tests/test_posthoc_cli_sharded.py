@@ -165,9 +165,10 @@ ERRORS = [  # (flags, exit code, what stderr says)
     (['--mesh', MESH, '--shard', 'w1=data,data'], 2,
      "--shard 'w1=data,data' uses ['data'] for two dimensions"),
     (['--mesh', MESH, '--shard', 'w1=data', '.*kernel=model'], 1,
-     ("--shard '.*kernel=model' matches no param; the params are (path"
-      ' shape): b (128,), e (32, 64), w1 (64, 128), w2 (128, 64). A REGEX'
-      " must match a whole path, e.g. '.*kernel'.")),
+     ("--shard '.*kernel=model' matches no param; the averaged params are"
+      ' (path shape): b (128,), e (32, 64), w1 (64, 128), w2 (128, 64). A'
+      " REGEX must match a whole path, e.g. '.*kernel'; params outside the"
+      " average's mask (mask=) are not averaged")),
     (['--mesh', MESH, '--shard', 'b=data,model'], 1,
      ("--shard 'b=data,model' matches b (shape (128,)) but gives 2"
       " dimensions, P('data', 'model'), and it has 1. Give at most 1, or a"
