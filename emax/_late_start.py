@@ -13,7 +13,6 @@ restored params as :func:`emax.init` would have.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 import itertools
 from typing import Any
 
@@ -152,10 +151,6 @@ def _without_averages(tree: Any, unwrap: bool) -> Any:
   return jax.tree.map(drop, tree, is_leaf=special)
 
 
-def _key(path: Iterable[Any]) -> tuple[str, ...]:
-  return tuple(str(k) for k in path)
-
-
 def _placed(stored: Any, indices: Any, step: int
             ) -> list[tuple[tuple[Any, ...], int]]:
   """``[(stored path, index of like's leaf)]`` for every saved array.
@@ -163,12 +158,12 @@ def _placed(stored: Any, indices: Any, step: int
   Tries the chain's tuple kept and unwrapped; raises if neither is the
   checkpoint's tree.
   """
-  saved = {_key(p): p for p, _ in _stored_tree.flatten(stored)}
+  saved = {_stored_tree.path_key(p): p
+           for p, _ in _stored_tree.flatten(stored)}
   for unwrap in (False, True):
     flat = jax.tree_util.tree_flatten_with_path(
         _without_averages(indices, unwrap))[0]
-    placed = {_key(_stored_tree.stored_key(k) for k in path): i
-              for path, i in flat}
+    placed = {_stored_tree.path_key(path): i for path, i in flat}
     if placed.keys() == saved.keys():
       return [(saved[k], i) for k, i in placed.items()]
   missing = sorted(set(placed) - set(saved))[:3]

@@ -359,12 +359,10 @@ def _shardings(c: Checkpoint, sharding: Any
   stored_dtype = {p: dtype for p, _, dtype in c.leaves}
   treedef = jax.tree.structure(
       c.plan.shape([0] * len(leaves)))  # the result's tree
-  described = c.plan.stored_order(list(range(len(leaves))))  # like's order
-  in_like_order = [leaves[described.index(i)] for i in range(len(leaves))]
   targets = c.plan.stored_order(_streaming_sum.leaf_shardings(
       sharding, treedef, 'the reconstructed params',
       [(_stored_tree.keystr(leaf.path), leaf.shape, stored_dtype[leaf.stored])
-       for leaf in in_like_order]))
+       for leaf in c.plan.like_order(leaves)]))
   where = {leaf.stored: (leaf, s) for leaf, s in zip(leaves, targets)}
   read: list[Sharding | None] = []
   for p, shape, _ in c.leaves:

@@ -172,9 +172,13 @@ class Plan:
           self.treedef, [None if j is None else leaves[j] for j in self.order])
     return _stored_tree.rebuild(self._average, leaves)
 
+  def like_order(self, values: Sequence[Any]) -> list[Any]:
+    """One value per stored leaf, as the leaves of :meth:`shape`'s tree
+    (``None`` leaves left out) are ordered."""
+    return [values[j] for j in self.order if j is not None]
+
   def stored_order(self, values: Sequence[Any]) -> list[Any]:
-    """One value per leaf of :meth:`shape`'s tree (``None`` leaves left
-    out), in stored order."""
+    """The inverse of :meth:`like_order`."""
     out: list[Any] = [None] * self._stored_count
     for j, value in zip([j for j in self.order if j is not None], values):
       out[j] = value
@@ -228,9 +232,9 @@ class _Record:
              ) -> list[np.dtype | None]:
     """The params' dtype of each stored leaf (None where not recorded)."""
     if self.param_paths is not None:
-      by_path = {tuple(map(str, p)): d
+      by_path = {_stored_tree.path_key(p): d
                  for p, d in zip(self.param_paths, self.param_dtypes)}
-      return [by_path.get(tuple(map(str, p))) for p, _ in stored]
+      return [by_path.get(_stored_tree.path_key(p)) for p, _ in stored]
     if len(self.param_dtypes) == len(stored):
       return list(self.param_dtypes)
     return [None] * len(stored)
@@ -278,11 +282,8 @@ def _order(flat: list[tuple[Any, Any]], stored: list[tuple[tuple[Any, ...],
   not stored are outside the average's mask: ``None``); else by position,
   where the counts agree.
   """
-  def key(keys: Any) -> tuple[str, ...]:
-    return tuple(str(k) for k in keys)
-
-  at = {key(p): j for j, (p, _) in enumerate(stored)}
-  keys = [key(_stored_tree.stored_key(k) for k in p) for p, _ in flat]
+  at = {_stored_tree.path_key(p): j for j, (p, _) in enumerate(stored)}
+  keys = [_stored_tree.path_key(p) for p, _ in flat]
   if set(at) <= set(keys) and len(set(keys)) == len(keys):
     return [at.get(k) for k in keys]
   if len(flat) == len(stored):

@@ -11,7 +11,7 @@ keys (``str`` for dict keys, ``int`` for list positions), and ``1`` and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -33,10 +33,15 @@ def stored_key(key: Any) -> str | int:
   return str(key)
 
 
+def path_key(path: Iterable[Any]) -> tuple[str, ...]:
+  """A stored path, or a ``jax.tree_util`` key path, as a hashable key that
+  is the same for every spelling of one place (``1`` and ``'1'`` alike)."""
+  return tuple(str(stored_key(k)) for k in path)
+
+
 def same_path(a: Sequence[Any] | None, b: Sequence[Any] | None) -> bool:
   """Whether two stored paths name the same place (``1`` and ``'1'`` alike)."""
-  return (a is not None and b is not None and len(a) == len(b)
-          and all(str(x) == str(y) for x, y in zip(a, b)))
+  return a is not None and b is not None and path_key(a) == path_key(b)
 
 
 def first_at(pairs: Sequence[tuple[Sequence[Any], Any]],
