@@ -64,9 +64,9 @@ with no copy). So an exact guard adds at least one read of the new params:
   `p + u` itself): what the same check written by hand reads too, the
   anchor of that target (`x hand`). (A float sum of `p + u` is not such a
   read on XLA CPU: its sum kernel takes only arrays in memory, so `p + u`
-  was written out first. emax checks with a boolean reduction in rows of
-  32, which reads `p` and `u` in its own loop and writes one flag per 32
-  elements.) The read-only pass over `p` and `u` is timed as its own row;
+  was written out first. emax checks with a boolean reduction of each
+  array cut into 8 slices laid side by side, which reads `p` and `u` in its
+  own vectorized loop and writes one flag per 8 elements.) The read-only pass over `p` and `u` is timed as its own row;
 - in a train step (where XLA shares `p + u` with the user's new params) and
   for K averages, 4 bytes per param more than the guard-off step: a floor in
   bytes, which is one in time as long as a read-only pass is not several

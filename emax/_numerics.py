@@ -171,8 +171,9 @@ def _fewer_arrays(arrays: list[tuple[jax.Array, Bound]]
                 for (_, bound), xs in small.items()]
 
 
-_ROW = 32
-"""Elements per row of the guard's first reduction (see :func:`_finite`)."""
+_SLICES = 8
+"""How many slices the guard's first reduction lays side by side (see
+:func:`_slice_flags`)."""
 
 
 def _good(x: jax.Array, bound: Bound) -> jax.Array:
@@ -181,16 +182,24 @@ def _good(x: jax.Array, bound: Bound) -> jax.Array:
   return jnp.isfinite(x) if bound is None else jnp.abs(x) < bound
 
 
-def _row_flags(x: jax.Array,
-               bound: Bound = None) -> tuple[jax.Array, jax.Array]:
-  """``x`` flattened into rows of 32 and a tail: a flag per row (whether it
-  is free of NaN and Inf, or below ``bound`` in magnitude) and one for the
-  tail (True when there is none)."""
+def _slice_flags(x: jax.Array,
+                 bound: Bound = None) -> tuple[jax.Array, jax.Array]:
+  """``x`` flattened, cut into 8 equal slices and a tail: a flag per
+  position (whether the element there is free of NaN and Inf, or below
+  ``bound`` in magnitude, in every slice) and one for the tail (True when
+  there is none).
+
+  The slices are laid side by side, ``(8, n / 8)``, and reduced over that
+  leading axis: a reduction XLA CPU vectorizes along the kept axis, which
+  read twice as fast as rows of 32 reduced along their own axis (each row
+  a horizontal reduction), in a train step and in a standalone
+  ``tx.update`` alike. Eight slices keep eight streams in flight; more
+  read slower."""
   flat = x.reshape(-1)
-  n = flat.size // _ROW * _ROW
-  rows = jnp.all(_good(flat[:n].reshape(-1, _ROW), bound), axis=1)
+  n = flat.size // _SLICES * _SLICES
+  flags = jnp.all(_good(flat[:n].reshape(_SLICES, -1), bound), axis=0)
   tail = jnp.all(_good(flat[n:], bound)) if n < flat.size else None
-  return rows, (jnp.asarray(True) if tail is None else tail)
+  return flags, (jnp.asarray(True) if tail is None else tail)
 
 
 def _total(sums: list[jax.Array]) -> jax.Array:
@@ -214,7 +223,7 @@ def _own_sum_input(x: jax.Array) -> jax.Array:
 
 
 def _sums_finite(arrays: list[jax.Array]) -> jax.Array:
-  """The check on several devices, where an array cannot be cut into rows
+  """The check on several devices, where an array cannot be cut into slices
   without moving it between devices, and a boolean reduction over a whole
   array writes a byte per element first on XLA CPU: the total of each
   array's float sum, each reduced where it lies (a scalar all-reduce for a
@@ -246,13 +255,14 @@ def all_finite(arrays: list[jax.Array],
   already in memory, so ``sum(p + u)`` in a standalone ``tx.update`` wrote
   all of ``p + u`` first.)
 
-  On one device each array is reduced in rows of 32 elements, in the loop
-  that reads it (one flag per row is written); the row flags of all arrays
-  are then concatenated behind a barrier and reduced once. A long boolean
-  reduction of its own, XLA CPU splits into a tree whose first stage it
-  writes at full size (a byte per element), and a tree per array compiled
-  for minutes on hundreds of large leaves. On several devices see
-  :func:`_sums_finite`.
+  On one device each array is reduced as 8 slices side by side, in the
+  loop that reads it (one flag per position is written, an eighth of the
+  elements, see :func:`_slice_flags`), and each array's flags are then
+  reduced on their own. (Concatenated first, XLA CPU fused the first
+  reductions into the concatenation, a loop it does not vectorize: several
+  times slower. A long boolean reduction straight over a whole array XLA
+  CPU splits into a tree whose first stage it writes at full size, a byte
+  per element.) On several devices see :func:`_sums_finite`.
 
   ``unrounded``: optional, one entry per array, ``None`` or the float32
   values a 16-bit float array was rounded from
@@ -273,11 +283,11 @@ def all_finite(arrays: list[jax.Array],
     # collective but scalar all-reduces. (pack=True packs single-device
     # leaves, decided when the state is built: the same few reductions.)
     return _sums_finite(arrays)
-  return _rows_finite(arrays, unrounded)
+  return _slices_finite(arrays, unrounded)
 
 
-def _rows_finite(arrays: list[jax.Array],
-                 unrounded: Sequence[jax.Array | None] | None) -> jax.Array:
+def _slices_finite(arrays: list[jax.Array],
+                   unrounded: Sequence[jax.Array | None] | None) -> jax.Array:
   """The check on one device (see :func:`all_finite`)."""
   if unrounded is None:
     unrounded = [None] * len(arrays)
@@ -288,12 +298,12 @@ def _rows_finite(arrays: list[jax.Array],
       (x, None) if y is None else (y, _tree.overflow_bound(x.dtype))
       for x, y in zip(arrays, unrounded)]
   ok = jnp.asarray(True)
-  flags = []
   for x, bound in _fewer_arrays(checks):
-    rows, tail = _row_flags(x, bound)
-    flags.append(rows)
-    ok &= tail
-  return ok & jnp.all(lax.optimization_barrier(jnp.concatenate(flags)))
+    flags, tail = _slice_flags(x, bound)
+    # The barrier keeps the two reductions apart: XLA would merge them back
+    # into one over the whole array.
+    ok &= tail & jnp.all(lax.optimization_barrier(flags))
+  return ok
 
 
 def everywhere(flag: jax.Array) -> jax.Array:

@@ -190,29 +190,33 @@ def test_random_bit_patterns(pair, data):
 
 @pytest.mark.parametrize('pdtype,udtype', PAIRS[:3],
                          ids=[f'{a.name}+{b.name}' for a, b in PAIRS[:3]])
-def test_row_flags_with_a_bound_against_numpy(pdtype, udtype):
-  """The one-device check (rows of 32, then the tail; small arrays
-  concatenated) reads the unrounded sums: its flags per row and for the
-  whole equal the reference's, with at most one edge pair per array."""
-  base_p = np.ones(32 * 5 + 7, pdtype)
-  base_u = np.zeros(32 * 5 + 7, udtype)
-  rows = jax.jit(lambda p, u: _numerics._row_flags(
+def test_slice_flags_with_a_bound_against_numpy(pdtype, udtype):
+  """The one-device check (8 slices side by side, then the tail; small
+  arrays concatenated) reads the unrounded sums: its flags per position and
+  for the whole equal the reference's, with at most one edge pair per
+  array."""
+  width = 20  # 8 slices of 20, then a tail of 7
+  base_p = np.ones(8 * width + 7, pdtype)
+  base_u = np.zeros(8 * width + 7, udtype)
+  flags = jax.jit(lambda p, u: _numerics._slice_flags(
       _tree.sum_before_rounding(p, u), _tree.overflow_bound(p.dtype)))
-  whole = jax.jit(lambda p, u, q: _numerics._rows_finite(
+  whole = jax.jit(lambda p, u, q: _numerics._slices_finite(
       [_tree.apply_update(p, u), q], [_tree.sum_before_rounding(p, u), None]))
   ones = jnp.ones(40, jnp.float32)
   edges_p, edges_u = edge_values(pdtype), edge_values(udtype, pdtype)
   for i, (a, b) in enumerate((a, b) for a in edges_p for b in edges_u):
     if i % 7:  # a seventh of the pairs, at every position class in turn
       continue
-    k = (0, 31, 32, 33, 32 * 5, 32 * 5 + 6)[i // 7 % 6]
+    k = (0, width - 1, width, width + 1, 8 * width - 1, 8 * width,
+         8 * width + 6)[i // 7 % 7]
     p, u = base_p.copy(), base_u.copy()
     p[k], u[k] = a, b
     ok = bool(np.all(np.isfinite(new_params(p, u))))
-    row_flags, tail = rows(p, u)
-    want_rows = np.isfinite(new_params(p, u)[:160]).reshape(5, 32).all(1)
-    np.testing.assert_array_equal(row_flags, want_rows)
-    assert bool(tail) == bool(np.isfinite(new_params(p, u)[160:]).all())
+    got_flags, tail = flags(p, u)
+    want_flags = np.isfinite(new_params(p, u)[:8 * width]).reshape(
+        8, width).all(0)
+    np.testing.assert_array_equal(got_flags, want_flags)
+    assert bool(tail) == bool(np.isfinite(new_params(p, u)[8 * width:]).all())
     assert bool(whole(p, u, ones)) == ok, (a, b, k)
 
 
