@@ -297,13 +297,17 @@ def _slices_finite(arrays: list[jax.Array],
   checks: list[tuple[jax.Array, Bound]] = [
       (x, None) if y is None else (y, _tree.overflow_bound(x.dtype))
       for x, y in zip(arrays, unrounded)]
-  ok = jnp.asarray(True)
+  oks = []
   for x, bound in _fewer_arrays(checks):
     flags, tail = _slice_flags(x, bound)
     # The barrier keeps the two reductions apart: XLA would merge them back
     # into one over the whole array.
-    ok &= tail & jnp.all(lax.optimization_barrier(flags))
-  return ok
+    oks += [tail, jnp.all(lax.optimization_barrier(flags))]
+  # One reduction of the per-array flags, behind a barrier: without it XLA
+  # turns the reduction of a stack into a chain of `&` and fuses that chain
+  # into every averaging pass (each pass then takes every array's flag, and
+  # compiling took minutes for a tree of 2,000 leaves instead of seconds).
+  return jnp.all(lax.optimization_barrier(jnp.stack(oks)))
 
 
 def everywhere(flag: jax.Array) -> jax.Array:

@@ -71,6 +71,7 @@ import emax
 assert jax.device_count() == 1
 params = {f'b{i:03d}': jnp.full((64,), float(i)) for i in range(300)}
 params['big'] = jnp.ones((LARGE_SIZE,))
+params.update({f'big{i}': jnp.ones((LARGE_SIZE,)) for i in range(20)})
 state = emax.init(params)
 text = jax.jit(lambda s, p: emax.update(s, p, 0.99), donate_argnums=0).lower(
     state, params).compile().as_text()
@@ -80,8 +81,15 @@ entry = text.split('ENTRY', 1)[1].split('\n}', 1)[0]
 concatenations = re.findall(r'= f32\[\d+\]\{0\} concatenate\(', entry)
 assert 1 <= len(concatenations) <= 4, concatenations
 flag_passes = re.findall(r'= pred\[\d*\]\S* fusion\(', entry)
-assert len(flag_passes) <= 12, flag_passes  # not one per leaf (300)
+assert len(flag_passes) <= 12 + 21 * 4, flag_passes  # not one per leaf
 assert len(re.findall(r'reduce(?:-window)?\(', entry)) == 0
+# Each averaging pass takes the step's one flag, not a flag per big leaf
+# (XLA fused a chain of 21 `&` into every pass: compiling was quadratic in
+# the leaves, minutes for 2,000).
+scalars = set(re.findall(r'(%\S+) = pred\[\] ', entry))
+for line in re.findall(r'= f32\[\d+\]\S* fusion\((.*?)\)', entry):
+  operands = re.findall(r'%[\w.-]+', line)
+  assert len([o for o in operands if o in scalars]) <= 2, line
 # And it still sees a NaN in any small leaf, on an averaging step.
 bad = dict(params, b123=params['b123'].at[5].set(jnp.nan))
 for p in (params, bad):
