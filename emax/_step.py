@@ -148,18 +148,28 @@ def _unrounded(values: Params, params: Params,
   """For each float value (in :func:`_layout.float_values`' order), the
   float32 sum ``p + u`` a 16-bit param was rounded from, or ``None``: the
   guard reads it in its own loop (see :func:`_numerics.all_finite`). A
-  packed buffer is written once anyway: its rounded values are read."""
+  packed buffer is written once anyway: its rounded values are read; the
+  leaves left out of the pack are read as unpacked ones are."""
   count = len(_layout.float_values(values))
-  if updates is None or isinstance(values, _layout.PackedTree):
+  if updates is None:
     return [None] * count
   is_none = lambda x: x is None  # noqa: E731
-  p_leaves, treedef_ = jax.tree.flatten(params, is_leaf=is_none)
-  treedef: Any = treedef_  # flatten_up_to is not in jax's type stubs
-  u_leaves = treedef.flatten_up_to(updates)
-  v_leaves = treedef.flatten_up_to(values)
-  out = [_tree.sum_before_rounding(p, u)
-         for p, u, v in zip(p_leaves, u_leaves, v_leaves)
-         if v is not None and _tree.is_float(v)]
+  if isinstance(values, _layout.PackedTree):
+    layout = values.layout
+    pairs = [(p, u) for p, u, slot in zip(
+        layout.treedef.flatten_up_to(params),
+        layout.treedef.flatten_up_to(updates), layout.slots) if slot[0] < 0]
+    out = [None for b in values.buffers if _tree.is_float(b)]
+    out += [_tree.sum_before_rounding(p, u)
+            for (p, u), v in zip(pairs, values.rest) if _tree.is_float(v)]
+  else:
+    p_leaves, treedef_ = jax.tree.flatten(params, is_leaf=is_none)
+    treedef: Any = treedef_  # flatten_up_to is not in jax's type stubs
+    u_leaves = treedef.flatten_up_to(updates)
+    v_leaves = treedef.flatten_up_to(values)
+    out = [_tree.sum_before_rounding(p, u)
+           for p, u, v in zip(p_leaves, u_leaves, v_leaves)
+           if v is not None and _tree.is_float(v)]
   assert len(out) == count, (len(out), count)
   return out
 

@@ -268,22 +268,25 @@ def end_to_end():
 
 def _mixed_tree_cases():
   """A tree of every kind of leaf (None, int, float32, bf16, float16; a
-  mask leaving a bf16 leaf out): the sums line up with their leaves, and
-  the step is skipped exactly when a new param inside the mask is not
+  mask leaving a bf16 leaf out; a pack of the leaves under 64 elements,
+  which leaves a bf16 leaf of 100 out): the sums line up with their leaves,
+  and the step is skipped exactly when a new param inside the mask is not
   finite (or rounds to Inf)."""
   params = {'a': np.ones(40, BF16), 'i': np.arange(3, dtype=np.int32),
             'n': None, 'f': np.ones(5, F32), 'h': np.ones(33, F16),
-            'out': np.ones(7, BF16)}
+            'out': np.ones(7, BF16), 'big': np.ones(100, BF16)}
   mask = {'a': True, 'i': True, 'n': True, 'f': True, 'h': True,
-          'out': False}
+          'out': False, 'big': True}
   zeros = {k: None if v is None else np.zeros_like(v)
            for k, v in params.items()}
   bad = []
   for tx, masked in ((emax.ema(0.5), False),
-                    (emax.ema(0.5, mask=mask), True)):
+                    (emax.ema(0.5, mask=mask), True),
+                    (emax.ema(0.5, pack=64), False)):
     state = tx.init(params)
     update = jax.jit(lambda u, s, p, tx=tx: tx.update(u, s, p)[1])
-    for leaf, dtype in (('a', BF16), ('f', F32), ('h', F16), ('out', BF16)):
+    for leaf, dtype in (('a', BF16), ('f', F32), ('h', F16), ('out', BF16),
+                        ('big', BF16)):
       for a, b in ((np.inf, 0.0), (np.nan, 0.0), (60000.0, 5520.0),
                    (60000.0, 5504.0), (3e38, 3e38), (3e38, -3e38)):
         p = dict(params, **{leaf: params[leaf].copy()})

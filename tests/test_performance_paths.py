@@ -269,10 +269,13 @@ import sys
 import jax, jax.numpy as jnp, emax
 assert jax.device_count() == 1
 dtype = jnp.dtype(sys.argv[1])
+pack = sys.argv[2] == 'pack'
 params = {f'p{i}': jnp.ones((1 << 16,) if i else (3, 1 << 14), dtype)
           for i in range(4)}
+if pack:  # small leaves go into the pack; the big ones stay out of it
+  params.update({f's{i}': jnp.ones((100,), dtype) for i in range(3)})
 updates = jax.tree.map(lambda x: x * jnp.asarray(1e-3, dtype), params)
-tx = emax.ema(0.99)
+tx = emax.ema(0.99, pack=pack)
 compiled = jax.jit(lambda s, u, p: tx.update(u, s, p)[1],
                    donate_argnums=0).lower(tx.init(params), updates,
                                            params).compile()
@@ -285,20 +288,23 @@ print('ok')
 """
 
 
+@pytest.mark.parametrize('pack', ['plain', 'pack'])
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'float16'])
-def test_a_standalone_guarded_tx_update_writes_no_new_params(dtype):
+def test_a_standalone_guarded_tx_update_writes_no_new_params(dtype, pack):
   """A jitted ``tx.update`` alone computes ``p + u`` itself: the guard reads
   it in its own loop, as ``all(isfinite(p + u))`` written by hand does, and
   writes no copy of it (a float sum of ``p + u`` wrote all of it first on
   XLA CPU: 2x the hand-written guard). For 16-bit params the guard reads
   the float32 sum before its rounding: a check of the rounded ``p + u``
   wrote a copy of it for both passes (1.2x the hand-written guard on a
-  bf16 Llama-like tree). A child process with one device."""
+  bf16 Llama-like tree). With ``pack=True`` the leaves left out of the
+  pack are read the same way. A child process with one device."""
   import subprocess  # pylint: disable=g-import-not-at-top
   from tests.helpers import child_env  # pylint: disable=g-import-not-at-top
   env = child_env()
   env['XLA_FLAGS'] = ''
-  out = subprocess.run([sys.executable, '-c', _NO_NEW_PARAMS, dtype], env=env,
+  out = subprocess.run([sys.executable, '-c', _NO_NEW_PARAMS, dtype, pack],
+                       env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]
 
