@@ -159,7 +159,8 @@ def _unrounded(values: Params, params: Params,
     pairs = [(p, u) for p, u, slot in zip(
         layout.treedef.flatten_up_to(params),
         layout.treedef.flatten_up_to(updates), layout.slots) if slot[0] < 0]
-    out = [None for b in values.buffers if _tree.is_float(b)]
+    out: list[jax.Array | None] = [
+        None for b in values.buffers if _tree.is_float(b)]
     out += [_tree.sum_before_rounding(p, u)
             for (p, u), v in zip(pairs, values.rest) if _tree.is_float(v)]
   else:
