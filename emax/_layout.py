@@ -95,6 +95,13 @@ class Layout:
       return False
     return self._key() == other._key()
 
+  def unpacked(self, *trees: Any) -> list[tuple[Any, ...]]:
+    """For each leaf left out of the pack, in flattening order, its leaves
+    of ``trees`` (each shaped like the params, ``None`` leaves kept)."""
+    columns = [self.treedef.flatten_up_to(t) for t in trees]
+    return [leaves for leaves, slot in zip(zip(*columns), self.slots)
+            if slot[0] < 0]
+
   def __repr__(self) -> str:
     packed = sum(len(g) for g in self.groups)
     return (f'Layout({packed} of {len(self.slots)} leaves packed in'
@@ -234,8 +241,7 @@ def build(params: Params, acc: Callable[[Any], Any], *,
       for group, dtype in zip(layout.groups, layout.dtypes):
         flat = _concat(layout, leaves, group, dtype)
         buffers.append(_stored(flat, acc(dtype), count))
-      rest = tuple(stored(x) for x, slot in zip(leaves, layout.slots)
-                   if slot[0] < 0)
+      rest = tuple(stored(x) for (x,) in layout.unpacked(params))
       return PackedTree(tuple(buffers), rest, layout)
   return jax.tree.map(stored, params)
 
@@ -291,9 +297,9 @@ def gather(storage: Params, params: Params,
     # of thousands of leaves into each consumer (the average and the NaN
     # guard's sum), and compiling that took minutes for 20,000 leaves.
     buffers.append(lax.optimization_barrier(p_buf))
-  rest = tuple(_tree.apply_update(p, u) if updates is not None else p
-               for p, u, slot in zip(p_leaves, u_leaves, layout.slots)
-               if slot[0] < 0)
+  rest = tuple(p for (p,) in layout.unpacked(params)) if updates is None else (
+      tuple(_tree.apply_update(p, u)
+            for p, u in layout.unpacked(params, updates)))
   return PackedTree(tuple(buffers), rest, layout)
 
 

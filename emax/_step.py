@@ -155,10 +155,7 @@ def _unrounded(values: Params, params: Params,
     return [None] * count
   is_none = lambda x: x is None  # noqa: E731
   if isinstance(values, _layout.PackedTree):
-    layout = values.layout
-    pairs = [(p, u) for p, u, slot in zip(
-        layout.treedef.flatten_up_to(params),
-        layout.treedef.flatten_up_to(updates), layout.slots) if slot[0] < 0]
+    pairs = values.layout.unpacked(params, updates)
     out: list[jax.Array | None] = [
         None for b in values.buffers if _tree.is_float(b)]
     out += [_tree.sum_before_rounding(p, u)
